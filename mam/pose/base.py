@@ -1,0 +1,97 @@
+"""Pose backend protocol and the pose sequence every backend returns.
+
+A backend turns a stream of 25-fps RGB frames into 3D positions of the 17 Human3.6M joints
+(``mam.skeleton``) with a per-joint confidence. Frames where nothing was tracked are NaN; gap
+filling and the quality report are shared by all backends (``mam.pose.quality``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from mam.skeleton import FPS, NUM_JOINTS
+
+
+@dataclass
+class PoseSequence:
+    """3D joints ``[T, 17, 3]`` float32 at 25 fps; NaN rows where the frame was not tracked.
+
+    ``confidence`` is ``[T, 17]`` in [0, 1] (0 where untracked). ``source`` names the backend.
+    """
+
+    joints: np.ndarray
+    confidence: np.ndarray
+    fps: float = FPS
+    source: str = "unknown"
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.joints.ndim != 3 or self.joints.shape[1:] != (NUM_JOINTS, 3):
+            raise ValueError(f"joints must be [T, {NUM_JOINTS}, 3], got {self.joints.shape}")
+        if self.confidence.shape != self.joints.shape[:2]:
+            raise ValueError(
+                f"confidence must be {self.joints.shape[:2]}, got {self.confidence.shape}"
+            )
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.joints.shape[0])
+
+    @property
+    def duration_s(self) -> float:
+        return self.num_frames / self.fps
+
+
+class PoseBackend(Protocol):
+    """What a pose estimator must provide. Frames arrive in order, RGB uint8 ``[H, W, 3]``."""
+
+    name: str
+
+    def estimate(
+        self, frames: Iterable[np.ndarray], progress: Callable[[int], None] | None = None
+    ) -> PoseSequence:
+        """Track the infant through ``frames`` (25 fps). ``progress(n)`` is called per frame."""
+        ...
+
+    def close(self) -> None: ...
+
+
+_BACKENDS: dict[str, Callable[..., PoseBackend]] = {}
+
+
+def register_backend(
+    name: str,
+) -> Callable[[Callable[..., PoseBackend]], Callable[..., PoseBackend]]:
+    """Register a backend factory under ``name`` (``mam screen --pose-backend NAME``)."""
+
+    def deco(factory: Callable[..., PoseBackend]) -> Callable[..., PoseBackend]:
+        _BACKENDS[name] = factory
+        return factory
+
+    return deco
+
+
+def available_backends() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def create_backend(name: str, **kwargs) -> PoseBackend:
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown pose backend {name!r}; available: {available_backends()}")
+    return _BACKENDS[name](**kwargs)
+
+
+def iter_chunks(frames: Iterable[np.ndarray], size: int) -> Iterator[list[np.ndarray]]:
+    """Group a frame stream into lists of ``size`` (batched backends)."""
+    chunk: list[np.ndarray] = []
+    for f in frames:
+        chunk.append(f)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

@@ -1,0 +1,309 @@
+"""The offline default pose backend: MediaPipe BlazePose (legacy ``solutions.pose`` API).
+
+MediaPipe 0.10.21 (Apache-2.0) is the newest release whose wheel carries the BlazePose weights
+(``pose_detection.tflite``, ``pose_landmark_full.tflite``) and runs without a network (DESIGN.md,
+"Pose: the offline default and the GPU route"). BlazePose is trained on adults; the tracking quality
+of every video is reported by ``mam.pose.quality``.
+
+Per frame the graph runs in tracking mode (``static_image_mode=False``: detection only when the
+track is lost, landmark smoothing on). What the backend returns:
+
+* ``joints``: ``pose_world_landmarks`` (metric 3D, metres; x toward the image right, y down, z away
+  from the camera; adult-scaled) mapped to the 17 Human3.6M joints (``mam.pose.mapping``) and made
+  pelvis-relative (the pelvis row is exactly 0); NaN rows where no pose was found;
+* ``confidence``: per joint, the minimum landmark visibility (``mam.pose.mapping.map_confidence``);
+  0 where no pose was found;
+* ``meta["image_joints"]``: the 2D image landmarks mapped the same way, in pixels ``[T, 17, 2]``
+  (x right, y down), for drawing; ``meta["image_size"]`` is ``(width, height)``;
+* ``meta["swaps_repaired"]``: how many frames had their arms / legs relabelled by the left/right
+  swap repair, decided once on the image landmarks (pixels) and applied to image and world
+  landmarks and visibility alike.
+
+DESIGN.md measured that world z barely follows infant motion and that the 2D image landmarks'
+velocities correlate better with the true motion than the world ones: which representation feeds the
+model is decided downstream; both are returned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Literal, Self
+
+import numpy as np
+
+from mam.errors import DependencyMissingError
+from mam.pose.base import PoseSequence, register_backend
+from mam.pose.mapping import (
+    NUM_LANDMARKS,
+    apply_left_right_swaps,
+    find_left_right_swaps,
+    map_confidence,
+    map_landmarks,
+)
+from mam.skeleton import FPS, NUM_JOINTS
+
+logger = logging.getLogger(__name__)
+
+NAME = "mediapipe"
+_MODEL_FILES = {
+    0: "pose_landmark_lite.tflite",
+    1: "pose_landmark_full.tflite",
+    2: "pose_landmark_heavy.tflite",
+}
+_INSTALL_HINT = (
+    "The 'mediapipe' pose backend needs mediapipe 0.10.21, the last release that ships the "
+    "BlazePose weights and runs offline: pip install 'mediapipe==0.10.21'"
+)
+
+
+def _import_mediapipe_pose():
+    """Import ``mediapipe.solutions.pose`` on first use (takes ~0.6 s and pulls in matplotlib)."""
+    try:
+        import mediapipe  # noqa: F401  (the package must import for its solutions to load)
+        from mediapipe.python.solutions import pose as mp_pose
+    except ImportError as exc:
+        raise DependencyMissingError(
+            f"{_INSTALL_HINT} ({exc.name or 'mediapipe'} not importable)"
+        ) from exc
+    return mp_pose
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced(enabled: bool) -> Iterator[None]:
+    """Point file descriptor 2 at /dev/null for the duration (no-op when ``enabled`` is False).
+
+    MediaPipe's C++ side (absl, TF-Lite) writes INFO/WARNING lines straight to fd 2 when its
+    graph starts, and neither GLOG_minloglevel nor TF_CPP_MIN_LOG_LEVEL reaches them. NOTE: the
+    redirect is process-wide, so anything another thread writes to stderr in that window is lost
+    too; it is used only around graph creation/reset and the first frame of each run (tens of
+    milliseconds).
+    """
+    if not enabled:
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except (OSError, AttributeError, ValueError):
+        yield
+        return
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _landmarks_array(landmark_list) -> np.ndarray:
+    """``[33, 4]`` (x, y, z, visibility) from a ``NormalizedLandmarkList`` / ``LandmarkList``."""
+    return np.array([(p.x, p.y, p.z, p.visibility) for p in landmark_list.landmark], np.float64)
+
+
+@register_backend(NAME)
+class MediaPipePoseBackend:
+    """BlazePose (full model) through MediaPipe's legacy ``solutions.pose`` graph.
+
+    One instance tracks one video at a time (not thread-safe); the graph is reset at the start of
+    every :meth:`estimate` call, so instances can be reused across videos. Use as a context manager
+    or call :meth:`close`.
+
+    Args:
+        min_detection_confidence: person-detector score needed to start a track.
+        min_tracking_confidence: landmark-model score needed to keep a track (below it the
+            detector runs again on the next frame).
+        model_complexity: 1 = BlazePose full, the only landmark model in the 0.10.21 wheel;
+            0 (lite) and 2 (heavy) work only where their ``.tflite`` file has been put next to it.
+        smooth_landmarks: MediaPipe's temporal landmark filter.
+        repair_swaps: relabel arms / legs whose left-right labels disagree with the face's.
+        quiet: silence MediaPipe's native start-up log lines (see ``_native_stderr_silenced``).
+    """
+
+    name = NAME
+
+    def __init__(
+        self,
+        min_detection_confidence: float = 0.5,
+        min_tracking_confidence: float = 0.5,
+        model_complexity: Literal[0, 1, 2] = 1,
+        smooth_landmarks: bool = True,
+        repair_swaps: bool = True,
+        quiet: bool = True,
+    ) -> None:
+        for label, value in (
+            ("min_detection_confidence", min_detection_confidence),
+            ("min_tracking_confidence", min_tracking_confidence),
+        ):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{label} must be in [0, 1], got {value}")
+        if model_complexity not in _MODEL_FILES:
+            raise ValueError(f"model_complexity must be 0, 1 or 2, got {model_complexity}")
+        mp_pose = _import_mediapipe_pose()
+        model_file = (
+            Path(mp_pose.__file__).resolve().parents[2]
+            / "modules"
+            / "pose_landmark"
+            / _MODEL_FILES[model_complexity]
+        )
+        if not model_file.is_file():
+            # NOTE: mediapipe would try to download it, which fails offline and writes into
+            # site-packages; refuse early instead.
+            raise DependencyMissingError(
+                f"BlazePose model file {model_file.name} is not bundled with this mediapipe "
+                "install; use model_complexity=1 (full) or place the file in "
+                f"{model_file.parent}"
+            )
+        self.repair_swaps = repair_swaps
+        self.quiet = quiet
+        self.config = {
+            "model_complexity": model_complexity,
+            "min_detection_confidence": min_detection_confidence,
+            "min_tracking_confidence": min_tracking_confidence,
+            "smooth_landmarks": smooth_landmarks,
+        }
+        with _native_stderr_silenced(quiet):
+            self._pose = mp_pose.Pose(
+                static_image_mode=False,
+                model_complexity=model_complexity,
+                smooth_landmarks=smooth_landmarks,
+                enable_segmentation=False,
+                min_detection_confidence=min_detection_confidence,
+                min_tracking_confidence=min_tracking_confidence,
+            )
+        self._used = False
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the MediaPipe graph; idempotent."""
+        pose, self._pose = getattr(self, "_pose", None), None
+        if pose is not None:
+            pose.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # --- inference -------------------------------------------------------------------------------
+    def estimate(
+        self, frames: Iterable[np.ndarray], progress: Callable[[int], None] | None = None
+    ) -> PoseSequence:
+        """Track the person through ``frames`` (RGB uint8 ``[H, W, 3]``, 25 fps, in order).
+
+        ``progress(n)`` is called after each frame with the number of frames done so far.
+        """
+        if self._pose is None:
+            raise RuntimeError("MediaPipePoseBackend is closed")
+        if self._used:
+            with _native_stderr_silenced(self.quiet):
+                self._pose.reset()  # a new video: drop the previous track and smoothing state
+        self._used = True
+
+        image: list[np.ndarray] = []  # [33, 4] normalised x, y, z, visibility
+        world: list[np.ndarray] = []  # [33, 4] metres
+        missing = np.full((NUM_LANDMARKS, 4), np.nan)
+        size: tuple[int, int] | None = None
+        start = time.perf_counter()
+        for t, frame in enumerate(frames):
+            frame = self._check_frame(frame, size)
+            size = size or (frame.shape[1], frame.shape[0])
+            with _native_stderr_silenced(self.quiet and t == 0):
+                result = self._pose.process(frame)
+            if result.pose_landmarks is not None and result.pose_world_landmarks is not None:
+                image.append(_landmarks_array(result.pose_landmarks))
+                world.append(_landmarks_array(result.pose_world_landmarks))
+            else:
+                image.append(missing)
+                world.append(missing)
+            if progress is not None:
+                progress(t + 1)
+        elapsed = time.perf_counter() - start
+        return self._to_sequence(image, world, size, elapsed)
+
+    @staticmethod
+    def _check_frame(frame: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+        if (
+            not isinstance(frame, np.ndarray)
+            or frame.dtype != np.uint8
+            or frame.ndim != 3
+            or frame.shape[2] != 3
+        ):
+            got = (
+                f"{frame.dtype} {list(frame.shape)}"
+                if isinstance(frame, np.ndarray)
+                else type(frame).__name__
+            )
+            raise ValueError(f"frames must be RGB uint8 [H, W, 3]; got {got}")
+        if size is not None and (frame.shape[1], frame.shape[0]) != size:
+            raise ValueError(
+                f"frame size changed within one video: {size} -> {(frame.shape[1], frame.shape[0])}"
+            )
+        return np.ascontiguousarray(frame)
+
+    def _to_sequence(
+        self,
+        image: list[np.ndarray],
+        world: list[np.ndarray],
+        size: tuple[int, int] | None,
+        elapsed: float,
+    ) -> PoseSequence:
+        num_frames = len(image)
+        if num_frames == 0:
+            return PoseSequence(
+                joints=np.zeros((0, NUM_JOINTS, 3), np.float32),
+                confidence=np.zeros((0, NUM_JOINTS), np.float32),
+                fps=FPS,
+                source=NAME,
+                meta={"image_joints": np.zeros((0, NUM_JOINTS, 2), np.float32), "image_size": None},
+            )
+        img = np.stack(image)
+        wld = np.stack(world)
+        width, height = size
+        pixels = img[..., :2] * np.array([width, height], dtype=np.float64)
+        visibility = img[..., 3]
+        detected = np.isfinite(img).all(axis=(1, 2))
+
+        arms = legs = np.zeros(num_frames, dtype=bool)
+        if self.repair_swaps:
+            arms, legs = find_left_right_swaps(pixels)
+            pixels = apply_left_right_swaps(pixels, arms, legs)
+            wld = apply_left_right_swaps(wld, arms, legs)
+            visibility = apply_left_right_swaps(visibility, arms, legs)
+
+        joints = map_landmarks(wld[..., :3])
+        joints -= joints[:, :1]  # pelvis-relative (world origin is already about mid-hip)
+        confidence = map_confidence(visibility)
+        confidence[~detected] = 0.0
+        image_joints = map_landmarks(pixels)
+
+        n_detected = int(detected.sum())
+        logger.info(
+            "pose found in %d of %d frames (%.1f frames/s); arms relabelled on %d, legs on %d",
+            n_detected,
+            num_frames,
+            num_frames / elapsed if elapsed > 0 else float("nan"),
+            int(arms.sum()),
+            int(legs.sum()),
+        )
+        return PoseSequence(
+            joints=joints,
+            confidence=confidence,
+            fps=FPS,
+            source=NAME,
+            meta={
+                "image_joints": image_joints,
+                "image_size": (int(width), int(height)),
+                "swaps_repaired": {"arms": int(arms.sum()), "legs": int(legs.sum())},
+                "axes": "x right, y down, z away from the camera; metres; pelvis-relative",
+                "config": dict(self.config),
+            },
+        )

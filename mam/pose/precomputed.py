@@ -1,0 +1,178 @@
+"""Load a pose sequence computed outside MAM, for sites with their own pose pipeline.
+
+Accepted files:
+
+* ``.npy``: float array ``[T, 17, 3]``, Human3.6M joint order (``mam.skeleton.JOINT_NAMES``),
+  25 fps;
+* ``.npz``: key ``joints`` as above, optional ``confidence`` ``[T, 17]`` in [0, 1], optional scalar
+  ``fps`` (must be 25: MAM does not resample poses).
+
+Policy (checked here, reported as :class:`~mam.errors.InvalidPoseError` with expected vs received):
+
+* dtype float16, float32 or float64, converted to float32; integer, bool, object arrays are refused;
+* at least one frame;
+* a frame is either fully finite (tracked) or fully NaN (untracked, as the video backends report
+  it); +-inf anywhere, or a frame with only some values NaN, is refused: a partly NaN frame usually
+  means a broken export, and every later stage assumes whole-frame gaps;
+* without ``confidence``, tracked frames get confidence 1 and untracked frames 0; a given confidence
+  must be finite and in [0, 1] on tracked frames (it is set to 0 on untracked frames).
+
+Units and axes are the caller's; they must match what the model was trained on (see the model card).
+Gap filling and the tracking-quality check (``mam.pose.quality``) apply as for the video backends.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from mam.errors import EmptyFileError, FileNotFoundInputError, InvalidPoseError
+from mam.pose.base import PoseSequence
+from mam.skeleton import FPS, NUM_JOINTS
+
+logger = logging.getLogger(__name__)
+
+SOURCE = "precomputed"
+
+
+def _load_array(path: Path) -> tuple[np.ndarray, np.ndarray | None, float | None]:
+    suffix = path.suffix.lower()
+    try:
+        data = np.load(path, allow_pickle=False)
+        if suffix == ".npy":
+            if not isinstance(data, np.ndarray):
+                data.close()
+                raise InvalidPoseError(
+                    "expected a single array in the .npy file; received an archive"
+                )
+            return data, None, None
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise InvalidPoseError(
+                "expected an .npz archive with a 'joints' array; received one array"
+            )
+        with data:
+            if "joints" not in data.files:
+                raise InvalidPoseError(
+                    f"expected an .npz archive with a 'joints' array; received keys {data.files}"
+                )
+            joints = data["joints"]
+            confidence = data["confidence"] if "confidence" in data.files else None
+            fps = None
+            if "fps" in data.files:
+                fps_arr = data["fps"]
+                if fps_arr.size != 1 or not np.issubdtype(fps_arr.dtype, np.number):
+                    raise InvalidPoseError(
+                        f"expected 'fps' to be one number; received {fps_arr.dtype} "
+                        f"{list(fps_arr.shape)}"
+                    )
+                fps = float(fps_arr.reshape(()))
+            return joints, confidence, fps
+    except InvalidPoseError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        # NOTE: the exception text can quote file contents; only its type is reported.
+        raise InvalidPoseError(
+            f"could not read {suffix} pose file {path} ({type(exc).__name__}): expected a numpy "
+            f"{'array' if suffix == '.npy' else 'archive'} without pickled objects"
+        ) from None
+
+
+def _check_float(arr: np.ndarray, name: str, shape: str) -> np.ndarray:
+    if arr.dtype.kind != "f" or arr.dtype.itemsize not in (2, 4, 8):
+        raise InvalidPoseError(
+            f"expected '{name}' as float16/float32/float64 {shape}; received dtype {arr.dtype}"
+        )
+    with np.errstate(over="ignore"):  # overflow to inf is reported by the caller's inf check
+        return arr.astype(np.float32)
+
+
+def validate_pose_array(
+    joints: np.ndarray, confidence: np.ndarray | None = None, fps: float | None = None
+) -> PoseSequence:
+    """Check a precomputed pose array (policy in the module docstring) and wrap it.
+
+    Raises:
+        InvalidPoseError: wrong type, shape, dtype, values or frame rate.
+    """
+    if not isinstance(joints, np.ndarray):
+        raise InvalidPoseError(
+            f"expected a numpy array [T, {NUM_JOINTS}, 3]; received {type(joints).__name__}"
+        )
+    expected = f"[T, {NUM_JOINTS}, 3]"
+    if joints.ndim != 3 or joints.shape[1:] != (NUM_JOINTS, 3):
+        raise InvalidPoseError(
+            f"expected joints of shape {expected} (Human3.6M joints, x/y/z); "
+            f"received {list(joints.shape)}"
+        )
+    joints = _check_float(joints, "joints", expected)
+    num_frames = joints.shape[0]
+    if num_frames == 0:
+        raise InvalidPoseError(f"expected at least one frame {expected}; received 0 frames")
+    if fps is not None and not np.isclose(fps, FPS):
+        raise InvalidPoseError(f"expected poses at {FPS:g} fps; received {fps:g} fps")
+
+    # float16/float64 -> float32 can overflow to inf, so check after converting.
+    if np.isinf(joints).any():
+        n = int(np.isinf(joints).any(axis=(1, 2)).sum())
+        raise InvalidPoseError(
+            f"expected finite values (or whole NaN frames for untracked ones); received +-inf "
+            f"in {n} frame(s)"
+        )
+    nan = np.isnan(joints)
+    frame_nan = nan.all(axis=(1, 2))
+    partial = nan.any(axis=(1, 2)) & ~frame_nan
+    if partial.any():
+        first = int(np.flatnonzero(partial)[0])
+        raise InvalidPoseError(
+            "expected each frame fully finite (tracked) or fully NaN (untracked); received "
+            f"{int(partial.sum())} partly NaN frame(s), the first at index {first}"
+        )
+
+    if confidence is None:
+        conf = np.where(frame_nan, 0.0, 1.0).astype(np.float32)
+        conf = np.repeat(conf[:, None], NUM_JOINTS, axis=1)
+    else:
+        if not isinstance(confidence, np.ndarray) or confidence.shape != (num_frames, NUM_JOINTS):
+            got = list(confidence.shape) if isinstance(confidence, np.ndarray) else confidence
+            raise InvalidPoseError(
+                f"expected confidence of shape [{num_frames}, {NUM_JOINTS}]; received {got}"
+            )
+        conf = _check_float(confidence, "confidence", f"[{num_frames}, {NUM_JOINTS}]")
+        conf[frame_nan] = 0.0
+        if not np.isfinite(conf).all() or conf.min() < 0.0 or conf.max() > 1.0:
+            raise InvalidPoseError(
+                "expected confidence finite and within [0, 1] on tracked frames; received values "
+                f"in [{np.nanmin(conf):g}, {np.nanmax(conf):g}]"
+                + ("" if np.isfinite(conf).all() else " and non-finite values")
+            )
+    return PoseSequence(joints=joints, confidence=conf, fps=FPS, source=SOURCE)
+
+
+def load_pose_file(path: str | os.PathLike) -> PoseSequence:
+    """Load a ``.npy`` / ``.npz`` pose file (format and policy in the module docstring).
+
+    Raises:
+        FileNotFoundInputError: the path does not exist or is not a file.
+        EmptyFileError: the file is empty.
+        InvalidPoseError: unsupported extension, unreadable file, or a pose that fails validation.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundInputError(
+            f"pose file not found: {path}" if not path.exists() else f"not a file: {path}"
+        )
+    if path.suffix.lower() not in (".npy", ".npz"):
+        raise InvalidPoseError(
+            f"expected a .npy or .npz pose file; received a {path.suffix or 'extension-less'} file"
+        )
+    if path.stat().st_size == 0:
+        raise EmptyFileError(f"pose file is empty: {path}")
+    joints, confidence, fps = _load_array(path)
+    seq = validate_pose_array(joints, confidence, fps)
+    seq.meta["format"] = path.suffix.lower().lstrip(".")
+    logger.debug("loaded precomputed pose: %d frames", seq.num_frames)
+    return seq
