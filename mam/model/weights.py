@@ -1,0 +1,156 @@
+"""Weights plus everything needed to use them, saved and loaded together.
+
+Like torchvision's weight enums, preprocessing metadata travels with the weights: joint order,
+fps, clip length and step, normalisation statistics, Info-branch input statistics, calibration,
+decision threshold and provenance. Files: ``NAME.pt`` (state dict) and ``NAME.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mam.errors import ModelLoadError
+from mam.features import CLIP_STEP, SMOOTHING_WINDOW, Normalizer
+from mam.model.config import MAMConfig
+from mam.skeleton import FPS, JOINT_NAMES
+
+FORMAT_VERSION = 1
+INFO_FEATURES = ("sex_male", "gestational_age_weeks", "birth_weight_g", "corrected_age_weeks")
+
+
+@dataclass
+class Calibration:
+    """Platt scaling of the fused normal log-odds: P(normal) = sigmoid(a * z + b)."""
+
+    a: float = 1.0
+    b: float = 0.0
+    method: str = "none"
+
+    def apply(self, z: np.ndarray) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-(self.a * np.asarray(z, np.float64) + self.b)))
+
+
+@dataclass
+class ModelMeta:
+    name: str
+    version: str
+    config: MAMConfig
+    normalizer: Normalizer
+    info_mean: tuple[float, ...] = (0.5, 36.0, 2800.0, 14.0)
+    info_std: tuple[float, ...] = (0.5, 3.5, 700.0, 3.5)
+    calibration: Calibration = field(default_factory=Calibration)
+    calibration_without_info: Calibration = field(default_factory=Calibration)
+    risk_threshold: float = 0.5
+    fms_clip_threshold: float = 0.5
+    # FMs-frequency cut-offs: >= continuous -> continuous, >= intermittent -> intermittent.
+    fms_category_thresholds: dict = field(
+        default_factory=lambda: {"continuous": 0.75, "intermittent": 0.325}
+    )
+    clip_step: int = CLIP_STEP
+    smoothing_window: int = SMOOTHING_WINDOW
+    provenance: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "version": self.version,
+            "joints": list(JOINT_NAMES),
+            "fps": FPS,
+            "clip_frames": self.config.clip_frames,
+            "clip_step": self.clip_step,
+            "smoothing_window": self.smoothing_window,
+            "config": self.config.to_dict(),
+            "normalizer": self.normalizer.to_dict(),
+            "info_features": list(INFO_FEATURES),
+            "info_mean": list(self.info_mean),
+            "info_std": list(self.info_std),
+            "calibration": vars(self.calibration),
+            "calibration_without_info": vars(self.calibration_without_info),
+            "risk_threshold": self.risk_threshold,
+            "fms_clip_threshold": self.fms_clip_threshold,
+            "fms_category_thresholds": self.fms_category_thresholds,
+            "provenance": self.provenance,
+            "metrics": self.metrics,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelMeta:
+        if d.get("format_version") != FORMAT_VERSION:
+            raise ModelLoadError(f"unsupported weights format {d.get('format_version')!r}")
+        if tuple(d["joints"]) != JOINT_NAMES or d["fps"] != FPS:
+            raise ModelLoadError("weights were made for another joint order or frame rate")
+        return cls(
+            name=d["name"],
+            version=d["version"],
+            config=MAMConfig.from_dict(d["config"]),
+            normalizer=Normalizer.from_dict(d["normalizer"]),
+            info_mean=tuple(d["info_mean"]),
+            info_std=tuple(d["info_std"]),
+            calibration=Calibration(**d["calibration"]),
+            calibration_without_info=Calibration(**d["calibration_without_info"]),
+            risk_threshold=float(d["risk_threshold"]),
+            fms_clip_threshold=float(d["fms_clip_threshold"]),
+            fms_category_thresholds=dict(d["fms_category_thresholds"]),
+            clip_step=int(d["clip_step"]),
+            smoothing_window=int(d["smoothing_window"]),
+            provenance=d.get("provenance", {}),
+            metrics=d.get("metrics", {}),
+        )
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_weights(model, meta: ModelMeta, path: str | Path) -> Path:
+    """Write ``path.pt`` and ``path.json``; returns the JSON path."""
+    import torch
+
+    path = Path(path).with_suffix("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pt = path.with_suffix(".pt")
+    torch.save(model.state_dict(), pt)
+    d = meta.to_dict()
+    d["weights_file"] = pt.name
+    d["weights_sha256"] = sha256_of(pt)
+    js = path.with_suffix(".json")
+    js.write_text(json.dumps(d, indent=2) + "\n")
+    return js
+
+
+def load_meta(path: str | Path) -> tuple[ModelMeta, Path, str]:
+    """Metadata, the state-dict path and its recorded sha256, from ``NAME.json`` (or ``NAME``)."""
+    js = Path(path).with_suffix(".json")
+    if not js.is_file():
+        raise ModelLoadError(f"model metadata not found: {js}")
+    try:
+        d = json.loads(js.read_text())
+        meta = ModelMeta.from_dict(d)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"corrupt model metadata {js}: {e}") from e
+    return meta, js.parent / d["weights_file"], d["weights_sha256"]
+
+
+def load_weights(path: str | Path):
+    """``(MAM in eval mode, ModelMeta)``; the state dict's hash is checked against the metadata."""
+    import torch
+
+    from mam.model.network import MAM
+
+    meta, pt, digest = load_meta(path)
+    if not pt.is_file() or sha256_of(pt) != digest:
+        raise ModelLoadError(f"weights file {pt} is missing or does not match its metadata")
+    model = MAM(meta.config)
+    model.load_state_dict(torch.load(pt, map_location="cpu", weights_only=True))
+    return model.eval(), meta
