@@ -1,0 +1,201 @@
+"""``mam``: screen a recording, simulate data, train.
+
+Examples:
+    mam screen demo/infant_demo.mp4
+    mam screen --pose poses.npy --sex female --gestational-age-weeks 34 \\
+        --birth-weight-g 2100 --corrected-age-weeks 12 --format json
+    mam synth --out data/sim --infants 40 --seed 1
+    mam train --data data/sim --out models/my_model --epochs 8
+
+Errors print one line, ``error [code]: message``, and exit with status 2 (bad input) or 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from mam import DISCLAIMER, __version__
+from mam.errors import InputError, MamError
+
+
+def _screen(args: argparse.Namespace) -> int:
+    from mam.schemas import InfantData
+    from mam.screening import Screener, ScreeningOptions
+
+    infant = InfantData.parse(
+        sex=args.sex,
+        gestational_age_weeks=args.gestational_age_weeks,
+        birth_weight_g=args.birth_weight_g,
+        corrected_age_weeks=args.corrected_age_weeks,
+    )
+    if (args.video is None) == (args.pose is None):
+        raise SystemExit("mam screen: give exactly one of VIDEO or --pose POSE.npy")
+    screener = Screener(args.weights, ScreeningOptions(pose_backend=args.pose_backend))
+    if args.pose is not None:
+        result = screener.screen_pose_file(args.pose, infant)
+    else:
+        progress = None
+        bar = None
+        if sys.stderr.isatty() and not args.quiet:
+            from tqdm import tqdm
+
+            bar = tqdm(desc="pose", unit="frame")
+
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.n = done
+                bar.refresh()
+
+        try:
+            result = screener.screen_video(args.video, infant, progress)
+        finally:
+            if bar is not None:
+                bar.close()
+    if args.format == "json":
+        print(result.model_dump_json(indent=2))
+    else:
+        print(_text(result))
+    return 0
+
+
+def _text(r) -> str:
+    lines = [
+        f"Classification:    {r.classification.label.upper()} "
+        f"(P(risk) = {r.risk_probability:.3f}, threshold {r.classification.threshold:.2f})",
+        f"P(normal):         {r.normal_probability:.3f}",
+        f"FMs frequency:     {r.fms_frequency:.2f} of {len(r.clips)} clips ({r.fms_category})",
+        f"Tracking quality:  {r.quality.tracked_fraction:.0%} of {r.quality.duration_s:.0f} s "
+        f"tracked, longest gap {r.quality.longest_gap_s:.1f} s",
+        "Top FMs clips:     "
+        + ", ".join(
+            f"{c.start_s:.1f}-{c.end_s:.1f} s (P={c.fms_probability:.2f})" for c in r.top_fms_clips
+        ),
+        f"Model:             {r.model.name} {r.model.version} ({r.model.provenance}); "
+        f"{r.model.runtime}/{r.model.device}; pose {r.model.pose_backend}",
+    ]
+    lines += [f"Warning:           {w}" for w in r.warnings]
+    lines.append(DISCLAIMER)
+    return "\n".join(lines)
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from mam.synth import SimParams, write_dataset
+
+    params = SimParams().widened() if args.widened else SimParams()
+    out = write_dataset(args.out, args.infants, args.seed, (args.min_s, args.max_s), params)
+    print(f"wrote {args.infants} simulated infants to {out} (simulation, not physiology)")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from mam.dataset import load_dataset
+    from mam.model.config import MAMConfig
+    from mam.model.weights import ModelMeta, save_weights
+    from mam.train import TrainConfig, compact_model_config, train
+
+    model_cfg = {
+        "compact": compact_model_config,
+        "paper": MAMConfig.paper,
+        "reference": MAMConfig.reference,
+    }[args.config]()
+    cfg = TrainConfig(
+        model=model_cfg,
+        epochs=args.epochs,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        max_lr=args.max_lr,
+        ref_clips_per_step=args.ref_clips,
+        instances_per_bag=args.instances_per_bag,
+        seed=args.seed,
+    )
+    records = load_dataset(args.data)
+    out = Path(args.out)
+    model, pre = train(records, cfg, log_csv=out.with_suffix(".log.csv"))
+    meta = ModelMeta(
+        name=out.name,
+        version=args.version,
+        config=model_cfg,
+        normalizer=pre["normalizer"],
+        info_mean=pre["info_mean"],
+        info_std=pre["info_std"],
+        clip_step=cfg.clip_step,
+        provenance={
+            "summary": args.provenance,
+            "data": str(args.data),
+            "infants": len(records),
+            "train_config": cfg.to_dict(),
+        },
+    )
+    print(f"wrote {save_weights(model, meta, out)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mam", description=__doc__.split("\n")[0])
+    p.add_argument("--version", action="version", version=f"mam {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("screen", help="screen one recording (or a precomputed pose file)")
+    s.add_argument("video", nargs="?", type=Path, help="recording (mp4/mov/avi/mkv...)")
+    s.add_argument("--pose", type=Path, help="precomputed 3D pose .npy [T, 17, 3] at 25 fps")
+    s.add_argument("--sex", choices=["male", "female"], help="infant's sex")
+    s.add_argument("--gestational-age-weeks", type=float, metavar="W", help="at birth")
+    s.add_argument("--birth-weight-g", type=float, metavar="G", help="birth weight in grams")
+    s.add_argument("--corrected-age-weeks", type=float, metavar="W", help="at recording")
+    s.add_argument("--format", choices=["text", "json"], default="text", help="output format")
+    s.add_argument("--weights", type=Path, help="weights NAME.json (default: MAM_WEIGHTS or demo)")
+    s.add_argument("--pose-backend", default="mediapipe", help="pose backend name")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_screen)
+
+    s = sub.add_parser("synth", help="write a simulated training set (ground truth known)")
+    s.add_argument("--out", type=Path, required=True, help="output folder")
+    s.add_argument("--infants", type=int, required=True, help="number of infants")
+    s.add_argument("--seed", type=int, default=0, help="random seed")
+    s.add_argument("--min-s", type=float, default=60.0, help="shortest recording, seconds")
+    s.add_argument("--max-s", type=float, default=120.0, help="longest recording, seconds")
+    s.add_argument("--widened", action="store_true", help="wider simulator ranges (external set)")
+    s.set_defaults(func=_synth)
+
+    s = sub.add_parser("train", help="train MAM on a dataset folder (infants.csv + poses)")
+    s.add_argument("--data", type=Path, required=True, help="dataset folder")
+    s.add_argument("--out", type=Path, required=True, help="output weights path (no suffix)")
+    s.add_argument("--config", choices=["compact", "paper", "reference"], default="compact")
+    s.add_argument("--epochs", type=int, default=8, help="epochs (paper: 300)")
+    s.add_argument("--optimizer", choices=["sgd", "adamw"], default="adamw", help="paper: sgd")
+    s.add_argument("--lr", type=float, default=5e-4, help="CyclicLR base rate")
+    s.add_argument("--max-lr", type=float, default=3e-3, help="CyclicLR peak rate")
+    s.add_argument("--ref-clips", type=int, default=16, help="reference clips per step")
+    s.add_argument("--instances-per-bag", type=int, default=8, help="instances per bag per step")
+    s.add_argument("--seed", type=int, default=0, help="random seed")
+    s.add_argument("--version", default="0.1.0", help="model version to record")
+    s.add_argument("--provenance", default="trained by mam train", help="one-line provenance")
+    s.set_defaults(func=_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except InputError as e:
+        print(f"error [{e.code}]: {e}", file=sys.stderr)
+        return 2
+    except MamError as e:
+        print(f"error [{e.code}]: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""The training layout a site can produce without code (README, "Training data").
+
+``DIR/infants.csv``: id, file, group (normal/risk), fms_category (optional), sex,
+gestational_age_weeks, birth_weight_g, corrected_age_weeks; ``file`` is a pose file (``.npy``
+``[T, 17, 3]`` at 25 fps) relative to DIR. ``DIR/fms_intervals.csv`` (optional): id, start_s, end_s
+of annotated FMs, from which the reference clips are cut. Every row is checked before training.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from mam.errors import InputError
+from mam.pose import fill_gaps, load_pose_file
+from mam.schemas import InfantData
+from mam.train import TrainRecord
+
+GROUPS = ("normal", "risk")
+
+
+class DatasetError(InputError):
+    code = "invalid_dataset"
+
+
+def load_dataset(root: str | Path, max_gap_s: float = 0.5) -> list[TrainRecord]:
+    root = Path(root)
+    table = root / "infants.csv"
+    if not table.is_file():
+        raise DatasetError(f"{table} not found")
+    with open(table, newline="") as f:
+        rows = list(csv.DictReader(f))
+    intervals: dict[str, list[tuple[float, float]]] = {}
+    iv_path = root / "fms_intervals.csv"
+    if iv_path.is_file():
+        with open(iv_path, newline="") as f:
+            for n, r in enumerate(csv.DictReader(f), start=2):
+                try:
+                    a, b = float(r["start_s"]), float(r["end_s"])
+                except (KeyError, ValueError) as e:
+                    raise DatasetError(f"fms_intervals.csv line {n}: {e}") from None
+                if not 0 <= a < b:
+                    raise DatasetError(f"fms_intervals.csv line {n}: need 0 <= start_s < end_s")
+                intervals.setdefault(r["id"], []).append((a, b))
+    seen: set[str] = set()
+    records = []
+    for n, r in enumerate(rows, start=2):
+        where = f"infants.csv line {n}"
+        rid = (r.get("id") or "").strip()
+        if not rid:
+            raise DatasetError(f"{where}: missing id")
+        if rid in seen:
+            raise DatasetError(f"{where}: duplicate id {rid!r}")
+        seen.add(rid)
+        if r.get("group") not in GROUPS:
+            raise DatasetError(f"{where}: group must be one of {GROUPS}, got {r.get('group')!r}")
+        path = root / (r.get("file") or "")
+        if not path.is_file():
+            raise DatasetError(f"{where}: file {r.get('file')!r} not found")
+        seq = fill_gaps(load_pose_file(path), max_gap_s)
+        fields = {
+            k: (r.get(k) or None)
+            for k in ("sex", "gestational_age_weeks", "birth_weight_g", "corrected_age_weeks")
+        }
+        try:
+            infant = InfantData.parse(**fields)
+        except InputError as e:
+            raise DatasetError(f"{where}: {e}") from None
+        iv = intervals.get(rid)
+        if iv and max(b for _, b in iv) > seq.duration_s + 0.05:
+            raise DatasetError(f"{where}: an FMs interval ends after the recording")
+        records.append(
+            TrainRecord(
+                infant_id=rid,
+                joints=seq.joints,
+                group=r["group"],
+                fms_intervals_s=(iv or []) if iv_path.is_file() else None,
+                info=np.asarray(infant.vector()) if infant else None,
+            )
+        )
+    unknown = set(intervals) - seen
+    if unknown:
+        raise DatasetError(f"fms_intervals.csv names unknown ids: {sorted(unknown)[:5]}")
+    return records

@@ -1,0 +1,260 @@
+"""The one screening pipeline that the CLI, the service and the batch runner call.
+
+video -> frames at 25 fps (``mam.video``) -> pose (``mam.pose``) -> gap filling and quality ->
+instances (``mam.features``) -> clip network, bag fusion, Info branch (``mam.model``) -> result.
+Each stage is timed; nothing of the recording is logged or kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mam.features import Instances, build_instances
+from mam.model.weights import ModelMeta, load_meta, load_weights
+from mam.pose import (
+    PoseSequence,
+    assess_quality,
+    check_trackable,
+    create_backend,
+    fill_gaps,
+    load_pose_file,
+)
+from mam.schemas import (
+    Classification,
+    Clip,
+    InfantData,
+    ModelInfo,
+    Quality,
+    ScreeningResult,
+)
+from mam.video import VideoLimits, iter_frames, probe
+
+logger = logging.getLogger(__name__)
+
+REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
+DEFAULT_WEIGHTS = REPO_MODELS / "mam_demo.json"
+TOP_CLIPS = 3
+CLIP_BATCH = 32
+
+
+def default_weights() -> Path:
+    """``MAM_WEIGHTS`` if set, else the demo weights shipped in ``models/``."""
+    return Path(os.environ.get("MAM_WEIGHTS", DEFAULT_WEIGHTS))
+
+
+@dataclass
+class ScreeningOptions:
+    """Knobs of one screening run; defaults follow the paper and DESIGN.md."""
+
+    pose_backend: str = "mediapipe"
+    limits: VideoLimits = field(default_factory=VideoLimits)
+    max_side: int | None = 1280  # BlazePose works on 256 px crops; full 4K decode buys nothing
+    max_gap_s: float = 0.5
+    min_tracked_fraction: float = 0.5
+    clip_step: int | None = None  # None: the step the model was trained with
+
+
+@dataclass
+class ClipScores:
+    """What the model says about one bag of instances."""
+
+    fms_probability: np.ndarray  # [N]
+    attention: np.ndarray  # [N]
+    normal_probability: float
+    used_info: bool
+
+
+class _TimedIter:
+    """Wraps the frame iterator to separate decode time from pose time."""
+
+    def __init__(self, it: Iterator[np.ndarray]) -> None:
+        self.it, self.seconds = it, 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> np.ndarray:
+        t = time.perf_counter()
+        try:
+            return next(self.it)
+        finally:
+            self.seconds += time.perf_counter() - t
+
+
+class Screener:
+    """Loads the model once; screens recordings, pose files or ready-made instances.
+
+    Args:
+        weights: ``NAME.json`` of the weights (default: ``default_weights()``).
+        options: pipeline options.
+    """
+
+    def __init__(self, weights: str | Path | None = None, options: ScreeningOptions | None = None):
+        import torch
+
+        self.options = options or ScreeningOptions()
+        self.weights_path = Path(weights) if weights else default_weights()
+        self.model, self.meta = load_weights(self.weights_path)
+        _, _, self.weights_sha256 = load_meta(self.weights_path)
+        self._torch = torch
+        self.runtime, self.device, self.precision = "pytorch", "cpu", "fp32"
+        logger.info(
+            "model %s %s on %s (%s, %s)",
+            self.meta.name,
+            self.meta.version,
+            self.runtime,
+            self.device,
+            self.precision,
+        )
+
+    # -- model ------------------------------------------------------------------------------------
+    def score_instances(self, tensors: np.ndarray, infant: InfantData | None = None) -> ClipScores:
+        """Instances ``[N, 240, 3, 17, 17]`` (already smoothed and normalised) -> scores."""
+        torch, meta = self._torch, self.meta
+        with torch.inference_mode():
+            logits = torch.cat(
+                [
+                    self.model.forward_clips(torch.from_numpy(tensors[i : i + CLIP_BATCH]))[1]
+                    for i in range(0, len(tensors), CLIP_BATCH)
+                ]
+            )
+            bag, attention = self.model.forward_bag(logits[None])
+            info_logits = None
+            if infant is not None and infant.complete:
+                z = (np.asarray(infant.vector()) - meta.info_mean) / meta.info_std
+                info_logits = self.model.forward_info(torch.tensor(z, dtype=torch.float32)[None])
+            if self.model.cfg.fusion == "reference":
+                p_normal = float(self.model.forward_fusion(bag, info_logits)[0, 1])
+            else:
+                z = float(self.model.normal_logit(bag, info_logits)[0])
+                cal = meta.calibration if info_logits is not None else meta.calibration_without_info
+                p_normal = float(cal.apply(z))
+        return ClipScores(
+            fms_probability=torch.softmax(logits, 1)[:, 1].numpy().astype(float),
+            attention=attention[0].numpy().astype(float),
+            normal_probability=p_normal,
+            used_info=info_logits is not None,
+        )
+
+    # -- pipeline ---------------------------------------------------------------------------------
+    def screen_video(
+        self,
+        path: str | Path,
+        infant: InfantData | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> ScreeningResult:
+        """Screen one recording. ``progress(done, total)`` is called per frame."""
+        o = self.options
+        info = probe(path, o.limits)
+        total = info.num_frames_25fps
+        frames = _TimedIter(iter_frames(path, o.limits, max_side=o.max_side))
+        backend = create_backend(o.pose_backend)
+        t0 = time.perf_counter()
+        try:
+            cb = (lambda n: progress(n, total)) if progress else None
+            seq = backend.estimate(frames, progress=cb)
+        finally:
+            backend.close()
+        pose_s = time.perf_counter() - t0 - frames.seconds
+        return self.screen_pose(seq, infant, timings={"decode": frames.seconds, "pose": pose_s})
+
+    def screen_pose_file(self, path: str | Path, infant: InfantData | None = None):
+        return self.screen_pose(load_pose_file(path), infant)
+
+    def screen_pose(
+        self,
+        seq: PoseSequence,
+        infant: InfantData | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> ScreeningResult:
+        timings = dict(timings or {})
+        t = time.perf_counter()
+        seq = fill_gaps(seq, self.options.max_gap_s)
+        quality = assess_quality(seq)
+        check_trackable(quality, self.options.min_tracked_fraction)
+        inst = build_instances(
+            seq.joints,
+            self.meta.normalizer,
+            step=self.options.clip_step or self.meta.clip_step,
+            smoothing_window=self.meta.smoothing_window,
+        )
+        timings["features"] = time.perf_counter() - t
+        t = time.perf_counter()
+        scores = self.score_instances(inst.tensors, infant)
+        timings["model"] = time.perf_counter() - t
+        return self._result(inst, scores, seq, quality, infant, timings)
+
+    def _result(self, inst: Instances, s: ClipScores, seq, quality, infant, timings):
+        meta: ModelMeta = self.meta
+        clips = [
+            Clip(
+                index=i,
+                start_s=round(float(a), 2),
+                end_s=round(float(b), 2),
+                fms_probability=round(float(p), 4),
+                attention_weight=round(float(w), 4),
+            )
+            for i, (a, b, p, w) in enumerate(
+                zip(inst.start_s, inst.end_s, s.fms_probability, s.attention)
+            )
+        ]
+        freq = float(np.mean(s.fms_probability > meta.fms_clip_threshold))
+        th = meta.fms_category_thresholds
+        category = (
+            "continuous"
+            if freq >= th["continuous"]
+            else "intermittent"
+            if freq >= th["intermittent"]
+            else "sporadic-or-absent"
+        )
+        p_risk = 1.0 - s.normal_probability
+        warnings = list(quality.warnings) + (infant.warnings() if infant else [])
+        if infant is None:
+            warnings.append("no infant data given: the main branch alone was used (MAM w/o info)")
+        q = Quality(
+            duration_s=round(seq.duration_s, 2),
+            frames_total=quality.frames_total,
+            frames_tracked=quality.frames_tracked,
+            tracked_fraction=round(quality.tracked_fraction, 4),
+            frames_interpolated=quality.frames_interpolated,
+            longest_gap_s=round(quality.longest_gap_s, 2),
+            mean_confidence=round(quality.mean_confidence, 4),
+            clips_assessed=len(clips),
+            warnings=list(quality.warnings),
+        )
+        prov = meta.provenance
+        return ScreeningResult(
+            risk_probability=round(p_risk, 4),
+            normal_probability=round(s.normal_probability, 4),
+            classification=Classification(
+                label="risk" if p_risk >= meta.risk_threshold else "normal",
+                threshold=meta.risk_threshold,
+            ),
+            fms_frequency=round(freq, 4),
+            fms_category=category,
+            fms_category_thresholds=th,
+            clips=clips,
+            top_fms_clips=sorted(clips, key=lambda c: -c.fms_probability)[:TOP_CLIPS],
+            quality=q,
+            infant=infant,
+            model=ModelInfo(
+                name=meta.name,
+                version=meta.version,
+                weights_sha256=self.weights_sha256,
+                provenance=prov.get("summary", "unknown"),
+                runtime=self.runtime,
+                device=self.device,
+                precision=self.precision,
+                pose_backend=seq.source,
+                used_info_branch=s.used_info,
+            ),
+            timings_s={k: round(v, 3) for k, v in timings.items()},
+            warnings=warnings,
+        )
