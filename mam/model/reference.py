@@ -9,6 +9,7 @@ checkpoint; the reference demo uses ``time_window=10, time_step=1``.
 
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 
@@ -89,7 +90,10 @@ def convert_reference_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch
 
 def load_reference_checkpoint(path: str | Path, time_step: int = 1) -> MAM:
     """Build a :class:`MAM` from a reference-code checkpoint (state dict or pickled module)."""
-    obj = torch.load(Path(path), map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
+        raise ModelLoadError(f"cannot read reference checkpoint {path}: {e}") from e
     sd = obj.state_dict() if hasattr(obj, "state_dict") else obj
     cfg = config_from_reference(sd, time_step=time_step)
     model = MAM(cfg)

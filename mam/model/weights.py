@@ -136,10 +136,9 @@ def load_meta(path: str | Path) -> tuple[ModelMeta, Path, str]:
         raise ModelLoadError(f"model metadata not found: {js}")
     try:
         d = json.loads(js.read_text())
-        meta = ModelMeta.from_dict(d)
-    except (ValueError, KeyError, TypeError) as e:
-        raise ModelLoadError(f"corrupt model metadata {js}: {e}") from e
-    return meta, js.parent / d["weights_file"], d["weights_sha256"]
+        return ModelMeta.from_dict(d), js.parent / d["weights_file"], str(d["weights_sha256"])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ModelLoadError(f"corrupt model metadata {js}: {e!r}") from e
 
 
 def load_weights(path: str | Path):
