@@ -6,6 +6,7 @@ Examples:
         --birth-weight-g 2100 --corrected-age-weeks 12 --format json
     mam synth --out data/sim --infants 40 --seed 1
     mam train --data data/sim --out models/my_model --epochs 8
+    mam evaluate --data data/sim_test --format json
 
 Errors print one line, ``error [code]: message``, and exit with status 2 (bad input) or 1.
 """
@@ -13,6 +14,7 @@ Errors print one line, ``error [code]: message``, and exit with status 2 (bad in
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -133,6 +135,18 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from mam.evaluate import evaluate
+
+    res = evaluate(args.weights, args.data, use_info=not args.without_info)
+    if args.format == "json":
+        print(json.dumps(res, indent=2))
+    else:
+        for k, v in res.items():
+            print(f"{k:<20}{v if not isinstance(v, float) else round(v, 4)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mam", description=__doc__.split("\n")[0])
     p.add_argument("--version", action="version", version=f"mam {__version__}")
@@ -175,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--version", default="0.1.0", help="model version to record")
     s.add_argument("--provenance", default="trained by mam train", help="one-line provenance")
     s.set_defaults(func=_train)
+    s = sub.add_parser("evaluate", help="metrics of weights on a labelled dataset folder")
+    s.add_argument("--data", type=Path, required=True, help="dataset folder (infants.csv ...)")
+    s.add_argument("--weights", type=Path, help="weights NAME.json (default: the shipped ones)")
+    s.add_argument("--without-info", action="store_true", help="ablation: MAM w/o info")
+    s.add_argument("--format", choices=["text", "json"], default="text", help="output format")
+    s.set_defaults(func=_evaluate)
     return p
 
 

@@ -120,6 +120,7 @@ class ModelInfo(BaseModel):
     precision: str
     pose_backend: str
     used_info_branch: bool
+    calibration: str = Field(description="How P(risk) was calibrated; 'none' = uncalibrated score.")
 
 
 class ScreeningResult(BaseModel):

@@ -254,6 +254,9 @@ class Screener:
                 precision=self.precision,
                 pose_backend=seq.source,
                 used_info_branch=s.used_info,
+                calibration=(
+                    meta.calibration if s.used_info else meta.calibration_without_info
+                ).method,
             ),
             timings_s={k: round(v, 3) for k, v in timings.items()},
             warnings=warnings,
