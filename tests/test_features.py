@@ -26,16 +26,7 @@ from mam.features import (
 )
 from mam.skeleton import FPS, NUM_JOINTS
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-DEMO_NPZ = SHARED / "data" / "mam_demo_poses.npz"
 CONTINUOUS_GROUP = "group:prepared_data/Data_derivation/FM-/0005"
-
-
-@pytest.fixture(scope="module")
-def demo_npz() -> Path:
-    if not DEMO_NPZ.is_file():
-        pytest.skip(f"real infant motion not found: {DEMO_NPZ} (shared/ folder beside the repo)")
-    return DEMO_NPZ
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,6 @@ from mam.model.reference import config_from_reference, load_reference_checkpoint
 from mam.model.weights import ModelMeta, load_weights, save_weights
 from mam.skeleton import NUM_JOINTS
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-REFERENCE = SHARED / "reference"
 ATOL = 1e-4
 
 
@@ -35,13 +33,6 @@ def _keep_rng_state():
     torch.manual_seed(0)
     yield
     torch.set_rng_state(state)
-
-
-@pytest.fixture(scope="module")
-def reference_dir() -> Path:
-    if not (REFERENCE / "clip_only.pth").is_file():
-        pytest.skip(f"reference outputs not found: {REFERENCE} (shared/ folder beside the repo)")
-    return REFERENCE
 
 
 def _inputs(poses: np.ndarray) -> torch.Tensor:

@@ -49,19 +49,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def shared_dir() -> Path:
-    shared = REPO_ROOT.parent / "shared"
-    if not shared.is_dir():
-        pytest.skip(f"shared data folder not found next to the repository ({shared})")
-    return shared
-
-
-@pytest.fixture(scope="module")
-def demo_clips(shared_dir: Path) -> np.ndarray:
-    path = shared_dir / "data" / "mam_demo_poses.npz"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    with np.load(path) as data:
+def demo_clips(demo_npz: Path) -> np.ndarray:
+    with np.load(demo_npz) as data:
         clips = data["clips"][::25][:16].astype(np.float64)  # 16 clips spread over the file
     # DESIGN.md: undo the per-axis standardisation (y * 0.83, z * 1.48) for plausible geometry.
     return clips * np.array([1.0, 0.83, 1.48])

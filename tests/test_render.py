@@ -6,13 +6,10 @@ implementation's demo tensors); the tests skip with the reason when it is absent
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
 from mam.skeleton import BONES, LEFT_RIGHT_PAIRS
-from mam.synth.demo import default_data_path
 from mam.synth.real_motion import (
     AXIS_SCALE,
     CLIP_LEN,
@@ -26,22 +23,16 @@ from mam.synth.real_motion import (
     to_camera_frame,
 )
 
-DATA = default_data_path()
 MIRROR = {**dict(LEFT_RIGHT_PAIRS), **{r: le for le, r in LEFT_RIGHT_PAIRS}}
-needs_data = pytest.mark.skipif(
-    not os.path.exists(DATA),
-    reason=f"real infant motion not found at {DATA} (set MAM_DEMO_POSES to mam_demo_poses.npz)",
-)
 
 
 @pytest.fixture(scope="module")
-def raw_demo() -> np.ndarray:
-    return stitch_group(DATA, DEMO_GROUP)
+def raw_demo(demo_npz) -> np.ndarray:
+    return stitch_group(demo_npz, DEMO_GROUP)
 
 
-@needs_data
-def test_stitch_group_is_continuous(raw_demo):
-    clips, groups = load_clips(DATA)
+def test_stitch_group_is_continuous(raw_demo, demo_npz):
+    clips, groups = load_clips(demo_npz)
     ids = groups[DEMO_GROUP]
     assert raw_demo.shape == (CLIP_LEN + (len(ids) - 1) * CLIP_STRIDE, 17, 3)  # 84 s at 25 fps
     for k, cid in enumerate(ids):
@@ -50,7 +41,6 @@ def test_stitch_group_is_continuous(raw_demo):
         )
 
 
-@needs_data
 def test_camera_frame_orientation(raw_demo):
     cam = to_camera_frame(raw_demo)
     rel = cam - cam[:, :1]
@@ -75,7 +65,6 @@ def test_camera_frame_orientation(raw_demo):
     assert np.all(np.sign(vol(src)) == np.sign(vol(cam[:50].astype(np.float64))))
 
 
-@needs_data
 def test_retarget_exact_bone_lengths(raw_demo):
     j = retarget(to_camera_frame(raw_demo[:200]))
     src = to_camera_frame(raw_demo[:200])
@@ -91,15 +80,14 @@ def test_retarget_exact_bone_lengths(raw_demo):
     assert 0.25 < head < 0.35  # pelvis to head about 0.3 m
 
 
-@needs_data
-def test_rendered_video_is_tracked(tmp_path):
+def test_rendered_video_is_tracked(tmp_path, demo_npz):
     av = pytest.importorskip("av")
     pytest.importorskip("mediapipe")
     from mam.synth.render import project, render_video, run_blazepose, tracking_report
 
     width, height, seconds = 480, 360, 3.0
     # 27-30 s of the demo bag: the most limb motion among its 3 s windows
-    joints = load_demo_motion(DATA, seconds=30.0)[-round(seconds * 25) :]
+    joints = load_demo_motion(demo_npz, seconds=30.0)[-round(seconds * 25) :]
     path = tmp_path / "infant.mp4"
     res = render_video(joints, path, width=width, height=height, seed=3, crf=23)
     assert res.frames == len(joints) == 75

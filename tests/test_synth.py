@@ -24,17 +24,13 @@ from mam.synth.motion import (
 )
 from mam.synth.real_motion import AXIS_SCALE, INFANT_BONES_M
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-DEMO_NPZ = SHARED / "data" / "mam_demo_poses.npz"
 PELVIS, THORAX = 0, 8
 
 
 @pytest.fixture(scope="module")
-def real_clips() -> np.ndarray:
+def real_clips(demo_npz: Path) -> np.ndarray:
     """Real clips ``[495, 240, 17, 3]`` with the per-axis standardisation undone (DESIGN.md)."""
-    if not DEMO_NPZ.is_file():
-        pytest.skip(f"real infant motion not found: {DEMO_NPZ} (shared/ folder beside the repo)")
-    with np.load(DEMO_NPZ) as data:
+    with np.load(demo_npz) as data:
         return data["clips"].astype(np.float64) * AXIS_SCALE
 
 

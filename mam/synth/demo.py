@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from mam.synth.real_motion import DEMO_GROUP, load_demo_motion
 from mam.synth.render import render_video
@@ -24,19 +25,9 @@ DEMO_SIZE = (1280, 720)
 
 
 def default_data_path() -> str:
-    """``$MAM_DEMO_POSES``, else ``shared/data/mam_demo_poses.npz`` beside or above the repo."""
-    env = os.environ.get("MAM_DEMO_POSES")
-    if env:
-        return env
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    for cand in (
-        os.path.join(repo, "shared", "data", "mam_demo_poses.npz"),
-        os.path.join(os.path.dirname(repo), "shared", "data", "mam_demo_poses.npz"),
-        "/work/shared/data/mam_demo_poses.npz",
-    ):
-        if os.path.exists(cand):
-            return cand
-    return "/work/shared/data/mam_demo_poses.npz"
+    """``$MAM_DEMO_POSES``, else ``shared/data/mam_demo_poses.npz`` beside the repository."""
+    repo = Path(__file__).resolve().parents[2]
+    return os.environ.get("MAM_DEMO_POSES") or str(repo.parent / "shared/data/mam_demo_poses.npz")
 
 
 def main(argv: list[str] | None = None) -> int:

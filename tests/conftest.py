@@ -1,0 +1,35 @@
+"""Shared fixtures. Data from ``../shared`` (beside the repository) are optional: tests that
+need them skip with the reason when the folder is absent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+DEMO_NPZ = SHARED / "data" / "mam_demo_poses.npz"
+REFERENCE = SHARED / "reference"
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        pytest.skip(f"{what} not found: {path} (the shared/ folder beside the repository)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    return _require(SHARED, "shared data folder")
+
+
+@pytest.fixture(scope="session")
+def demo_npz() -> Path:
+    """Real infant 3D motion (MAM reference implementation's demo tensors, MIT)."""
+    return _require(DEMO_NPZ, "real infant motion")
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """Checkpoints and outputs of the authors' reference code."""
+    return _require(REFERENCE, "reference-code outputs")
