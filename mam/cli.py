@@ -92,59 +92,106 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
-    from mam.dataset import load_dataset
+def _train_config(args: argparse.Namespace):
     from mam.model.config import MAMConfig
-    from mam.model.weights import ModelMeta, save_weights
-    from mam.train import TrainConfig, compact_model_config, train
+    from mam.train import TrainConfig, compact_model_config
 
     model_cfg = {
         "compact": compact_model_config,
         "paper": MAMConfig.paper,
         "reference": MAMConfig.reference,
     }[args.config]()
-    cfg = TrainConfig(
+    return TrainConfig(
         model=model_cfg,
         epochs=args.epochs,
+        pretrain_epochs=args.pretrain_epochs,
         optimizer=args.optimizer,
         lr=args.lr,
         max_lr=args.max_lr,
         ref_clips_per_step=args.ref_clips,
         instances_per_bag=args.instances_per_bag,
+        use_reference=not args.no_reference,
+        use_closeness=not args.no_closeness and not args.no_reference,
         seed=args.seed,
     )
+
+
+def _train(args: argparse.Namespace) -> int:
+    from mam.dataset import load_dataset
+    from mam.fitting import fit
+    from mam.model.weights import save_weights
+
+    cfg = _train_config(args)
     records = load_dataset(args.data)
     out = Path(args.out)
-    model, pre = train(records, cfg, log_csv=out.with_suffix(".log.csv"))
-    meta = ModelMeta(
+    model, meta = fit(
+        records,
+        cfg,
         name=out.name,
         version=args.version,
-        config=model_cfg,
-        normalizer=pre["normalizer"],
-        info_mean=pre["info_mean"],
-        info_std=pre["info_std"],
-        clip_step=cfg.clip_step,
-        provenance={
-            "summary": args.provenance,
-            "data": str(args.data),
-            "infants": len(records),
-            "train_config": cfg.to_dict(),
-        },
+        provenance={"summary": args.provenance, "data": str(args.data), "infants": len(records)},
+        categories=[r.fms_category for r in records],
+        calibration_fraction=args.calibration_fraction,
+        log_csv=out.with_suffix(".log.csv"),
     )
     print(f"wrote {save_weights(model, meta, out)}")
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from mam.evaluate import evaluate
+    from mam.dataset import load_dataset
+    from mam.evaluate import cross_validate, evaluate, markdown_table, write_report
 
-    res = evaluate(args.weights, args.data, use_info=not args.without_info)
+    records = load_dataset(args.data)
+    use_info = not args.without_info
+    if args.folds:
+        res = cross_validate(
+            records, _train_config(args), args.folds, use_info, args.calibration_fraction
+        )
+    else:
+        res = evaluate(args.weights, records, use_info)
+    if args.external:
+        from mam.fitting import fit
+        from mam.model.weights import save_weights
+
+        weights = args.weights
+        if args.folds:  # the external set is scored by a model trained on all the data
+            import tempfile
+
+            model, meta = fit(records, _train_config(args), name="all", version="eval",
+                              provenance={}, categories=[r.fms_category for r in records],
+                              calibration_fraction=args.calibration_fraction)  # fmt: skip
+            weights = save_weights(model, meta, Path(tempfile.mkdtemp()) / "all")
+        res["external"] = evaluate(weights, load_dataset(args.external), use_info)
+    if args.out:
+        write_report(res, args.out)
+        if "external" in res:
+            write_report(res["external"], args.out, "external")
     if args.format == "json":
         print(json.dumps(res, indent=2))
+    elif args.format == "markdown":
+        print(markdown_table(res), end="")
     else:
         for k, v in res.items():
-            print(f"{k:<20}{v if not isinstance(v, float) else round(v, 4)}")
+            if not isinstance(v, (dict, list)):
+                print(f"{k:<48}{round(v, 4) if isinstance(v, float) else v}")
     return 0
+
+
+def _add_train_options(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--config", choices=["compact", "paper", "reference"], default="compact")
+    s.add_argument("--epochs", type=int, default=8, help="epochs (paper: 300)")
+    s.add_argument("--pretrain-epochs", type=int, default=0, help="clip encoder on ref clips")
+    s.add_argument("--optimizer", choices=["sgd", "adamw"], default="adamw", help="paper: sgd")
+    s.add_argument("--lr", type=float, default=5e-4, help="CyclicLR base rate")
+    s.add_argument("--max-lr", type=float, default=3e-3, help="CyclicLR peak rate")
+    s.add_argument("--ref-clips", type=int, default=16, help="reference clips per step")
+    s.add_argument("--instances-per-bag", type=int, default=8, help="instances per bag per step")
+    s.add_argument("--no-closeness", action="store_true", help="ablation: no closeness loss")
+    s.add_argument("--no-reference", action="store_true", help="ablation: no Ref Branch")
+    s.add_argument("--calibration-fraction", type=float, default=0.2,
+                   help="share of infants held out to calibrate P(risk)")  # fmt: skip
+    s.add_argument("--seed", type=int, default=0, help="random seed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,25 +222,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--widened", action="store_true", help="wider simulator ranges (external set)")
     s.set_defaults(func=_synth)
 
-    s = sub.add_parser("train", help="train MAM on a dataset folder (infants.csv + poses)")
+    s = sub.add_parser("train", help="train + calibrate MAM on a dataset folder")
     s.add_argument("--data", type=Path, required=True, help="dataset folder")
     s.add_argument("--out", type=Path, required=True, help="output weights path (no suffix)")
-    s.add_argument("--config", choices=["compact", "paper", "reference"], default="compact")
-    s.add_argument("--epochs", type=int, default=8, help="epochs (paper: 300)")
-    s.add_argument("--optimizer", choices=["sgd", "adamw"], default="adamw", help="paper: sgd")
-    s.add_argument("--lr", type=float, default=5e-4, help="CyclicLR base rate")
-    s.add_argument("--max-lr", type=float, default=3e-3, help="CyclicLR peak rate")
-    s.add_argument("--ref-clips", type=int, default=16, help="reference clips per step")
-    s.add_argument("--instances-per-bag", type=int, default=8, help="instances per bag per step")
-    s.add_argument("--seed", type=int, default=0, help="random seed")
+    _add_train_options(s)
     s.add_argument("--version", default="0.1.0", help="model version to record")
     s.add_argument("--provenance", default="trained by mam train", help="one-line provenance")
     s.set_defaults(func=_train)
-    s = sub.add_parser("evaluate", help="metrics of weights on a labelled dataset folder")
+    s = sub.add_parser("evaluate", help="metrics on a labelled dataset (or k-fold CV)")
     s.add_argument("--data", type=Path, required=True, help="dataset folder (infants.csv ...)")
     s.add_argument("--weights", type=Path, help="weights NAME.json (default: the shipped ones)")
+    s.add_argument("--folds", type=int, default=0, help="k-fold CV, training each fold (paper 5)")
+    s.add_argument("--external", type=Path, help="a separate labelled set to evaluate too")
     s.add_argument("--without-info", action="store_true", help="ablation: MAM w/o info")
-    s.add_argument("--format", choices=["text", "json"], default="text", help="output format")
+    s.add_argument("--out", type=Path, help="write JSON, Markdown and PNG plots here")
+    s.add_argument("--format", choices=["text", "json", "markdown"], default="text")
+    _add_train_options(s)
     s.set_defaults(func=_evaluate)
     return p
 

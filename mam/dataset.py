@@ -19,6 +19,7 @@ from mam.schemas import InfantData
 from mam.train import TrainRecord
 
 GROUPS = ("normal", "risk")
+FMS_CATEGORIES = ("continuous", "intermittent", "sporadic", "absent")
 
 
 class DatasetError(InputError):
@@ -56,6 +57,9 @@ def load_dataset(root: str | Path, max_gap_s: float = 0.5) -> list[TrainRecord]:
         seen.add(rid)
         if r.get("group") not in GROUPS:
             raise DatasetError(f"{where}: group must be one of {GROUPS}, got {r.get('group')!r}")
+        category = (r.get("fms_category") or "").strip() or None
+        if category is not None and category not in FMS_CATEGORIES:
+            raise DatasetError(f"{where}: fms_category must be one of {FMS_CATEGORIES}")
         path = root / (r.get("file") or "")
         if not path.is_file():
             raise DatasetError(f"{where}: file {r.get('file')!r} not found")
@@ -78,6 +82,7 @@ def load_dataset(root: str | Path, max_gap_s: float = 0.5) -> list[TrainRecord]:
                 group=r["group"],
                 fms_intervals_s=(iv or []) if iv_path.is_file() else None,
                 info=np.asarray(infant.vector()) if infant else None,
+                fms_category=category,
             )
         )
     unknown = set(intervals) - seen

@@ -1,87 +1,228 @@
-"""Evaluate weights on a dataset folder with known labels (the layout of ``mam.dataset``).
+"""Evaluate MAM the way the paper does, on a dataset folder with known labels (``mam.dataset``).
 
-Reports the paper's metrics: AUC, accuracy, sensitivity, specificity, PPV, NPV at the model's
-threshold (risk is the positive class), the FMs-frequency AUC, and Cohen's kappa per video between
-predicted FMs clips and annotated intervals (paper: 9.6 s clips every 6 s, a clip is FMs when
-more than half of it is covered). Cross-validation and calibration build on this (issue 3).
+Metrics (risk is the positive class): AUC, accuracy, sensitivity, specificity, PPV, NPV at the
+model's threshold; the FMs-frequency AUC for normal vs risk and continuous vs intermittent;
+Cohen's kappa per video between predicted FMs clips and annotated intervals (paper: 9.6 s clips
+every 6 s, a clip is FMs when more than half of it is covered); expected calibration error.
+``cross_validate`` repeats train + calibrate + evaluate over stratified folds (paper: 5) and
+reports mean and sd; an external set is evaluated with the model trained on all the data.
 """
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from mam.dataset import load_dataset
+from mam.calibration import expected_calibration_error
+from mam.dataset import DatasetError
 from mam.pose import PoseSequence
 from mam.schemas import InfantData
 from mam.screening import Screener, ScreeningOptions
 from mam.skeleton import FPS
+from mam.train import TrainConfig, TrainRecord
 
 KAPPA_CLIP_STEP = 150  # 6 s at 25 fps (paper, Cohort 2 concordance)
+SUMMARY_KEYS = (
+    "auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "ece",
+    "fms_frequency_auc", "fms_frequency_auc_continuous_vs_intermittent", "median_kappa",
+)  # fmt: skip
 
 
-def _binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
-    pred = p >= threshold
-    tp, tn = int(np.sum(pred & y)), int(np.sum(~pred & ~y))
-    fp, fn = int(np.sum(pred & ~y)), int(np.sum(~pred & y))
-
-    def ratio(a: int, b: int) -> float | None:
-        return a / b if b else None
-
-    return {
-        "accuracy": ratio(tp + tn, len(y)),
-        "sensitivity": ratio(tp, tp + fn),
-        "specificity": ratio(tn, tn + fp),
-        "ppv": ratio(tp, tp + fp),
-        "npv": ratio(tn, tn + fn),
-    }
+def _ratio(a: int, b: int) -> float | None:
+    return a / b if b else None
 
 
-def evaluate(weights: str | Path | None, data: str | Path, use_info: bool = True) -> dict:
-    """Metrics of ``weights`` on the labelled dataset ``data``."""
-    from sklearn.metrics import cohen_kappa_score, roc_auc_score
+def _auc(y, s) -> float | None:
+    from sklearn.metrics import roc_auc_score
 
-    records = load_dataset(data)
-    screener = Screener(weights, ScreeningOptions(clip_step=KAPPA_CLIP_STEP))
-    y, p, freq, kappas = [], [], [], []
+    y = np.asarray(y, bool)
+    return float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else None
+
+
+def _infant(info) -> InfantData | None:
+    if info is None:
+        return None
+    sex, ga, bw, age = info
+    return InfantData(
+        sex="male" if sex else "female",
+        gestational_age_weeks=ga,
+        birth_weight_g=bw,
+        corrected_age_weeks=age,
+    )
+
+
+def _kappa(rec: TrainRecord, clips, threshold: float) -> float:
+    from sklearn.metrics import cohen_kappa_score
+
+    fms = np.zeros(len(rec.joints), bool)
+    for a, b in rec.fms_intervals_s:
+        fms[int(round(a * FPS)) : int(round(b * FPS))] = True
+    spans = [(round(c.start_s * FPS), round(c.end_s * FPS)) for c in clips]
+    truth = [bool(fms[a:b].mean() > 0.5) for a, b in spans]
+    pred = [c.fms_probability > threshold for c in clips]
+    if len(set(truth)) > 1 or len(set(pred)) > 1:
+        return float(cohen_kappa_score(truth, pred))
+    return 1.0 if truth == pred else 0.0  # both constant: kappa undefined; agreement or not
+
+
+def evaluate_records(
+    screener: Screener, records: Sequence[TrainRecord], use_info: bool = True
+) -> dict:
+    """Metrics of one model on labelled records, plus the per-infant values behind them."""
+    risk, p_risk, freq, kappas, cats = [], [], [], [], []
     for rec in records:
         seq = PoseSequence(rec.joints, np.isfinite(rec.joints[..., 0]).astype(np.float32))
-        infant = None
-        if use_info and rec.info is not None:
-            sex, ga, bw, age = rec.info
-            infant = InfantData(
-                sex="male" if sex else "female",
-                gestational_age_weeks=ga,
-                birth_weight_g=bw,
-                corrected_age_weeks=age,
-            )
-        r = screener.screen_pose(seq, infant)
-        y.append(rec.group == "risk")
-        p.append(r.risk_probability)
+        r = screener.screen_pose(seq, _infant(rec.info) if use_info else None)
+        risk.append(rec.group == "risk")
+        p_risk.append(r.risk_probability)
         freq.append(r.fms_frequency)
+        cats.append(rec.fms_category)
         if rec.fms_intervals_s is not None:
-            fms = np.zeros(len(rec.joints), bool)
-            for a, b in rec.fms_intervals_s:
-                fms[int(round(a * FPS)) : int(round(b * FPS))] = True
-            spans = [(round(c.start_s * FPS), round(c.end_s * FPS)) for c in r.clips]
-            truth = [fms[a:b].mean() > 0.5 for a, b in spans]
-            pred = [c.fms_probability > screener.meta.fms_clip_threshold for c in r.clips]
-            if len(set(truth)) > 1 or len(set(pred)) > 1:
-                kappas.append(float(cohen_kappa_score(truth, pred)))
-            else:  # both constant: perfect agreement if equal (kappa undefined)
-                kappas.append(1.0 if truth == pred else 0.0)
-    y_arr, p_arr = np.array(y), np.array(p)
+            kappas.append(_kappa(rec, r.clips, screener.meta.fms_clip_threshold))
+    y, p, f = np.array(risk), np.array(p_risk), np.array(freq)
+    pred = p >= screener.meta.risk_threshold
+    tp, tn = int(np.sum(pred & y)), int(np.sum(~pred & ~y))
+    fp, fn = int(np.sum(pred & ~y)), int(np.sum(~pred & y))
+    c = np.array([x or "" for x in cats])
+    ci = (c == "continuous") | (c == "intermittent")
     return {
         "infants": len(records),
-        "risk_infants": int(y_arr.sum()),
+        "risk_infants": int(y.sum()),
         "use_info": use_info,
-        "auc": float(roc_auc_score(y_arr, p_arr)),
+        "auc": _auc(y, p),
         "threshold": screener.meta.risk_threshold,
-        **_binary_metrics(y_arr, p_arr, screener.meta.risk_threshold),
+        "accuracy": _ratio(tp + tn, len(y)),
+        "sensitivity": _ratio(tp, tp + fn),
+        "specificity": _ratio(tn, tn + fp),
+        "ppv": _ratio(tp, tp + fp),
+        "npv": _ratio(tn, tn + fn),
+        "ece": expected_calibration_error(p, y),
         # High FMs frequency means normal, so risk is scored by 1 - frequency.
-        "fms_frequency_auc": float(roc_auc_score(y_arr, 1 - np.array(freq))),
+        "fms_frequency_auc": _auc(y, 1 - f),
+        "fms_frequency_auc_continuous_vs_intermittent": _auc(c[ci] == "continuous", f[ci]),
         "median_kappa": float(np.median(kappas)) if kappas else None,
         "kappa_videos": len(kappas),
-        "model": {"name": screener.meta.name, "version": screener.meta.version},
+        "per_infant": {
+            "risk": y.tolist(),
+            "risk_probability": p.tolist(),
+            "fms_frequency": f.tolist(),
+            "fms_category": cats,
+            "kappa": kappas,
+        },
     }
+
+
+def evaluate(weights, records: Sequence[TrainRecord], use_info: bool = True) -> dict:
+    screener = Screener(weights, ScreeningOptions(clip_step=KAPPA_CLIP_STEP))
+    res = evaluate_records(screener, records, use_info)
+    res["model"] = {"name": screener.meta.name, "version": screener.meta.version}
+    return res
+
+
+def summarise(folds: list[dict]) -> dict:
+    """Mean and sd over folds of each summary metric."""
+    out = {}
+    for k in SUMMARY_KEYS:
+        v = np.array([f[k] for f in folds if f.get(k) is not None], np.float64)
+        out[k] = float(v.mean()) if v.size else None
+        out[f"{k}_sd"] = float(v.std(ddof=1)) if v.size > 1 else None
+    return out
+
+
+def cross_validate(
+    records: Sequence[TrainRecord],
+    cfg: TrainConfig,
+    folds: int = 5,
+    use_info: bool = True,
+    calibration_fraction: float = 0.2,
+    progress: bool | None = None,
+) -> dict:
+    """Stratified k-fold: train + calibrate on k-1 folds, evaluate on the held-out one."""
+    from sklearn.model_selection import StratifiedKFold
+
+    from mam.fitting import fit
+    from mam.model.weights import save_weights
+
+    groups = np.array([r.group for r in records])
+    for g in ("normal", "risk"):
+        n = int((groups == g).sum())
+        if n < folds:
+            raise DatasetError(
+                f"{folds}-fold cross-validation needs at least {folds} {g} infants, found {n}: "
+                "a fold would have none"
+            )
+    skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=cfg.seed)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, (tr, te) in enumerate(skf.split(np.zeros(len(groups)), groups)):
+            train_recs = [records[i] for i in tr]
+            model, meta = fit(
+                train_recs, cfg, name=f"fold{k}", version="cv", provenance={},
+                categories=[r.fms_category for r in train_recs],
+                calibration_fraction=calibration_fraction, progress=progress,
+            )  # fmt: skip
+            path = save_weights(model, meta, Path(tmp) / f"fold{k}")
+            res = evaluate(path, [records[i] for i in te], use_info)
+            res["fold"] = k
+            results.append(res)
+    return {"folds": results, **summarise(results), "k": folds, "use_info": use_info}
+
+
+def markdown_table(result: dict) -> str:
+    """The summary as a Markdown table (mean +- sd over folds when present)."""
+    rows = ["| metric | value |", "|---|---|"]
+    for k in SUMMARY_KEYS:
+        v = result.get(k)
+        if v is None:
+            continue
+        sd = result.get(f"{k}_sd")
+        rows.append(f"| {k} | {v:.3f}" + (f" +- {sd:.3f} |" if sd is not None else " |"))
+    return "\n".join(rows) + "\n"
+
+
+def write_report(result: dict, out: str | Path, title: str = "evaluation") -> list[Path]:
+    """``out/NAME.json``, ``.md``, ROC curves and FMs-frequency box plots as PNG."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / f"{title}.json", out / f"{title}.md"]
+    written[0].write_text(json.dumps(result, indent=2) + "\n")
+    written[1].write_text(f"# {title}\n\n" + markdown_table(result))
+    runs = result.get("folds") or [result]
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for i, r in enumerate(runs):
+        pi = r["per_infant"]
+        if 0 < sum(pi["risk"]) < len(pi["risk"]):
+            fpr, tpr, _ = roc_curve(pi["risk"], pi["risk_probability"])
+            ax.plot(fpr, tpr, label=f"{'fold ' + str(i) if len(runs) > 1 else 'model'}")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC, risk ({title})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    written.append(out / f"{title}_roc.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+    freq = [f for r in runs for f in r["per_infant"]["fms_frequency"]]
+    cats = [c or "unknown" for r in runs for c in r["per_infant"]["fms_category"]]
+    labels = [
+        c for c in ("continuous", "intermittent", "sporadic", "absent", "unknown") if c in cats
+    ]
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.boxplot([[f for f, c in zip(freq, cats) if c == lab] for lab in labels])
+    ax.set_xticks(range(1, len(labels) + 1), labels)
+    ax.set(ylabel="FMs frequency", title=f"FMs frequency by category ({title})")
+    fig.tight_layout()
+    written.append(out / f"{title}_fms_frequency.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+    return written

@@ -42,6 +42,7 @@ class TrainRecord:
     group: str  # "normal" | "risk"
     fms_intervals_s: list[tuple[float, float]] | None = None
     info: np.ndarray | None = None  # raw [sex_male, GA weeks, BW g, corrected age weeks]
+    fms_category: str | None = None  # continuous / intermittent / sporadic / absent, if known
 
 
 @dataclass
@@ -62,6 +63,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     triplet_margin: float = 0.4
     info_dropout: float = 0.5
+    use_reference: bool = True  # ablation: False trains from bag labels alone (no Ref Branch)
+    use_closeness: bool = True  # ablation: False drops the closeness loss
     seed: int = 0
     threads: int | None = None
 
@@ -187,7 +190,9 @@ def train(
     info_z, info_mean, info_std = _info_vectors(records)
     ref_pos = np.flatnonzero(data.ref_arr[:, 2] == 1)
     ref_neg = np.flatnonzero(data.ref_arr[:, 2] == 0)
-    if len(ref_pos) == 0 or len(ref_neg) == 0:
+    if cfg.pretrain_epochs and not cfg.use_reference:
+        raise ValueError("pre-training the clip encoder needs the reference clips")
+    if cfg.use_reference and (len(ref_pos) == 0 or len(ref_neg) == 0):
         raise ValueError("training needs FMs and non-FMs reference clips (fms_intervals)")
     logger.info(
         "training on %d normal + %d risk infants, %d FMs / %d non-FMs reference clips",
@@ -214,7 +219,7 @@ def train(
         mode="triangular2",
         cycle_momentum=False,
     )
-    half = cfg.ref_clips_per_step // 2
+    half = cfg.ref_clips_per_step // 2 if cfg.use_reference else 0
 
     def ref_batch():
         idx = np.concatenate([rng.choice(ref_pos, half), rng.choice(ref_neg, half)])
@@ -250,23 +255,28 @@ def train(
             order_n = rng.permutation(np.resize(normal, steps_per_epoch))
             order_r = rng.permutation(np.resize(risk, steps_per_epoch))
             for kn, kr in zip(order_n, order_r):
-                xr, yr = ref_batch()
+                if half:
+                    xr, yr = ref_batch()
+                else:
+                    xr, yr = torch.zeros(0, CLIP_FRAMES, *records[0].joints.shape[1:]), None
                 parts = [xr]
                 if not pretrain:
                     bn, br = bag(kn), bag(kr)
                     parts += [torch.from_numpy(bn), torch.from_numpy(br)]
                 feats, logits = model.forward_clips(difference_tensor(torch.cat(parts)))
-                n_ref = len(yr)
-                l_t = triplet_loss(feats[:n_ref], yr, cfg.triplet_margin)
-                l_c1 = F.cross_entropy(logits[:n_ref], yr)
+                n_ref = len(xr)
+                l_t = l_c1 = l_c = l_c2 = torch.zeros(())
+                if half:
+                    l_t = triplet_loss(feats[:n_ref], yr, cfg.triplet_margin)
+                    l_c1 = F.cross_entropy(logits[:n_ref], yr)
                 loss = l_t + l_c1
-                l_c = l_c2 = torch.zeros(())
                 if not pretrain:
                     inst_f, inst_l = feats[n_ref:], logits[n_ref:]
-                    alpha = torch.softmax(inst_l, 1)[:, 1]
-                    fms_c = feats[:n_ref][yr == 1].mean(0)
-                    non_c = feats[:n_ref][yr == 0].mean(0)
-                    l_c = closeness_loss(inst_f, alpha, fms_c, non_c)
+                    if half and cfg.use_closeness:
+                        alpha = torch.softmax(inst_l, 1)[:, 1]
+                        fms_c = feats[:n_ref][yr == 1].mean(0)
+                        non_c = feats[:n_ref][yr == 0].mean(0)
+                        l_c = closeness_loss(inst_f, alpha, fms_c, non_c)
                     z = []
                     offset = 0
                     for k, n_inst in ((kn, len(bn)), (kr, len(br))):

@@ -1,0 +1,71 @@
+"""Calibration of P(risk) and the decision thresholds, fitted on infants held out of training.
+
+Method: Platt scaling, a one-feature logistic regression on the fused normal log-odds
+(``MAM.normal_logit``), fitted separately with and without the Info branch. It is monotone, so it
+keeps the ranking (AUC) and only fixes the scale; with tens of infants it is far less prone to
+overfit than isotonic regression. The risk threshold is Youden's J on the calibrated P(risk);
+FMs-frequency category cut-offs are Youden's J between adjacent categories.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from mam.model.weights import Calibration
+
+
+def fit_platt(z: Sequence[float], normal: Sequence[bool]) -> Calibration:
+    """P(normal) = sigmoid(a * z + b) by maximum likelihood (lightly regularised)."""
+    from sklearn.linear_model import LogisticRegression
+
+    z = np.asarray(z, np.float64).reshape(-1, 1)
+    y = np.asarray(normal, bool)
+    if y.all() or not y.any():
+        raise ValueError("calibration needs both normal and risk infants")
+    lr = LogisticRegression(C=100.0).fit(z, y)
+    return Calibration(a=float(lr.coef_[0, 0]), b=float(lr.intercept_[0]), method="platt")
+
+
+def youden_threshold(scores: Sequence[float], positive: Sequence[bool]) -> float:
+    """Score cut-off maximising sensitivity + specificity - 1 (ties: the middle of the gap)."""
+    from sklearn.metrics import roc_curve
+
+    s = np.asarray(scores, np.float64)
+    fpr, tpr, thr = roc_curve(np.asarray(positive, bool), s)
+    k = int(np.argmax(tpr - fpr))
+    if not np.isfinite(thr[k]):
+        return float(s.max())
+    below = s[s < thr[k]]
+    # Put the cut halfway to the next lower score, so it does not sit on a training point.
+    return float((thr[k] + below.max()) / 2) if below.size else float(thr[k])
+
+
+def expected_calibration_error(p: Sequence[float], y: Sequence[bool], bins: int = 10) -> float:
+    """Mean |observed rate - mean predicted| over equal-width bins, weighted by bin size."""
+    p = np.asarray(p, np.float64)
+    y = np.asarray(y, np.float64)
+    idx = np.minimum((p * bins).astype(int), bins - 1)
+    err = 0.0
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            err += m.mean() * abs(y[m].mean() - p[m].mean())
+    return float(err)
+
+
+def category_thresholds(freq: Sequence[float], categories: Sequence[str]) -> dict[str, float]:
+    """FMs-frequency cut-offs: continuous vs intermittent, intermittent vs sporadic/absent."""
+    f = np.asarray(freq, np.float64)
+    c = np.asarray(categories)
+    out = {}
+    cont, inter = c == "continuous", c == "intermittent"
+    low = (c == "sporadic") | (c == "absent")
+    if cont.any() and inter.any():
+        m = cont | inter
+        out["continuous"] = youden_threshold(f[m], cont[m])
+    if inter.any() and low.any():
+        m = inter | low
+        out["intermittent"] = youden_threshold(f[m], inter[m])
+    return out
