@@ -1,9 +1,11 @@
 """The training layout a site can produce without code (README, "Training data").
 
 ``DIR/infants.csv``: id, file, group (normal/risk), fms_category (optional), sex,
-gestational_age_weeks, birth_weight_g, corrected_age_weeks; ``file`` is a pose file (``.npy``
-``[T, 17, 3]`` at 25 fps) relative to DIR. ``DIR/fms_intervals.csv`` (optional): id, start_s, end_s
-of annotated FMs, from which the reference clips are cut. Every row is checked before training.
+gestational_age_weeks, birth_weight_g, corrected_age_weeks; ``file`` is relative to DIR and is
+either a pose file (``.npy``/``.npz`` ``[T, 17, 3]`` at 25 fps) or a recording, whose pose is
+estimated once and cached in ``DIR/.pose_cache`` by content hash. ``DIR/fms_intervals.csv``
+(optional): id, start_s, end_s of annotated FMs, from which the reference clips are cut.
+Every row is checked before training.
 """
 
 from __future__ import annotations
@@ -15,18 +17,23 @@ import numpy as np
 
 from mam.errors import InputError
 from mam.pose import fill_gaps, load_pose_file
+from mam.pose.from_video import cached_video_pose
 from mam.schemas import InfantData
 from mam.train import TrainRecord
 
 GROUPS = ("normal", "risk")
 FMS_CATEGORIES = ("continuous", "intermittent", "sporadic", "absent")
+POSE_SUFFIXES = (".npy", ".npz")
+POSE_CACHE = ".pose_cache"
 
 
 class DatasetError(InputError):
     code = "invalid_dataset"
 
 
-def load_dataset(root: str | Path, max_gap_s: float = 0.5) -> list[TrainRecord]:
+def load_dataset(
+    root: str | Path, max_gap_s: float = 0.5, pose_backend: str = "mediapipe"
+) -> list[TrainRecord]:
     root = Path(root)
     table = root / "infants.csv"
     if not table.is_file():
@@ -63,7 +70,11 @@ def load_dataset(root: str | Path, max_gap_s: float = 0.5) -> list[TrainRecord]:
         path = root / (r.get("file") or "")
         if not path.is_file():
             raise DatasetError(f"{where}: file {r.get('file')!r} not found")
-        seq = fill_gaps(load_pose_file(path), max_gap_s)
+        if path.suffix.lower() in POSE_SUFFIXES:
+            seq = load_pose_file(path)
+        else:
+            seq = cached_video_pose(path, root / POSE_CACHE, pose_backend)
+        seq = fill_gaps(seq, max_gap_s)
         fields = {
             k: (r.get(k) or None)
             for k in ("sex", "gestational_age_weeks", "birth_weight_g", "corrected_age_weeks")

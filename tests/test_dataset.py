@@ -75,3 +75,30 @@ def test_evaluate_json(dataset, capsys):
     # the shipped demo weights were trained on the same simulator: they must rank these
     assert res["auc"] >= 0.9 and res["fms_frequency_auc"] >= 0.9
     assert res["median_kappa"] is not None and res["median_kappa"] > 0.5
+
+
+def test_recordings_are_posed_once_and_cached_by_content(tmp_path, monkeypatch):
+    import numpy as np
+
+    import mam.pose.from_video as fv
+    from mam.synth.motion import simulate_infant
+    from mam.synth.render import render_video
+
+    sim = simulate_infant(np.random.default_rng(1), "v", "continuous", 10.0)
+    root = tmp_path / "d"
+    root.mkdir()
+    render_video(sim.clean_joints, root / "rec.mp4", width=320, height=240, preset="ultrafast")
+    (root / "infants.csv").write_text("id,file,group\nv1,rec.mp4,normal\n")
+    first = load_dataset(root)
+    assert len(list((root / ".pose_cache").glob("mediapipe-*.npz"))) == 1
+
+    def boom(*a, **k):
+        raise AssertionError("pose estimated again")
+
+    monkeypatch.setattr(fv, "estimate_video_pose", boom)
+    (root / "copy.mp4").write_bytes((root / "rec.mp4").read_bytes())  # same content, new name
+    (root / "infants.csv").write_text("id,file,group\nv1,rec.mp4,normal\nv2,copy.mp4,risk\n")
+    again = load_dataset(root)
+    np.testing.assert_array_equal(again[0].joints, first[0].joints)
+    np.testing.assert_array_equal(again[1].joints, first[0].joints)
+    assert first[0].info is None and first[0].fms_intervals_s is None

@@ -1,0 +1,83 @@
+"""Recording -> pose sequence: decode at 25 fps and run a pose backend, timing both.
+
+Shared by screening and by training-data preparation (which caches the result per recording's
+content hash, so that training twice does not estimate pose twice).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from mam.pose.base import PoseSequence, create_backend
+from mam.pose.precomputed import load_pose_file
+from mam.video import VideoLimits, iter_frames, probe
+
+logger = logging.getLogger(__name__)
+
+
+class _TimedIter:
+    """Wraps the frame iterator to separate decode time from pose time."""
+
+    def __init__(self, it: Iterator[np.ndarray]) -> None:
+        self.it, self.seconds = it, 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> np.ndarray:
+        t = time.perf_counter()
+        try:
+            return next(self.it)
+        finally:
+            self.seconds += time.perf_counter() - t
+
+
+def estimate_video_pose(
+    path: str | Path,
+    backend: str = "mediapipe",
+    limits: VideoLimits | None = None,
+    max_side: int | None = 1280,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[PoseSequence, dict[str, float]]:
+    """Pose of a whole recording and ``{"decode": s, "pose": s}``. ``progress(done, total)``."""
+    limits = limits or VideoLimits()
+    total = probe(path, limits).num_frames_25fps
+    frames = _TimedIter(iter_frames(path, limits, max_side=max_side))
+    estimator = create_backend(backend)
+    t0 = time.perf_counter()
+    try:
+        cb = (lambda n: progress(n, total)) if progress else None
+        seq = estimator.estimate(frames, progress=cb)
+    finally:
+        estimator.close()
+    return seq, {"decode": frames.seconds, "pose": time.perf_counter() - t0 - frames.seconds}
+
+
+def content_hash(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cached_video_pose(path: str | Path, cache_dir: str | Path, backend: str = "mediapipe"):
+    """Pose of a recording, from ``cache_dir/<backend>-<sha256>.npz`` when it was done before.
+
+    Keyed by content, not name, so a renamed or copied recording is not estimated again."""
+    cache = Path(cache_dir) / f"{backend}-{content_hash(path)}.npz"
+    if cache.is_file():
+        return load_pose_file(cache)
+    seq, _ = estimate_video_pose(path, backend)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, joints=seq.joints, confidence=seq.confidence, fps=seq.fps)
+    tmp.replace(cache)  # atomic: an interrupted run leaves no half-written cache entry
+    logger.info("pose cached for a recording (%d frames)", seq.num_frames)
+    return seq
