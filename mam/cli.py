@@ -163,6 +163,16 @@ def _evaluate(args: argparse.Namespace) -> int:
                               calibration_fraction=args.calibration_fraction)  # fmt: skip
             weights = save_weights(model, meta, Path(tempfile.mkdtemp()) / "all")
         res["external"] = evaluate(weights, load_dataset(args.external), use_info)
+    if args.model_card:
+        from mam.model.weights import load_meta
+        from mam.model_card import render
+        from mam.screening import default_weights
+
+        meta, _, _ = load_meta(args.weights or default_weights())
+        cols = {("cross-validation" if args.folds else f"`{args.data}`"): res}
+        if "external" in res:
+            cols[f"external `{args.external}`"] = res["external"]
+        args.model_card.write_text(render(meta, cols))
     if args.out:
         write_report(res, args.out)
         if "external" in res:
@@ -236,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--external", type=Path, help="a separate labelled set to evaluate too")
     s.add_argument("--without-info", action="store_true", help="ablation: MAM w/o info")
     s.add_argument("--out", type=Path, help="write JSON, Markdown and PNG plots here")
+    s.add_argument("--model-card", type=Path, help="write a MODEL_CARD.md for --weights")
     s.add_argument("--format", choices=["text", "json", "markdown"], default="text")
     _add_train_options(s)
     s.set_defaults(func=_evaluate)
