@@ -1,10 +1,11 @@
 """Calibration of P(risk) and the decision thresholds, fitted on infants held out of training.
 
-Method: Platt scaling, a one-feature logistic regression on the fused normal log-odds
-(``MAM.normal_logit``), fitted separately with and without the Info branch. It is monotone, so it
-keeps the ranking (AUC) and only fixes the scale; with tens of infants it is far less prone to
-overfit than isotonic regression. The risk threshold is Youden's J on the calibrated P(risk);
-FMs-frequency category cut-offs are Youden's J between adjacent categories.
+Method: Platt scaling, a logistic regression on the branches' normal log-odds: on the bag's alone
+(for requests without infant data) and on the bag's and the Info branch's as two features (so the
+held-out data weigh the Info branch rather than a fixed equal-weight sum). Without infant data it
+is monotone, so it keeps the ranking (AUC) and only fixes the scale; with tens of infants it is
+far less prone to overfit than isotonic regression. The risk threshold is Youden's J on the
+calibrated P(risk); FMs-frequency category cut-offs are Youden's J between adjacent categories.
 """
 
 from __future__ import annotations
@@ -16,16 +17,26 @@ import numpy as np
 from mam.model.weights import Calibration
 
 
-def fit_platt(z: Sequence[float], normal: Sequence[bool]) -> Calibration:
-    """P(normal) = sigmoid(a * z + b) by maximum likelihood (lightly regularised)."""
+def fit_platt(
+    z_bag: Sequence[float], normal: Sequence[bool], z_info: Sequence[float] | None = None
+) -> Calibration:
+    """P(normal) = sigmoid(a * z_bag [+ c * z_info] + b) by (lightly regularised) likelihood."""
     from sklearn.linear_model import LogisticRegression
 
-    z = np.asarray(z, np.float64).reshape(-1, 1)
+    x = np.asarray(z_bag, np.float64).reshape(-1, 1)
+    if z_info is not None:
+        x = np.hstack([x, np.asarray(z_info, np.float64).reshape(-1, 1)])
     y = np.asarray(normal, bool)
     if y.all() or not y.any():
         raise ValueError("calibration needs both normal and risk infants")
-    lr = LogisticRegression(C=100.0).fit(z, y)
-    return Calibration(a=float(lr.coef_[0, 0]), b=float(lr.intercept_[0]), method="platt")
+    lr = LogisticRegression(C=100.0).fit(x, y)
+    coef = lr.coef_[0]
+    return Calibration(
+        a=float(coef[0]),
+        b=float(lr.intercept_[0]),
+        c=float(coef[1]) if z_info is not None else 0.0,
+        method="platt",
+    )
 
 
 def youden_threshold(scores: Sequence[float], positive: Sequence[bool]) -> float:

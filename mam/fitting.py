@@ -28,13 +28,13 @@ logger = logging.getLogger(__name__)
 class Scores:
     """Per-infant model outputs before calibration."""
 
-    z_with_info: np.ndarray  # normal log-odds, NaN where the infant has no data
-    z_without_info: np.ndarray
+    z_bag: np.ndarray  # the bag's normal log-odds
+    z_info: np.ndarray  # the Info branch's normal log-odds, NaN where the infant has no data
     fms_frequency: np.ndarray
 
 
 def score_records(model: MAM, meta: ModelMeta, records: Sequence[TrainRecord]) -> Scores:
-    zi, zn, freq = [], [], []
+    zb, zi, freq = [], [], []
     with torch.inference_mode():
         for r in records:
             inst = build_instances(
@@ -43,16 +43,16 @@ def score_records(model: MAM, meta: ModelMeta, records: Sequence[TrainRecord]) -
             )  # fmt: skip
             _, logits = model.forward_clips(torch.from_numpy(inst.tensors))
             bag, _ = model.forward_bag(logits[None])
-            zn.append(float(model.normal_logit(bag)[0]))
+            zb.append(float(model.normal_logit(bag)[0]))
             if r.info is not None:
                 x = (np.asarray(r.info) - meta.info_mean) / meta.info_std
-                info_l = model.forward_info(torch.tensor(x, dtype=torch.float32)[None])
-                zi.append(float(model.normal_logit(bag, info_l)[0]))
+                info_l = model.forward_info(torch.tensor(x, dtype=torch.float32)[None])[0]
+                zi.append(float(info_l[1] - info_l[0]))
             else:
                 zi.append(np.nan)
             p = torch.softmax(logits, 1)[:, 1].numpy()
             freq.append(float(np.mean(p > meta.fms_clip_threshold)))
-    return Scores(np.array(zi), np.array(zn), np.array(freq))
+    return Scores(np.array(zb), np.array(zi), np.array(freq))
 
 
 def stratified_split(groups: Sequence[str], fraction: float, seed: int) -> np.ndarray:
@@ -102,15 +102,15 @@ def fit(
     cal_recs = [r for r, h in zip(records, held) if h]
     s = score_records(model, meta, cal_recs)
     normal = np.array([r.group == "normal" for r in cal_recs])
-    meta.calibration_without_info = fit_platt(s.z_without_info, normal)
-    has_info = np.isfinite(s.z_with_info)
-    if has_info.sum() >= 2 and len(set(normal[has_info])) == 2:
-        meta.calibration = fit_platt(s.z_with_info[has_info], normal[has_info])
-        p_risk = 1 - meta.calibration.apply(s.z_with_info[has_info])
-        meta.risk_threshold = youden_threshold(p_risk, ~normal[has_info])
+    meta.calibration_without_info = fit_platt(s.z_bag, normal)
+    has = np.isfinite(s.z_info)
+    if has.sum() >= 4 and len(set(normal[has])) == 2:
+        meta.calibration = fit_platt(s.z_bag[has], normal[has], s.z_info[has])
+        p_risk = 1 - meta.calibration.apply(s.z_bag[has], s.z_info[has])
+        meta.risk_threshold = youden_threshold(p_risk, ~normal[has])
     else:
         meta.calibration = meta.calibration_without_info
-        p_risk = 1 - meta.calibration.apply(s.z_without_info)
+        p_risk = 1 - meta.calibration.apply(s.z_bag)
         meta.risk_threshold = youden_threshold(p_risk, ~normal)
     if categories is not None:
         cats = [c for c, h in zip(categories, held) if h]

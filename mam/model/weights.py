@@ -25,14 +25,23 @@ INFO_FEATURES = ("sex_male", "gestational_age_weeks", "birth_weight_g", "correct
 
 @dataclass
 class Calibration:
-    """Platt scaling of the fused normal log-odds: P(normal) = sigmoid(a * z + b)."""
+    """Platt scaling of the branches' log-odds: P(normal) = sigmoid(a * z_bag + c * z_info + b).
+
+    Fitting ``c`` as well as ``a`` lets held-out data decide how much the Info branch counts,
+    instead of adding the two log-odds with equal weight (the training objective). The
+    defaults (a = c = 1, b = 0) are that plain sum, i.e. no calibration.
+    """
 
     a: float = 1.0
     b: float = 0.0
+    c: float = 1.0
     method: str = "none"
 
-    def apply(self, z: np.ndarray) -> np.ndarray:
-        return 1.0 / (1.0 + np.exp(-(self.a * np.asarray(z, np.float64) + self.b)))
+    def apply(self, z_bag: np.ndarray, z_info: np.ndarray | None = None) -> np.ndarray:
+        z = self.a * np.asarray(z_bag, np.float64) + self.b
+        if z_info is not None:
+            z = z + self.c * np.asarray(z_info, np.float64)
+        return 1.0 / (1.0 + np.exp(-z))
 
 
 @dataclass
