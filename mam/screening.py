@@ -1,7 +1,8 @@
 """The one screening pipeline that the CLI, the service and the batch runner call.
 
 video -> frames at 25 fps (``mam.video``) -> pose (``mam.pose``) -> gap filling and quality ->
-instances (``mam.features``) -> clip network, bag fusion, Info branch (``mam.model``) -> result.
+instances (``mam.features``) -> clip network, bag head, Info branch (``mam.runtime``: ONNX Runtime,
+TensorRT or PyTorch) -> fusion and calibration (here, numpy) -> result.
 Each stage is timed; nothing of the recording is logged or kept.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from mam.features import Instances, build_instances
-from mam.model.weights import ModelMeta, load_meta, load_weights
+from mam.model.weights import ModelMeta, load_meta
 from mam.pose import (
     PoseSequence,
     assess_quality,
@@ -26,6 +27,7 @@ from mam.pose import (
     fill_gaps,
     load_pose_file,
 )
+from mam.runtime import InferenceRuntime, create_runtime
 from mam.schemas import (
     Classification,
     Clip,
@@ -41,7 +43,7 @@ logger = logging.getLogger(__name__)
 REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_WEIGHTS = REPO_MODELS / "mam_demo.json"
 TOP_CLIPS = 3
-CLIP_BATCH = 32
+_EPS = 1e-6  # as mam.model.network: P(normal) is clipped before taking log-odds
 
 
 def default_weights() -> Path:
@@ -59,6 +61,9 @@ class ScreeningOptions:
     max_gap_s: float = 0.5
     min_tracked_fraction: float = 0.5
     clip_step: int | None = None  # None: the step the model was trained with
+    runtime: str | None = None  # None: MAM_RUNTIME, else auto (mam.runtime)
+    device: str = "auto"
+    precision: str = "fp32"
 
 
 @dataclass
@@ -69,6 +74,47 @@ class ClipScores:
     attention: np.ndarray  # [N]
     normal_probability: float
     used_info: bool
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def bag_log_odds(bag_probs: np.ndarray) -> np.ndarray:
+    """The bag head's log-odds of normal ``[B]`` (P(normal) clipped to [1e-6, 1 - 1e-6])."""
+    p = np.clip(np.asarray(bag_probs, np.float64)[:, 1], _EPS, 1 - _EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def info_log_odds(info_logits: np.ndarray) -> np.ndarray:
+    """The Info branch's log-odds of normal ``[B]``."""
+    info = np.asarray(info_logits, np.float64)
+    return info[:, 1] - info[:, 0]
+
+
+def normal_log_odds(bag_probs: np.ndarray, info_logits: np.ndarray | None = None) -> np.ndarray:
+    """Log-odds of normal ``[B]``: the bag's plus, if given, the Info branch's (numpy twin of
+    ``MAM.normal_logit``, the training objective's product of experts)."""
+    z = bag_log_odds(bag_probs)
+    return z if info_logits is None else z + info_log_odds(info_logits)
+
+
+def fuse_normal_probability(
+    bag_probs: np.ndarray, info_logits: np.ndarray | None, meta: ModelMeta
+) -> np.ndarray:
+    """Calibrated P(normal) ``[B]`` from the bag head and, if given, the Info branch: the one
+    place where branches are fused and calibrated, whatever runtime produced them. Calibration
+    (``meta.calibration``) weighs the two branches' log-odds; uncalibrated it is their sum."""
+    if meta.config.fusion == "reference":
+        bag = np.asarray(bag_probs, np.float64)
+        if info_logits is None:
+            return bag[:, 1]
+        # NOTE: reference fusion, kept only for parity; caps outputs to [0.12, 0.88].
+        return softmax(bag + softmax(np.asarray(info_logits, np.float64)))[:, 1]
+    if info_logits is None:
+        return meta.calibration_without_info.apply(bag_log_odds(bag_probs))
+    return meta.calibration.apply(bag_log_odds(bag_probs), info_log_odds(info_logits))
 
 
 class _TimedIter:
@@ -96,15 +142,20 @@ class Screener:
         options: pipeline options.
     """
 
-    def __init__(self, weights: str | Path | None = None, options: ScreeningOptions | None = None):
-        import torch
-
-        self.options = options or ScreeningOptions()
+    def __init__(
+        self,
+        weights: str | Path | None = None,
+        options: ScreeningOptions | None = None,
+        runtime: InferenceRuntime | None = None,
+    ):
+        self.options = o = options or ScreeningOptions()
         self.weights_path = Path(weights) if weights else default_weights()
-        self.model, self.meta = load_weights(self.weights_path)
-        _, _, self.weights_sha256 = load_meta(self.weights_path)
-        self._torch = torch
-        self.runtime, self.device, self.precision = "pytorch", "cpu", "fp32"
+        self.meta, _, self.weights_sha256 = load_meta(self.weights_path)
+        self.engine = runtime or create_runtime(
+            self.weights_path, o.runtime, device=o.device, precision=o.precision
+        )
+        e = self.engine
+        self.runtime, self.device, self.precision = e.backend, e.device, e.precision
         logger.info(
             "model %s %s on %s (%s, %s)",
             self.meta.name,
@@ -117,29 +168,18 @@ class Screener:
     # -- model ------------------------------------------------------------------------------------
     def score_instances(self, tensors: np.ndarray, infant: InfantData | None = None) -> ClipScores:
         """Instances ``[N, 240, 3, 17, 17]`` (already smoothed and normalised) -> scores."""
-        torch, meta = self._torch, self.meta
-        with torch.inference_mode():
-            logits = torch.cat(
-                [
-                    self.model.forward_clips(torch.from_numpy(tensors[i : i + CLIP_BATCH]))[1]
-                    for i in range(0, len(tensors), CLIP_BATCH)
-                ]
-            )
-            bag, attention = self.model.forward_bag(logits[None])
-            info_logits = None
-            if infant is not None and infant.complete:
-                z = (np.asarray(infant.vector()) - meta.info_mean) / meta.info_std
-                info_logits = self.model.forward_info(torch.tensor(z, dtype=torch.float32)[None])
-            if self.model.cfg.fusion == "reference":
-                p_normal = float(self.model.forward_fusion(bag, info_logits)[0, 1])
-            else:
-                z = float(self.model.normal_logit(bag, info_logits)[0])
-                cal = meta.calibration if info_logits is not None else meta.calibration_without_info
-                p_normal = float(cal.apply(z))
+        meta = self.meta
+        _, logits = self.engine.clip(tensors)
+        bag, attention = self.engine.bag(logits[None])
+        info_logits = None
+        if infant is not None and infant.complete:
+            z = (np.asarray(infant.vector()) - meta.info_mean) / meta.info_std
+            info_logits = self.engine.info(np.asarray(z, np.float32)[None])
+        p_normal = fuse_normal_probability(bag, info_logits, meta)
         return ClipScores(
-            fms_probability=torch.softmax(logits, 1)[:, 1].numpy().astype(float),
-            attention=attention[0].numpy().astype(float),
-            normal_probability=p_normal,
+            fms_probability=softmax(logits)[:, 1].astype(float),
+            attention=attention[0].astype(float),
+            normal_probability=float(p_normal[0]),
             used_info=info_logits is not None,
         )
 

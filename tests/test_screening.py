@@ -92,9 +92,17 @@ def test_info_branch_changes_the_result(screener, sim_pose):
     )
     a, b = screener.screen_pose_file(path, preterm), screener.screen_pose_file(path, term)
     assert not without.model.used_info_branch and any("w/o info" in w for w in without.warnings)
-    assert a.risk_probability != b.risk_probability
+    assert a.model.used_info_branch and b.model.used_info_branch
     # clip scores do not depend on infant data
     assert [c.fms_probability for c in a.clips] == [c.fms_probability for c in b.clips]
+    # P(normal) does (unrounded: a clear recording can saturate the rounded result)
+    from mam.features import build_instances
+    from mam.pose import load_pose_file
+
+    inst = build_instances(load_pose_file(path).joints, screener.meta.normalizer)
+    p_pre = screener.score_instances(inst.tensors, preterm).normal_probability
+    p_term = screener.score_instances(inst.tensors, term).normal_probability
+    assert p_pre != p_term
 
 
 def test_trained_demo_model_tells_simulated_groups_apart(screener):
@@ -201,3 +209,17 @@ def test_console_script_text_output(sim_pose):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "Classification:" in proc.stdout and DISCLAIMER in proc.stdout
+
+
+def test_screening_runs_without_pytorch(sim_pose):
+    """Serving does not need torch (the ``train`` extra): ONNX Runtime runs the networks."""
+    path, _ = sim_pose
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # any `import torch` now raises ImportError
+        "from mam.cli import main\n"
+        f"sys.exit(main(['screen', '--pose', {str(path)!r}, '--format', 'json']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    r = ScreeningResult.model_validate_json(proc.stdout)
+    assert r.model.runtime == "onnxruntime" and r.model.device == "cpu"
