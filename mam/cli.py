@@ -63,11 +63,16 @@ def _screen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _p(x: float) -> str:
+    """Three decimals, without printing a tiny probability as if it were zero."""
+    return "<0.001" if x < 0.0005 else ">0.999" if x > 0.9995 else f"{x:.3f}"
+
+
 def _text(r) -> str:
     lines = [
         f"Classification:    {r.classification.label.upper()} "
-        f"(P(risk) = {r.risk_probability:.3f}, threshold {r.classification.threshold:.2f})",
-        f"P(normal):         {r.normal_probability:.3f}",
+        f"(P(risk) = {_p(r.risk_probability)}, threshold {r.classification.threshold:.2f})",
+        f"P(normal):         {_p(r.normal_probability)}",
         f"FMs frequency:     {r.fms_frequency:.2f} of {len(r.clips)} clips ({r.fms_category})",
         f"Tracking quality:  {r.quality.tracked_fraction:.0%} of {r.quality.duration_s:.0f} s "
         f"tracked, longest gap {r.quality.longest_gap_s:.1f} s",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,10 +23,10 @@ from mam.pose import (
     PoseSequence,
     assess_quality,
     check_trackable,
-    create_backend,
     fill_gaps,
     load_pose_file,
 )
+from mam.pose.from_video import estimate_video_pose
 from mam.runtime import InferenceRuntime, create_runtime
 from mam.schemas import (
     Classification,
@@ -36,7 +36,7 @@ from mam.schemas import (
     Quality,
     ScreeningResult,
 )
-from mam.video import VideoLimits, iter_frames, probe
+from mam.video import VideoLimits
 
 logger = logging.getLogger(__name__)
 
@@ -117,23 +117,6 @@ def fuse_normal_probability(
     return meta.calibration.apply(bag_log_odds(bag_probs), info_log_odds(info_logits))
 
 
-class _TimedIter:
-    """Wraps the frame iterator to separate decode time from pose time."""
-
-    def __init__(self, it: Iterator[np.ndarray]) -> None:
-        self.it, self.seconds = it, 0.0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> np.ndarray:
-        t = time.perf_counter()
-        try:
-            return next(self.it)
-        finally:
-            self.seconds += time.perf_counter() - t
-
-
 class Screener:
     """Loads the model once; screens recordings, pose files or ready-made instances.
 
@@ -192,18 +175,8 @@ class Screener:
     ) -> ScreeningResult:
         """Screen one recording. ``progress(done, total)`` is called per frame."""
         o = self.options
-        info = probe(path, o.limits)
-        total = info.num_frames_25fps
-        frames = _TimedIter(iter_frames(path, o.limits, max_side=o.max_side))
-        backend = create_backend(o.pose_backend)
-        t0 = time.perf_counter()
-        try:
-            cb = (lambda n: progress(n, total)) if progress else None
-            seq = backend.estimate(frames, progress=cb)
-        finally:
-            backend.close()
-        pose_s = time.perf_counter() - t0 - frames.seconds
-        return self.screen_pose(seq, infant, timings={"decode": frames.seconds, "pose": pose_s})
+        seq, timings = estimate_video_pose(path, o.pose_backend, o.limits, o.max_side, progress)
+        return self.screen_pose(seq, infant, timings=timings)
 
     def screen_pose_file(self, path: str | Path, infant: InfantData | None = None):
         return self.screen_pose(load_pose_file(path), infant)
