@@ -7,6 +7,7 @@ Examples:
     mam synth --out data/sim --infants 40 --seed 1
     mam train --data data/sim --out models/my_model --epochs 8
     mam evaluate --data data/sim_test --format json
+    mam batch archive/ --out results/ --workers 4
 
 Errors print one line, ``error [code]: message``, and exit with status 2 (bad input) or 1.
 """
@@ -17,6 +18,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from mam import DISCLAIMER, __version__
@@ -193,6 +195,49 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch(args: argparse.Namespace) -> int:
+    from mam.batch import check_output_dir, run_batch
+
+    check_output_dir(args.out)  # fail fast, before any work or progress bar
+    bar = None
+    progress = None
+    if sys.stderr.isatty() and not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="batch", unit="rec")
+
+        def progress(done: int, failed: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.set_postfix(failed=failed, refresh=False)
+            bar.refresh()
+
+    elif not args.quiet:
+        t0 = time.monotonic()
+        last = [0.0]
+
+        def progress(done: int, failed: int, total: int) -> None:
+            now = time.monotonic()
+            if done < total and now - last[0] < 10:
+                return
+            last[0] = now
+            rate = done / max(now - t0, 1e-9)
+            eta = (total - done) / rate if rate else 0.0
+            print(f"batch: {done}/{total} screened, {failed} failed, {rate * 60:.1f}/min, "
+                  f"ETA {eta:.0f} s", file=sys.stderr)  # fmt: skip
+
+    try:
+        s = run_batch(args.input, args.out, args.workers, args.retry_failed, args.weights,
+                      args.pose_backend, progress)  # fmt: skip
+    finally:
+        if bar is not None:
+            bar.close()
+    print(f"{s.recordings} recordings: {s.done} done, {s.failed} failed "
+          f"({s.screened} screened now, {s.skipped} from the ledger, {s.duplicates} duplicates); "
+          f"results in {args.out}")  # fmt: skip
+    return 0
+
+
 def _add_train_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--config", choices=["compact", "paper", "reference"], default="compact")
     s.add_argument("--epochs", type=int, default=8, help="epochs (paper: 300)")
@@ -255,6 +300,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=["text", "json", "markdown"], default="text")
     _add_train_options(s)
     s.set_defaults(func=_evaluate)
+
+    s = sub.add_parser("batch", help="screen an archive (folder or manifest CSV), resumably")
+    s.add_argument("input", type=Path, help="folder of recordings / .npy poses, or manifest .csv")
+    s.add_argument("--out", type=Path, required=True, help="output folder (ledger, results)")
+    s.add_argument("--workers", type=int, default=None, help="worker processes (default: cores)")
+    s.add_argument("--retry-failed", action="store_true", help="screen failed recordings again")
+    s.add_argument("--weights", type=Path, help="weights NAME.json (default: MAM_WEIGHTS or demo)")
+    s.add_argument("--pose-backend", default="mediapipe", help="pose backend name")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    s.set_defaults(func=_batch)
     return p
 
 

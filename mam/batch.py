@@ -1,0 +1,478 @@
+"""Batch screening of an archive: ``mam batch INPUT --out DIR``.
+
+INPUT is a folder (walked recursively for recordings and ``.npy`` pose files) or a manifest CSV
+(``file`` required; optional ``id``, ``sex``, ``gestational_age_weeks``, ``birth_weight_g``,
+``corrected_age_weeks``; relative paths resolve against the CSV's folder). Every recording goes
+through the one pipeline (:class:`mam.screening.Screener`) in worker processes, one Screener per
+worker.
+
+Durable progress: ``DIR/ledger.sqlite`` (WAL) holds one row per screening job, keyed by the
+recording's sha256 (plus the infant data, when a manifest gives them), committed by the parent as
+soon as the job finishes. A rerun skips jobs that are done and retries failed ones only with
+``retry_failed``; killing the run loses at most the jobs in flight. The same content under two
+paths is screened once and reported for both. ``results.csv`` and ``results.jsonl`` are written
+at the end of each run from the ledger alone (``write_outputs``).
+
+Bad input never stops a run: it becomes a failed row with the pipeline's error code
+(``MamError.code``), or ``internal_error`` for anything unexpected. An output folder that cannot
+be created or written, or a full disk, fails before any work starts.
+
+Infant data are health data: log lines carry counts only, never paths, ids or results.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import csv
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mam.errors import FileNotFoundInputError, InputError, MamError
+from mam.model.weights import sha256_of
+
+logger = logging.getLogger(__name__)
+
+VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v"})
+POSE_SUFFIXES = frozenset({".npy"})
+INFANT_FIELDS = ("sex", "gestational_age_weeks", "birth_weight_g", "corrected_age_weeks")
+MIN_FREE_BYTES = 50 * 1024 * 1024
+LEDGER = "ledger.sqlite"
+RESULTS_CSV = "results.csv"
+RESULTS_JSONL = "results.jsonl"
+CSV_COLUMNS = (
+    "id",
+    "path",
+    "risk_probability",
+    "classification",
+    "fms_frequency",
+    "fms_category",
+    "tracked_fraction",
+    "error_code",
+)
+
+
+class OutputNotWritableError(InputError):
+    """The output folder cannot be created or written."""
+
+    code = "output_not_writable"
+
+
+class DiskFullError(InputError):
+    """Too little free space under the output folder to keep a ledger and results."""
+
+    code = "disk_full"
+
+
+class InvalidManifestError(InputError):
+    code = "invalid_manifest"
+
+
+class UnreadableFileError(InputError):
+    """The file exists but cannot be read (permissions, I/O error)."""
+
+    code = "unreadable_file"
+
+
+# -- input ----------------------------------------------------------------------------------------
+@dataclass
+class Item:
+    """One recording to report: where it is, how the report names it, and its infant data."""
+
+    file: Path  # resolved location
+    path: str  # as reported (relative to the input folder, or as written in the manifest)
+    id: str
+    infant: dict[str, str] = field(default_factory=dict)  # raw manifest fields; empty: none
+
+    @property
+    def kind(self) -> str:
+        return "pose" if self.file.suffix.lower() in POSE_SUFFIXES else "video"
+
+
+def collect(input_path: str | Path) -> list[Item]:
+    """The recordings of a folder (recursive, sorted) or of a manifest CSV."""
+    src = Path(input_path)
+    if src.is_dir():
+        suffixes = VIDEO_SUFFIXES | POSE_SUFFIXES
+        files = sorted(p for p in src.rglob("*") if p.suffix.lower() in suffixes and not p.is_dir())
+        items = []
+        for p in files:
+            rel = p.relative_to(src).as_posix()
+            items.append(Item(p, rel, rel.rsplit(".", 1)[0]))
+        return items
+    if src.is_file() and src.suffix.lower() == ".csv":
+        return _read_manifest(src)
+    if not src.exists():
+        raise FileNotFoundInputError(f"batch input not found: {src}")
+    raise InputError(f"batch input must be a folder or a manifest .csv: {src}")
+
+
+def _read_manifest(csv_path: Path) -> list[Item]:
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            header = reader.fieldnames or []
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InvalidManifestError(f"cannot read the manifest: {type(e).__name__}") from None
+    if "file" not in header:
+        raise InvalidManifestError("the manifest needs a 'file' column")
+    items, seen = [], set()
+    for line, row in enumerate(rows, start=2):
+        name = (row.get("file") or "").strip()
+        if not name:
+            raise InvalidManifestError(f"manifest line {line}: empty 'file'")
+        ident = (row.get("id") or "").strip() or Path(name).stem
+        if ident in seen:
+            raise InvalidManifestError(f"manifest line {line}: duplicate id")
+        seen.add(ident)
+        p = Path(name)
+        file = p if p.is_absolute() else csv_path.parent / p
+        infant = {k: (row.get(k) or "").strip() for k in INFANT_FIELDS}
+        infant = {k: v for k, v in infant.items() if v}
+        items.append(Item(file, name, ident, infant))
+    return items
+
+
+def _parse_infant(raw: dict[str, str]):
+    from mam.errors import InvalidInfantDataError
+    from mam.schemas import InfantData
+
+    if not raw:
+        return None
+    fields: dict[str, object] = {k: raw.get(k) for k in INFANT_FIELDS}
+    for k in INFANT_FIELDS[1:]:
+        v = fields[k]
+        if v is not None:
+            try:
+                fields[k] = float(v)
+            except ValueError:
+                raise InvalidInfantDataError(f"invalid infant data: {k} is not a number") from None
+    return InfantData.parse(**fields)
+
+
+def job_key(sha256: str, infant: dict[str, str]) -> str:
+    """Ledger key: the content hash, plus a digest of the infant data when there are any (the same
+    recording with other infant data is another result)."""
+    if not infant:
+        return sha256
+    blob = json.dumps(infant, sort_keys=True).encode()
+    return f"{sha256}+{hashlib.sha256(blob).hexdigest()[:16]}"
+
+
+# -- ledger ---------------------------------------------------------------------------------------
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    key TEXT PRIMARY KEY,
+    sha256 TEXT,
+    kind TEXT,
+    status TEXT NOT NULL CHECK (status IN ('done', 'failed')),
+    error_code TEXT,
+    error TEXT,
+    result TEXT,
+    finished_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS paths (
+    path TEXT NOT NULL,
+    id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    sha256 TEXT,
+    size INTEGER,
+    mtime_ns INTEGER,
+    PRIMARY KEY (path, id)
+);
+"""
+
+
+class Ledger:
+    """``DIR/ledger.sqlite``: jobs (one per content hash and infant data) and the paths that
+    point at them. Every write is its own committed transaction."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def status(self, key: str) -> str | None:
+        row = self.db.execute("SELECT status FROM jobs WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def cached_hash(self, path: str, size: int, mtime_ns: int) -> str | None:
+        row = self.db.execute(
+            "SELECT sha256 FROM paths WHERE path = ? AND size = ? AND mtime_ns = ?"
+            " AND sha256 IS NOT NULL LIMIT 1",
+            (path, size, mtime_ns),
+        ).fetchone()
+        return row[0] if row else None
+
+    def set_path(self, item: Item, key: str, sha256=None, size=None, mtime_ns=None) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO paths (path, id, key, sha256, size, mtime_ns)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (item.path, item.id, key, sha256, size, mtime_ns),
+        )
+
+    def finish(self, key, sha256, kind, status, error_code=None, error=None, result=None) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO jobs (key, sha256, kind, status, error_code, error, result,"
+            " finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (key, sha256, kind, status, error_code, error, result, time.time()),
+        )
+
+    def rows(self, paths: Iterable[str] | None = None) -> list[dict]:
+        """Joined path + job rows (one per path and id), in path order (all, or the given paths)."""
+        q = (
+            "SELECT p.path, p.id, p.key, p.sha256, j.status, j.error_code, j.error, j.result,"
+            " j.finished_at FROM paths p LEFT JOIN jobs j ON j.key = p.key"
+        )
+        cols = ("path", "id", "key", "sha256", "status", "error_code", "error", "result",
+                "finished_at")  # fmt: skip
+        rows = [dict(zip(cols, r)) for r in self.db.execute(q + " ORDER BY p.path, p.id")]
+        if paths is not None:
+            wanted = set(paths)
+            rows = [r for r in rows if r["path"] in wanted]
+        return rows
+
+
+# -- workers --------------------------------------------------------------------------------------
+_SCREENER = None
+
+
+def _init_worker(weights: str | None, pose_backend: str) -> None:
+    global _SCREENER
+    from mam.screening import Screener, ScreeningOptions
+
+    _SCREENER = Screener(weights, ScreeningOptions(pose_backend=pose_backend))
+
+
+def _screen_one(file: str, kind: str, infant: dict[str, str]) -> tuple[str, str | None, str, str]:
+    """-> (status, error_code, error, result JSON). Never raises for a bad recording."""
+    try:
+        parsed = _parse_infant(infant)
+        if kind == "pose":
+            r = _SCREENER.screen_pose_file(file, parsed)
+        else:
+            r = _SCREENER.screen_video(file, parsed)
+        return "done", None, "", r.model_dump_json()
+    except MamError as e:
+        return "failed", e.code, str(e), ""
+    except Exception as e:  # noqa: BLE001 - one bad recording must not stop the archive
+        return "failed", "internal_error", f"{type(e).__name__}: {e}", ""
+
+
+# -- the run --------------------------------------------------------------------------------------
+@dataclass
+class BatchSummary:
+    recordings: int = 0  # paths reported
+    screened: int = 0  # jobs run this time
+    skipped: int = 0  # jobs already in the ledger
+    duplicates: int = 0  # paths sharing a job with an earlier path
+    done: int = 0  # paths with a result, after the run
+    failed: int = 0  # paths with an error code, after the run
+
+
+Progress = Callable[[int, int, int], None]  # (finished, failed, total jobs this run)
+
+
+def check_output_dir(out: str | Path, min_free_bytes: int = MIN_FREE_BYTES) -> Path:
+    """Create ``out`` and make sure it is writable with some room to spare; fail fast if not."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as e:
+        raise OutputNotWritableError(
+            f"cannot write to the output folder {out}: {e.strerror or type(e).__name__}"
+        ) from None
+    free = shutil.disk_usage(out).free
+    if free < min_free_bytes:
+        raise DiskFullError(
+            f"only {free // 2**20} MB free under {out}; at least {min_free_bytes // 2**20} MB "
+            "are needed for the ledger and results"
+        )
+    return out
+
+
+def run_batch(
+    input_path: str | Path,
+    out: str | Path,
+    workers: int | None = None,
+    retry_failed: bool = False,
+    weights: str | Path | None = None,
+    pose_backend: str = "mediapipe",
+    progress: Progress | None = None,
+    min_free_bytes: int = MIN_FREE_BYTES,
+) -> BatchSummary:
+    """Screen every recording of ``input_path`` into ``out``; see the module docstring."""
+    out = check_output_dir(out, min_free_bytes)
+    items = collect(input_path)
+    workers = max(1, workers or os.cpu_count() or 1)
+    ledger = Ledger(out / LEDGER)
+    summary = BatchSummary(recordings=len(items))
+    try:
+        todo: dict[str, tuple[Item, str]] = {}  # key -> (first item, sha256)
+        seen: set[str] = set()
+        for item in items:
+            key, sha = _register(ledger, item, retry_failed)
+            if key in seen:
+                summary.duplicates += 1
+                continue
+            seen.add(key)
+            if sha is None:
+                continue  # unreadable: already recorded as failed
+            status = ledger.status(key)
+            if status == "done" or (status == "failed" and not retry_failed):
+                summary.skipped += 1
+                continue
+            todo[key] = (item, sha)
+        logger.info(
+            "batch: %d recordings, %d to screen, %d already in the ledger, %d duplicates",
+            len(items), len(todo), summary.skipped, summary.duplicates,
+        )  # fmt: skip
+        summary.screened = len(todo)
+        _run_jobs(ledger, todo, workers, weights, pose_backend, progress)
+        write_outputs(out, ledger, [i.path for i in items])
+        for r in ledger.rows([i.path for i in items]):
+            if r["status"] == "done":
+                summary.done += 1
+            else:
+                summary.failed += 1
+    finally:
+        ledger.close()
+    logger.info("batch: %d done, %d failed", summary.done, summary.failed)
+    return summary
+
+
+def _register(ledger: Ledger, item: Item, retry_failed: bool) -> tuple[str, str | None]:
+    """Hash the file (reusing the ledger's hash if size and mtime are unchanged) and record its
+    path. A file that cannot be read becomes a failed job at once; then sha256 is None."""
+    try:
+        st = item.file.stat()
+        sha = ledger.cached_hash(item.path, st.st_size, st.st_mtime_ns) or sha256_of(item.file)
+    except OSError as e:
+        err: MamError = (
+            FileNotFoundInputError(f"file not found: {item.path}")
+            if isinstance(e, FileNotFoundError)
+            else UnreadableFileError(f"cannot read {item.path}: {e.strerror or type(e).__name__}")
+        )
+        key = "unreadable:" + hashlib.sha256(item.path.encode()).hexdigest()
+        if retry_failed or ledger.status(key) is None:
+            ledger.finish(key, None, item.kind, "failed", err.code, str(err))
+        ledger.set_path(item, key)
+        return key, None
+    key = job_key(sha, item.infant)
+    ledger.set_path(item, key, sha, st.st_size, st.st_mtime_ns)
+    return key, sha
+
+
+def _run_jobs(ledger, todo, workers, weights, pose_backend, progress) -> None:
+    total, finished, failed = len(todo), 0, 0
+    if not total:
+        return
+    weights = str(weights) if weights else None
+
+    def record(key: str, outcome: tuple[str, str | None, str, str]) -> None:
+        nonlocal finished, failed
+        item, sha = todo[key]
+        status, code, msg, result = outcome
+        ledger.finish(key, sha, item.kind, status, code, msg, result or None)
+        finished += 1
+        failed += status == "failed"
+        if progress:
+            progress(finished, failed, total)
+
+    jobs = list(todo.items())
+    if workers == 1:
+        _init_worker(weights, pose_backend)
+        for key, (item, _) in jobs:
+            record(key, _screen_one(str(item.file), item.kind, item.infant))
+        return
+    pending = list(reversed(jobs))
+    while pending:
+        # spawn, not fork: forking a process that already holds ONNX Runtime / MediaPipe threads
+        # (or a test runner's) can deadlock the children.
+        ctx = multiprocessing.get_context("spawn")
+        with cf.ProcessPoolExecutor(
+            workers, mp_context=ctx, initializer=_init_worker, initargs=(weights, pose_backend)
+        ) as pool:
+            running: dict[cf.Future, str] = {}
+            try:
+                while pending or running:
+                    while pending and len(running) < 2 * workers:
+                        key, (item, _) = pending.pop()
+                        fut = pool.submit(_screen_one, str(item.file), item.kind, item.infant)
+                        running[fut] = key
+                    done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                    for fut in done:
+                        key = running.pop(fut)
+                        try:
+                            record(key, fut.result())
+                        except cf.process.BrokenProcessPool:
+                            raise
+                        except Exception as e:  # noqa: BLE001
+                            record(key, ("failed", "internal_error", type(e).__name__, ""))
+            except cf.process.BrokenProcessPool:
+                # A worker died (e.g. a native crash): the jobs in flight fail, the rest go on in
+                # a fresh pool.
+                for key in running.values():
+                    record(key, ("failed", "internal_error", "worker process died", ""))
+                logger.warning("batch: a worker process died; %d jobs failed", len(running))
+
+
+# -- outputs --------------------------------------------------------------------------------------
+def write_outputs(
+    out: str | Path, ledger: Ledger | None = None, paths: Iterable[str] | None = None
+) -> tuple[Path, Path]:
+    """``results.csv`` and ``results.jsonl`` from the ledger (all paths, or the given ones),
+    written atomically; safe to run again at any time."""
+    out = Path(out)
+    own = ledger is None
+    ledger = ledger or Ledger(out / LEDGER)
+    try:
+        rows = ledger.rows(paths)
+    finally:
+        if own:
+            ledger.close()
+    csv_path, jsonl_path = out / RESULTS_CSV, out / RESULTS_JSONL
+    tmp_csv, tmp_jsonl = csv_path.with_suffix(".csv.tmp"), jsonl_path.with_suffix(".jsonl.tmp")
+    with open(tmp_csv, "w", newline="") as fc, open(tmp_jsonl, "w") as fj:
+        w = csv.DictWriter(fc, CSV_COLUMNS)
+        w.writeheader()
+        for r in rows:
+            base = {"path": r["path"], "id": r["id"]}
+            if r["status"] == "done":
+                res = json.loads(r["result"])
+                w.writerow(
+                    base
+                    | {
+                        "risk_probability": res["risk_probability"],
+                        "classification": res["classification"]["label"],
+                        "fms_frequency": res["fms_frequency"],
+                        "fms_category": res["fms_category"],
+                        "tracked_fraction": res["quality"]["tracked_fraction"],
+                        "error_code": "",
+                    }
+                )
+                fj.write(json.dumps(base | {"sha256": r["sha256"]} | res) + "\n")
+            else:
+                code = r["error_code"] or "not_screened"  # not_screened: killed before its turn
+                w.writerow(base | {"error_code": code})
+                fj.write(json.dumps(base | {"error_code": code, "error": r["error"] or ""}) + "\n")
+    tmp_csv.replace(csv_path)
+    tmp_jsonl.replace(jsonl_path)
+    return csv_path, jsonl_path

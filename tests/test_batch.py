@@ -1,0 +1,281 @@
+"""``mam batch``: a small generated archive of good and bad files, resume, kill and resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mam import batch
+from mam.cli import main
+from mam.synth.motion import simulate_infant
+from tests.media import write_video
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _pose(path: Path, seed: int, seconds: float = 20.0) -> Path:
+    sim = simulate_infant(np.random.default_rng(seed), f"i{seed}", "intermittent", seconds)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, sim.joints)
+    return path
+
+
+def _csv(out: Path, by: str = "path") -> dict[str, dict[str, str]]:
+    with open(out / "results.csv", newline="") as f:
+        return {r[by]: r for r in csv.DictReader(f)}
+
+
+def _jobs(out: Path) -> dict[str, tuple[str, str | None, float]]:
+    with sqlite3.connect(out / "ledger.sqlite") as db:
+        rows = db.execute("SELECT key, status, error_code, finished_at FROM jobs").fetchall()
+    return {k: (s, c, t) for k, s, c, t in rows}
+
+
+EXPECTED_ERRORS = {
+    "bad/zero.mp4": "empty_file",
+    "bad/text.mp4": "not_a_video",
+    "bad/short.mp4": "video_too_short",
+    "bad/blank.mkv": "no_infant_detected",
+    "bad/dangling.mp4": "file_not_found",
+}
+GOOD = ["a.npy", "nested/deeper/b.npy", "c.npy", "dup_of_a.npy"]
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("archive")
+    _pose(root / "a.npy", 1)
+    _pose(root / "nested" / "deeper" / "b.npy", 2, 25.0)
+    _pose(root / "c.npy", 3, 15.0)
+    shutil.copy(root / "a.npy", root / "dup_of_a.npy")
+    bad = root / "bad"
+    bad.mkdir()
+    (bad / "zero.mp4").write_bytes(b"")
+    (bad / "text.mp4").write_text("not a video at all\n" * 40)
+    write_video(bad / "short.mp4", 100, size=(160, 120))
+    write_video(bad / "blank.mkv", lambda i: np.full((120, 160, 3), 90, np.uint8),
+                n_frames=260, size=(160, 120))  # fmt: skip
+    (bad / "dangling.mp4").symlink_to(root / "no_such_file.mp4")
+    (root / "notes.txt").write_text("ignored: not a recording suffix")
+    return root
+
+
+@pytest.fixture(scope="module")
+def archive_run(archive, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out") / "results"  # created by the run
+    rc = main(["batch", str(archive), "--out", str(out), "--workers", "1", "-q"])
+    assert rc == 0
+    return out
+
+
+def test_archive_rows_and_error_codes(archive_run):
+    rows = _csv(archive_run)
+    assert set(rows) == set(GOOD) | set(EXPECTED_ERRORS)  # notes.txt is not a recording
+    for path, code in EXPECTED_ERRORS.items():
+        assert rows[path]["error_code"] == code, path
+        assert rows[path]["risk_probability"] == "", path
+    for path in GOOD:
+        r = rows[path]
+        assert r["error_code"] == "", path
+        assert 0.0 <= float(r["risk_probability"]) <= 1.0
+        assert r["classification"] in {"normal", "risk"}
+        assert r["fms_category"] in {"continuous", "intermittent", "sporadic-or-absent"}
+        assert 0.5 <= float(r["tracked_fraction"]) <= 1.0
+    assert rows["nested/deeper/b.npy"]["id"] == "nested/deeper/b"
+    # the duplicate is reported with the same result, but screened once
+    dup, a = rows["dup_of_a.npy"], rows["a.npy"]
+    assert {k: v for k, v in dup.items() if k not in ("id", "path")} == {
+        k: v for k, v in a.items() if k not in ("id", "path")
+    }
+    jobs = _jobs(archive_run)
+    assert len(jobs) == len(GOOD) - 1 + len(EXPECTED_ERRORS)
+    assert sum(s == "done" for s, _, _ in jobs.values()) == len(GOOD) - 1
+
+
+def test_jsonl_full_results_and_failures(archive_run):
+    lines = [json.loads(x) for x in (archive_run / "results.jsonl").read_text().splitlines()]
+    by_path = {d["path"]: d for d in lines}
+    assert len(lines) == len(GOOD) + len(EXPECTED_ERRORS)
+    good = by_path["c.npy"]
+    assert good["clips"] and good["quality"]["clips_assessed"] == len(good["clips"])
+    assert good["disclaimer"] and good["sha256"] == by_path["c.npy"]["sha256"]
+    assert good["model"]["used_info_branch"] is False
+    fail = by_path["bad/short.mp4"]
+    assert set(fail) == {"path", "id", "error_code", "error"}
+    assert fail["error_code"] == "video_too_short" and fail["error"]
+
+
+def test_outputs_regenerate_from_ledger(archive_run, tmp_path):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(archive_run / "ledger.sqlite", copy / "ledger.sqlite")
+    batch.write_outputs(copy)
+    assert (copy / "results.csv").read_text() == (archive_run / "results.csv").read_text()
+    assert (copy / "results.jsonl").read_text() == (archive_run / "results.jsonl").read_text()
+
+
+def test_rerun_skips_done_and_retry_failed_reruns_failures(archive, archive_run, capsys):
+    before = _jobs(archive_run)
+    assert main(["batch", str(archive), "--out", str(archive_run), "--workers", "1", "-q"]) == 0
+    assert "0 screened now" in capsys.readouterr().out
+    assert _jobs(archive_run) == before  # nothing screened again, failures kept
+    assert main(["batch", str(archive), "--out", str(archive_run), "--workers", "1", "-q",
+                 "--retry-failed"]) == 0  # fmt: skip
+    after = _jobs(archive_run)
+    assert set(after) == set(before)
+    for key, (status, code, t) in before.items():
+        if status == "done":
+            assert after[key] == (status, code, t), "a done recording was screened again"
+        else:
+            assert after[key][2] > t, "a failed recording was not retried"
+            assert after[key][:2] == (status, code)
+
+
+def test_logs_carry_counts_only(archive, tmp_path, caplog):
+    with caplog.at_level(logging.DEBUG):
+        batch.run_batch(archive, tmp_path / "o", workers=1)
+    text = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("mam.batch"))
+    assert "recordings" in text  # it does log
+    for name in ["a.npy", "b.npy", "nested", "zero", "dangling", str(archive)]:
+        assert name not in text
+
+
+def test_manifest_with_infant_data(archive, tmp_path):
+    man = tmp_path / "man"
+    man.mkdir()
+    _pose(man / "poses" / "x.npy", 11)
+    _pose(man / "poses" / "y.npy", 12)
+    rows = [
+        ["file", "id", "sex", "gestational_age_weeks", "birth_weight_g", "corrected_age_weeks"],
+        ["poses/x.npy", "inf-001", "female", "34", "2100", "12"],
+        ["poses/y.npy", "inf-002", "", "", "", ""],
+        [str(archive / "c.npy"), "inf-003", "male", "30", "1500", "14"],  # absolute path
+        ["poses/x.npy", "inf-004", "male", "80", "2100", "12"],  # impossible GA
+        ["poses/missing.npy", "inf-005", "", "", "", ""],
+    ]
+    with open(man / "manifest.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    out = tmp_path / "out"
+    summary = batch.run_batch(man / "manifest.csv", out, workers=1)
+    assert (summary.recordings, summary.done, summary.failed) == (5, 3, 2)
+    res = _csv(out, by="id")
+    assert set(res) == {f"inf-00{i}" for i in range(1, 6)}
+    assert res["inf-001"]["path"] == "poses/x.npy" and res["inf-001"]["error_code"] == ""
+    assert res["inf-004"]["error_code"] == "invalid_infant_data"
+    full = {d["id"]: d for d in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert full["inf-001"]["model"]["used_info_branch"] is True
+    assert full["inf-001"]["infant"]["sex"] == "female"
+    assert full["inf-002"]["model"]["used_info_branch"] is False
+    assert full["inf-003"]["model"]["used_info_branch"] is True
+    assert full["inf-004"]["error_code"] == "invalid_infant_data"
+    assert full["inf-005"]["error_code"] == "file_not_found"
+    # same content with other infant data is another job; same content and data would not be
+    assert len(_jobs(out)) == 5
+
+
+def test_manifest_without_file_column(tmp_path, capsys):
+    (tmp_path / "m.csv").write_text("id,path\n1,a.npy\n")
+    rc = main(["batch", str(tmp_path / "m.csv"), "--out", str(tmp_path / "o"), "-q"])
+    assert rc == 2
+    assert capsys.readouterr().err.startswith("error [invalid_manifest]:")
+
+
+def test_unwritable_out_fails_fast(archive, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    rc = main(["batch", str(archive), "--out", str(blocker / "out"), "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("error [output_not_writable]:") and len(err.strip().splitlines()) == 1
+    assert not (blocker / "out").exists()
+
+
+def test_full_disk_fails_fast(archive, tmp_path, monkeypatch):
+    def tiny(path):
+        return shutil._ntuple_diskusage(10**9, 10**9 - 10**6, 10**6)
+
+    monkeypatch.setattr(batch.shutil, "disk_usage", tiny)
+    with pytest.raises(batch.DiskFullError, match="MB free"):
+        batch.run_batch(archive, tmp_path / "o", workers=1)
+    assert not (tmp_path / "o" / "ledger.sqlite").exists()
+
+
+def test_unexpected_exception_is_an_internal_error_row(tmp_path, monkeypatch):
+    from mam.screening import Screener
+
+    src = tmp_path / "src"
+    _pose(src / "p.npy", 21)
+    _pose(src / "q.npy", 22)
+    calls = []
+
+    def boom(self, path, infant=None):
+        calls.append(path)
+        if len(calls) == 1:
+            raise RuntimeError("simulated bug")
+        return original(self, path, infant)
+
+    original = Screener.screen_pose_file
+    monkeypatch.setattr(Screener, "screen_pose_file", boom)
+    s = batch.run_batch(src, tmp_path / "o", workers=1)
+    assert (s.done, s.failed) == (1, 1)
+    codes = sorted(r["error_code"] for r in _csv(tmp_path / "o").values())
+    assert codes == ["", "internal_error"]
+
+
+def test_two_workers_match_one(archive, archive_run, tmp_path):
+    out = tmp_path / "o2"
+    s = batch.run_batch(archive, out, workers=2)
+    # every unique job but the dangling link, which fails before any worker sees it
+    assert s.screened == len(GOOD) - 1 + len(EXPECTED_ERRORS) - 1
+    assert _csv(out) == _csv(archive_run)
+
+
+def test_kill_and_resume(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    n = 40
+    for i in range(n):
+        _pose(src / f"r{i:02d}.npy", 100 + i, 25.0)
+    cmd = [sys.executable, "-m", "mam", "batch", str(src), "--out", str(out), "--workers", "1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    ledger = out / "ledger.sqlite"
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            if ledger.exists():
+                try:
+                    if sum(s == "done" for s, _, _ in _jobs(out).values()) >= 3:
+                        break
+                except sqlite3.OperationalError:
+                    pass  # schema not created yet
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    before = _jobs(out)
+    assert 3 <= len(before) < n, "the run finished before it was killed; the test proves nothing"
+    assert all(s == "done" for s, _, _ in before.values())
+
+    rerun = subprocess.run(cmd + ["-q"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{n - len(before)} screened now, {len(before)} from the ledger" in rerun.stdout
+    after = _jobs(out)
+    assert len(after) == n and all(s == "done" for s, _, _ in after.values())
+    for key, row in before.items():
+        assert after[key] == row, "a recording finished before the kill was screened again"
+    rows = _csv(out)
+    assert len(rows) == n and all(r["error_code"] == "" for r in rows.values())
