@@ -115,6 +115,7 @@ class ModelMeta:
 
 
 def sha256_of(path: Path) -> str:
+    """Streaming sha256 of a file (weights, exports, recordings: the one hasher)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

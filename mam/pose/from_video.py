@@ -6,7 +6,6 @@ content hash, so that training twice does not estimate pose twice).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mam.model.weights import sha256_of
 from mam.pose.base import PoseSequence, create_backend
 from mam.pose.precomputed import load_pose_file
 from mam.video import VideoLimits, iter_frames, probe
@@ -59,19 +59,11 @@ def estimate_video_pose(
     return seq, {"decode": frames.seconds, "pose": time.perf_counter() - t0 - frames.seconds}
 
 
-def content_hash(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def cached_video_pose(path: str | Path, cache_dir: str | Path, backend: str = "mediapipe"):
     """Pose of a recording, from ``cache_dir/<backend>-<sha256>.npz`` when it was done before.
 
     Keyed by content, not name, so a renamed or copied recording is not estimated again."""
-    cache = Path(cache_dir) / f"{backend}-{content_hash(path)}.npz"
+    cache = Path(cache_dir) / f"{backend}-{sha256_of(Path(path))}.npz"
     if cache.is_file():
         return load_pose_file(cache)
     seq, _ = estimate_video_pose(path, backend)
