@@ -18,6 +18,7 @@ import numpy as np
 
 from mam.calibration import expected_calibration_error
 from mam.dataset import DatasetError
+from mam.features import intervals_to_mask
 from mam.pose import PoseSequence
 from mam.schemas import InfantData
 from mam.screening import Screener, ScreeningOptions
@@ -57,9 +58,7 @@ def _infant(info) -> InfantData | None:
 def _kappa(rec: TrainRecord, clips, threshold: float) -> float:
     from sklearn.metrics import cohen_kappa_score
 
-    fms = np.zeros(len(rec.joints), bool)
-    for a, b in rec.fms_intervals_s:
-        fms[int(round(a * FPS)) : int(round(b * FPS))] = True
+    fms = intervals_to_mask(rec.fms_intervals_s, len(rec.joints))
     spans = [(round(c.start_s * FPS), round(c.end_s * FPS)) for c in clips]
     truth = [bool(fms[a:b].mean() > 0.5) for a, b in spans]
     pred = [c.fms_probability > threshold for c in clips]

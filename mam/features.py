@@ -105,6 +105,16 @@ def clip_bounds(
     return bounds
 
 
+def intervals_to_mask(
+    intervals_s: Sequence[tuple[float, float]], num_frames: int, fps: float = FPS
+) -> np.ndarray:
+    """Per-frame truth ``[T]`` from annotated ``(start_s, end_s)`` intervals (e.g. FMs)."""
+    mask = np.zeros(num_frames, bool)
+    for a, b in intervals_s:
+        mask[int(round(a * fps)) : int(round(b * fps))] = True
+    return mask
+
+
 @dataclass
 class Instances:
     """A recording's bag: instance tensors ``[N, 240, 3, 17, 17]`` float32 and their times."""

@@ -19,6 +19,7 @@ from mam.calibration import category_thresholds, fit_platt, youden_threshold
 from mam.features import build_instances
 from mam.model.network import MAM
 from mam.model.weights import ModelMeta
+from mam.screening import bag_log_odds, info_log_odds
 from mam.train import TrainConfig, TrainRecord, train
 
 logger = logging.getLogger(__name__)
@@ -43,11 +44,11 @@ def score_records(model: MAM, meta: ModelMeta, records: Sequence[TrainRecord]) -
             )  # fmt: skip
             _, logits = model.forward_clips(torch.from_numpy(inst.tensors))
             bag, _ = model.forward_bag(logits[None])
-            zb.append(float(model.normal_logit(bag)[0]))
+            zb.append(float(bag_log_odds(bag.numpy())[0]))
             if r.info is not None:
                 x = (np.asarray(r.info) - meta.info_mean) / meta.info_std
-                info_l = model.forward_info(torch.tensor(x, dtype=torch.float32)[None])[0]
-                zi.append(float(info_l[1] - info_l[0]))
+                info_l = model.forward_info(torch.tensor(x, dtype=torch.float32)[None])
+                zi.append(float(info_log_odds(info_l.numpy())[0]))
             else:
                 zi.append(np.nan)
             p = torch.softmax(logits, 1)[:, 1].numpy()

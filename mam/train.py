@@ -25,10 +25,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mam.features import CLIP_FRAMES, Normalizer, clip_bounds, prepare_sequence
+from mam.features import (
+    CLIP_FRAMES,
+    Normalizer,
+    clip_bounds,
+    intervals_to_mask,
+    prepare_sequence,
+)
 from mam.model.config import MAMConfig
 from mam.model.network import MAM
-from mam.skeleton import FPS
 
 logger = logging.getLogger(__name__)
 
@@ -142,9 +147,7 @@ class _Prepared:
             self.windows.append([s for s, e in bounds if ok[s:e].all()])
             if r.fms_intervals_s is None:
                 continue
-            fms = np.zeros(len(seq), bool)
-            for a, b in r.fms_intervals_s:
-                fms[int(round(a * FPS)) : int(round(b * FPS))] = True
+            fms = intervals_to_mask(r.fms_intervals_s, len(seq))
             for s, e in clip_bounds(len(seq), CLIP_FRAMES, cfg.ref_clip_step, cover_tail=False):
                 if not ok[s:e].all():
                     continue
