@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mam.errors import InsufficientTrackingError, VideoTooShortError
+from mam.errors import InsufficientTrackingError, InvalidTensorError, VideoTooShortError
 from mam.skeleton import FPS, NUM_JOINTS
 
 CLIP_FRAMES = 240
@@ -178,3 +178,44 @@ def build_instances(
     starts = np.array([s for s, _ in bounds])
     ends = np.array([e for _, e in bounds])
     return Instances(tensors, starts, ends, fps)
+
+
+def validate_instances(
+    tensors: object, *, clip_frames: int = CLIP_FRAMES, max_instances: int = 1024
+) -> np.ndarray:
+    """Check instance tensors sent from outside (service, gRPC) and return them as float32.
+
+    Beyond shape, dtype and finiteness, a difference matrix is antisymmetric with a zero
+    diagonal; checking that catches tensors with swapped axes or that are not differences at all,
+    which would otherwise score as confidently as real ones.
+
+    Raises:
+        InvalidTensorError: with what was expected and what was received.
+    """
+    shape = f"[N, {clip_frames}, 3, {NUM_JOINTS}, {NUM_JOINTS}]"
+    if not isinstance(tensors, np.ndarray):
+        raise InvalidTensorError(f"expected an array {shape}; received {type(tensors).__name__}")
+    if tensors.ndim != 5 or tensors.shape[1:] != (clip_frames, 3, NUM_JOINTS, NUM_JOINTS):
+        raise InvalidTensorError(
+            f"expected instances of shape {shape}; received {list(tensors.shape)}"
+        )
+    n = tensors.shape[0]
+    if not 1 <= n <= max_instances:
+        raise InvalidTensorError(f"expected 1 to {max_instances} instances; received {n}")
+    if tensors.dtype.kind != "f" or tensors.dtype.itemsize not in (2, 4, 8):
+        raise InvalidTensorError(
+            f"expected float16/float32/float64 instances; received dtype {tensors.dtype}"
+        )
+    with np.errstate(over="ignore"):
+        x = np.ascontiguousarray(tensors, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise InvalidTensorError("expected finite values; received NaN or +-inf")
+    scale = max(float(np.abs(x).max()), 1e-6)
+    asym = float(np.abs(x + x.transpose(0, 1, 2, 4, 3)).max())
+    if asym > 1e-3 * scale:
+        raise InvalidTensorError(
+            "expected joint-difference matrices (d[i, j] = -d[j, i], zero diagonal) on the last "
+            f"two axes; received matrices off by up to {asym / scale:.2g} of their scale. Are the "
+            "axes in the order [N, frames, xyz, joints, joints]?"
+        )
+    return x

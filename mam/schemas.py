@@ -123,8 +123,8 @@ class ModelInfo(BaseModel):
     calibration: str = Field(description="How P(risk) was calibrated; 'none' = uncalibrated score.")
 
 
-class ScreeningResult(BaseModel):
-    """One recording's assessment. Probabilities are calibrated per the model card."""
+class Assessment(BaseModel):
+    """What every result says. Probabilities are calibrated per the model card."""
 
     model_config = ConfigDict(protected_namespaces=())
 
@@ -133,6 +133,11 @@ class ScreeningResult(BaseModel):
     classification: Classification
     fms_frequency: float = Field(ge=0, le=1, description="Share of clips with P(FMs) > 0.5.")
     fms_category: Literal["continuous", "intermittent", "sporadic-or-absent"]
+
+
+class ScreeningResult(Assessment):
+    """One recording's assessment."""
+
     fms_category_thresholds: dict[str, float]
     clips: list[Clip]
     top_fms_clips: list[Clip] = Field(description="Clips most likely to show FMs, for review.")
@@ -140,5 +145,17 @@ class ScreeningResult(BaseModel):
     infant: InfantData | None
     model: ModelInfo
     timings_s: dict[str, float]
+    warnings: list[str]
+    disclaimer: str = DISCLAIMER
+
+
+class InstancesResult(Assessment):
+    """The model's answer for ready-made instance tensors (no recording, so no times or
+    quality): what the service's tensors-in endpoint and the gRPC model return."""
+
+    fms_probability: list[float] = Field(description="P(FMs) per instance, in input order.")
+    attention_weight: list[float] = Field(description="Each instance's weight in the fusion.")
+    infant: InfantData | None
+    model: ModelInfo
     warnings: list[str]
     disclaimer: str = DISCLAIMER

@@ -151,9 +151,15 @@ class Screener:
     # -- model ------------------------------------------------------------------------------------
     def score_instances(self, tensors: np.ndarray, infant: InfantData | None = None) -> ClipScores:
         """Instances ``[N, 240, 3, 17, 17]`` (already smoothed and normalised) -> scores."""
-        meta = self.meta
         _, logits = self.engine.clip(tensors)
-        bag, attention = self.engine.bag(logits[None])
+        return self.score_logits(logits, infant)
+
+    def score_logits(self, logits: np.ndarray, infant: InfantData | None = None) -> ClipScores:
+        """Clip logits ``[N, 2]`` -> scores: bag head, Info branch and fusion. Split from the
+        clip network so that a service can run that network elsewhere (batched across
+        requests) and finish here."""
+        meta = self.meta
+        bag, attention = self.engine.bag(np.asarray(logits, np.float32)[None])
         info_logits = None
         if infant is not None and infant.complete:
             z = (np.asarray(infant.vector()) - meta.info_mean) / meta.info_std
@@ -204,6 +210,50 @@ class Screener:
         timings["model"] = time.perf_counter() - t
         return self._result(inst, scores, seq, quality, infant, timings)
 
+    def summarize(self, s: ClipScores) -> dict:
+        """The assessment fields every result shares (``mam.schemas.Assessment``): P(risk) and
+        its classification, FMs frequency and its category."""
+        meta = self.meta
+        freq = float(np.mean(s.fms_probability > meta.fms_clip_threshold))
+        th = meta.fms_category_thresholds
+        category = (
+            "continuous"
+            if freq >= th["continuous"]
+            else "intermittent"
+            if freq >= th["intermittent"]
+            else "sporadic-or-absent"
+        )
+        p_risk = 1.0 - s.normal_probability
+        label = "risk" if p_risk >= meta.risk_threshold else "normal"
+        return {
+            "risk_probability": round(p_risk, 4),
+            "normal_probability": round(s.normal_probability, 4),
+            "classification": Classification(label=label, threshold=meta.risk_threshold),
+            "fms_frequency": round(freq, 4),
+            "fms_category": category,
+        }
+
+    @staticmethod
+    def infant_warnings(infant: InfantData | None) -> list[str]:
+        if infant is None:
+            return ["no infant data given: the main branch alone was used (MAM w/o info)"]
+        return infant.warnings()
+
+    def model_info(self, pose_backend: str, used_info: bool) -> ModelInfo:
+        meta = self.meta
+        return ModelInfo(
+            name=meta.name,
+            version=meta.version,
+            weights_sha256=self.weights_sha256,
+            provenance=meta.provenance.get("summary", "unknown"),
+            runtime=self.runtime,
+            device=self.device,
+            precision=self.precision,
+            pose_backend=pose_backend,
+            used_info_branch=used_info,
+            calibration=(meta.calibration if used_info else meta.calibration_without_info).method,
+        )
+
     def _result(self, inst: Instances, s: ClipScores, seq, quality, infant, timings):
         meta: ModelMeta = self.meta
         clips = [
@@ -218,19 +268,7 @@ class Screener:
                 zip(inst.start_s, inst.end_s, s.fms_probability, s.attention)
             )
         ]
-        freq = float(np.mean(s.fms_probability > meta.fms_clip_threshold))
-        th = meta.fms_category_thresholds
-        category = (
-            "continuous"
-            if freq >= th["continuous"]
-            else "intermittent"
-            if freq >= th["intermittent"]
-            else "sporadic-or-absent"
-        )
-        p_risk = 1.0 - s.normal_probability
-        warnings = list(quality.warnings) + (infant.warnings() if infant else [])
-        if infant is None:
-            warnings.append("no infant data given: the main branch alone was used (MAM w/o info)")
+        warnings = list(quality.warnings) + self.infant_warnings(infant)
         q = Quality(
             duration_s=round(seq.duration_s, 2),
             frames_total=quality.frames_total,
@@ -242,35 +280,14 @@ class Screener:
             clips_assessed=len(clips),
             warnings=list(quality.warnings),
         )
-        prov = meta.provenance
         return ScreeningResult(
-            risk_probability=round(p_risk, 4),
-            normal_probability=round(s.normal_probability, 4),
-            classification=Classification(
-                label="risk" if p_risk >= meta.risk_threshold else "normal",
-                threshold=meta.risk_threshold,
-            ),
-            fms_frequency=round(freq, 4),
-            fms_category=category,
-            fms_category_thresholds=th,
+            **self.summarize(s),
+            fms_category_thresholds=meta.fms_category_thresholds,
             clips=clips,
             top_fms_clips=sorted(clips, key=lambda c: -c.fms_probability)[:TOP_CLIPS],
             quality=q,
             infant=infant,
-            model=ModelInfo(
-                name=meta.name,
-                version=meta.version,
-                weights_sha256=self.weights_sha256,
-                provenance=prov.get("summary", "unknown"),
-                runtime=self.runtime,
-                device=self.device,
-                precision=self.precision,
-                pose_backend=seq.source,
-                used_info_branch=s.used_info,
-                calibration=(
-                    meta.calibration if s.used_info else meta.calibration_without_info
-                ).method,
-            ),
+            model=self.model_info(seq.source, s.used_info),
             timings_s={k: round(v, 3) for k, v in timings.items()},
             warnings=warnings,
         )
