@@ -8,6 +8,7 @@ Examples:
     mam train --data data/sim --out models/my_model --epochs 8
     mam evaluate --data data/sim_test --format json
     mam batch archive/ --out results/ --workers 4
+    mam serve --port 3000 --grpc-port 8001
 
 Errors print one line, ``error [code]: message``, and exit with status 2 (bad input) or 1.
 """
@@ -238,6 +239,38 @@ def _batch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """Start the BentoML service (REST on --port, KServe v2 gRPC on --grpc-port)."""
+    import hashlib
+    import os
+    import tempfile
+
+    if args.hash_key is not None:
+        print(hashlib.sha256(args.hash_key.encode()).hexdigest())
+        return 0
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "service" / "app.py").is_file():
+        raise SystemExit("mam serve: the service/ folder is not beside mam/ (run from a checkout)")
+    env = dict(os.environ)
+    env["MAM_GRPC_PORT"] = str(args.grpc_port)
+    if args.weights:
+        env["MAM_WEIGHTS"] = str(args.weights.resolve())
+    if args.no_auth:
+        env["MAM_AUTH_DISABLED"] = "1"
+        print("mam serve: API-key authentication is OFF (--no-auth); local use only",
+              file=sys.stderr)  # fmt: skip
+    # BentoML's task store keeps each task's request until it is scrubbed: keep it private.
+    env.setdefault(
+        "BENTOML_RESULT_STORE",
+        str(Path(tempfile.mkdtemp(prefix="mam-tasks-")) / "task_result.db"),
+    )
+    cmd = [sys.executable, "-m", "bentoml", "serve", "service.app:Screening",
+           "--port", str(args.port), "--host", args.host, "--working-dir", str(root)]  # fmt: skip
+    import subprocess
+
+    return subprocess.call(cmd, env=env, cwd=root)
+
+
 def _add_train_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--config", choices=["compact", "paper", "reference"], default="compact")
     s.add_argument("--epochs", type=int, default=8, help="epochs (paper: 300)")
@@ -310,7 +343,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pose-backend", default="mediapipe", help="pose backend name")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     s.set_defaults(func=_batch)
+
+    s = sub.add_parser("serve", help="start the screening service (REST + KServe v2 gRPC)")
+    s.add_argument("--port", type=int, default=3000, help="REST port (default 3000)")
+    s.add_argument("--host", default="127.0.0.1", help="REST bind address (default loopback)")
+    s.add_argument("--grpc-port", type=int, default=_env_int("MAM_GRPC_PORT", 8001),
+                   help="KServe v2 gRPC port (default MAM_GRPC_PORT or 8001; 0: off)")  # fmt: skip
+    s.add_argument("--weights", type=Path, help="weights NAME.json (default: MAM_WEIGHTS or demo)")
+    s.add_argument("--no-auth", action="store_true", help="no API keys (local development)")
+    s.add_argument("--hash-key", metavar="KEY", help="print the MAM_API_KEY_HASHES entry for KEY")
+    s.set_defaults(func=_serve)
     return p
+
+
+def _env_int(name: str, default: int) -> int:
+    import os
+
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,537 @@
+"""The BentoML services: ``ClipModel`` (the clip network behind one adaptive batcher) and
+``Screening`` (REST, the KServe v2 gRPC server, and everything around the model).
+
+Why two services: BentoML batches only calls that arrive through HTTP or a ``bentoml.depends``
+proxy, never ``self.method()`` calls (DESIGN.md). So every instance, from a recording, a pose
+file, a tensors request or a gRPC call, goes to ``ClipModel.clip`` through the proxy, and
+instances of all concurrent requests share one batcher. The tiny bag head and Info branch, and
+fusion and calibration, run in ``Screening`` through the same :class:`mam.screening.Screener` the
+CLI uses.
+
+Serve with ``mam serve`` or ``bentoml serve service.app:Screening``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Annotated, Literal
+
+import bentoml
+import numpy as np
+from _bentoml_impl.serde import ALL_SERDE, MultipartSerde
+from bentoml.exceptions import BadInput
+from bentoml.validators import ContentType
+from pydantic import BaseModel, Field
+from starlette.datastructures import UploadFile
+
+from mam.errors import InvalidPoseError, MamError
+from mam.features import CLIP_FRAMES, validate_instances
+from mam.model.weights import load_meta
+from mam.pose import load_pose_file
+from mam.pose.from_video import estimate_video_pose
+from mam.runtime import create_runtime
+from mam.schemas import InfantData, InstancesResult, ScreeningResult
+from mam.screening import ClipScores, Screener, ScreeningOptions, softmax
+from service import errors as E
+from service.metrics import get_metrics
+from service.middleware import ServiceMiddleware
+from service.settings import get_settings
+
+logger = logging.getLogger("mam.service")
+S = get_settings()
+
+INSTANCES_POSE_BACKEND = "none (instances given)"
+
+
+class RuntimeInfo(BaseModel):
+    backend: str
+    device: str
+    precision: str
+    details: str
+
+
+@bentoml.service(
+    name="mam_clip",
+    workers=S.clip_workers,
+    traffic={"timeout": S.request_timeout_s},
+)
+class ClipModel:
+    """The clip network (the FLOPs of MAM) on :mod:`mam.runtime`, batched across requests."""
+
+    def __init__(self) -> None:
+        self.engine = create_runtime(S.weights, S.runtime, device=S.device, precision=S.precision)
+        # Warm-up: the first ONNX Runtime / TensorRT call allocates; readiness waits for it.
+        self.engine.clip(np.zeros((1, CLIP_FRAMES, 3, 17, 17), np.float32))
+        self.metrics = get_metrics()
+        meta, _, _ = load_meta(S.weights)
+        self.metrics.model_info.labels(
+            name=meta.name,
+            version=meta.version,
+            backend=self.engine.backend,
+            precision=self.engine.precision,
+            device=self.engine.device,
+        ).set(1)
+        self.ready = True
+        logger.info("clip network ready: %s", self.engine.describe())
+
+    def __is_ready__(self) -> bool:
+        return self.ready
+
+    @bentoml.api(
+        batchable=True,
+        batch_dim=0,
+        max_batch_size=S.max_batch_size,
+        max_latency_ms=S.max_latency_ms,
+    )
+    def clip(self, instances: np.ndarray) -> np.ndarray:
+        """``[N, 240, 3, 17, 17]`` -> ``[N, 3]``: the two clip logits and, in column 2, the
+        executed batch's compute seconds (so that callers can split their wait into queue and
+        compute without a second channel)."""
+        t = time.perf_counter()
+        _, logits = self.engine.clip(instances)
+        dt = time.perf_counter() - t
+        self.metrics.batch_rows.observe(len(instances))
+        self.metrics.compute_seconds.observe(dt)
+        out = np.empty((len(logits), 3), np.float32)
+        out[:, :2] = logits
+        out[:, 2] = dt
+        return out
+
+    @bentoml.api
+    def describe(self) -> RuntimeInfo:
+        e = self.engine
+        return RuntimeInfo(
+            backend=e.backend, device=e.device, precision=e.precision, details=e.describe()
+        )
+
+
+class _SharedBatcherRuntime:
+    """The Screener's runtime inside the service: the clip network through the shared batcher,
+    the bag head and Info branch (microseconds) on a local ONNX Runtime CPU session."""
+
+    def __init__(self, local, clip_logits) -> None:
+        self.local, self._clip_logits = local, clip_logits
+        self.backend, self.device, self.precision = local.backend, local.device, local.precision
+
+    def clip(self, instances: np.ndarray):
+        return None, self._clip_logits(instances)
+
+    def bag(self, logits: np.ndarray):
+        return self.local.bag(logits)
+
+    def info(self, x: np.ndarray):
+        return self.local.info(x)
+
+
+class TaskProgress(BaseModel):
+    task_id: str
+    stage: Literal["unknown", "queued", "pose", "model", "done", "failed"]
+    frames_done: int = 0
+    frames_total: int = 0
+    fraction: float = Field(0.0, ge=0, le=1, description="Of decoding and pose, the slow part.")
+
+
+class _Progress:
+    """Progress of running tasks, bounded; kept in memory only (task ids are random)."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._d: OrderedDict[str, TaskProgress] = OrderedDict()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def set(self, task_id: str | None, **kw) -> None:
+        if not task_id:
+            return
+        with self._lock:
+            p = self._d.pop(task_id, None) or TaskProgress(task_id=task_id, stage="queued")
+            self._d[task_id] = p.model_copy(update=kw)
+            while len(self._d) > self._size:
+                self._d.popitem(last=False)
+
+    def get(self, task_id: str) -> TaskProgress:
+        with self._lock:
+            return self._d.get(task_id) or TaskProgress(task_id=task_id, stage="unknown")
+
+
+def _request_id(ctx: bentoml.Context) -> str | None:
+    return ctx.request.scope.get("state", {}).get("request_id")
+
+
+def _neutral_name(upload: Path, stem: str, suffix: str = "") -> Path:
+    """Uploads keep the client's file name as a suffix; patient names in file names are common,
+    so rename before anything can echo it."""
+    target = upload.with_name(stem + suffix)
+    upload.rename(target)
+    return target
+
+
+def _fail(ctx: bentoml.Context, response):
+    """BentoML overwrites a returned response's status with ``ctx.response.status_code`` when the
+    API takes a context, so set it there too."""
+    ctx.response.status_code = response.status_code
+    return response
+
+
+class _NoTracebacks(logging.Filter):
+    """BentoML logs input-validation failures with the pydantic error, whose text includes the
+    submitted values (infant data). Keep the line (path and method), drop the exception."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _configure_logging() -> None:
+    """BentoML configures only its own loggers; give the service's (request ids, no data) a
+    handler in the same shape."""
+    lg = logging.getLogger("mam.service")
+    if not lg.handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] [%(name)s] %(message)s"))
+        lg.addHandler(h)
+        lg.setLevel(logging.INFO)
+        lg.propagate = False
+
+
+def _quiet_bentoml_request_errors() -> None:
+    for name in ("bentoml._internal.server.http_app", "bentoml.access"):
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, _NoTracebacks) for f in lg.filters):
+            lg.addFilter(_NoTracebacks())
+
+
+def _scrub(message: str, path: Path) -> str:
+    return message.replace(str(path), "the uploaded file").replace(path.name, "the uploaded file")
+
+
+@bentoml.service(
+    name="mam",
+    workers=1,  # one process owns the gRPC port; the heavy work runs in threads and ClipModel
+    traffic={"timeout": max(S.request_timeout_s, S.task_timeout_s) + 30},
+    # BentoML's HTTP metrics label requests with the raw path, so a client probing
+    # /patients/<id> would mint label values; ServiceMiddleware meters this service instead
+    # (fixed endpoint names). ClipModel keeps BentoML's metrics (its routes are internal).
+    metrics={"enabled": False},
+)
+class Screening:
+    """Screening of recordings, pose arrays and instance tensors, over REST and gRPC."""
+
+    clip_model = bentoml.depends(ClipModel)
+
+    def __init__(self) -> None:
+        self.metrics = get_metrics()
+        local = create_runtime(S.weights, "onnxruntime", device="cpu", threads=1)
+        self.runtime = _SharedBatcherRuntime(local, self._clip_logits_from_thread)
+        options = ScreeningOptions(limits=S.video_limits())
+        self.screener = Screener(S.weights, options=options, runtime=self.runtime)
+        self.progress = _Progress()
+        self._video_pool = ThreadPoolExecutor(S.video_concurrency, thread_name_prefix="video")
+        self._video_slots = asyncio.Semaphore(S.video_concurrency)
+        self._video_waiting = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._described = False
+        self._grpc = None
+
+    def __is_ready__(self) -> bool:
+        return self.screener is not None
+
+    # -- the shared batcher -----------------------------------------------------------------------
+    async def _describe_clip_model(self) -> None:
+        """Results name the runtime that ran the clip network, which lives in ClipModel."""
+        if self._described:
+            return
+        info = await self.clip_model.to_async.describe()
+        info = info if isinstance(info, RuntimeInfo) else RuntimeInfo(**info)
+        s = self.screener
+        s.runtime, s.device, s.precision = info.backend, info.device, info.precision
+        self._described = True
+
+    async def clip_logits(self, instances: np.ndarray) -> np.ndarray:
+        """Instances -> clip logits ``[N, 2]`` through the shared batcher. A long bag is sent as
+        several calls of at most one batch, so other requests' instances can ride along."""
+        await self._describe_clip_model()
+        b = S.max_batch_size
+        m = self.metrics
+        m.queue_rows.inc(len(instances))
+        try:
+            outs = await asyncio.gather(
+                *(self._one_call(instances[i : i + b]) for i in range(0, len(instances), b))
+            )
+        finally:
+            m.queue_rows.dec(len(instances))
+        return np.concatenate([o[:, :2] for o in outs])
+
+    async def _one_call(self, chunk: np.ndarray) -> np.ndarray:
+        t = time.perf_counter()
+        try:
+            out = np.asarray(await self.clip_model.to_async.clip(chunk))
+        except bentoml.exceptions.ServiceUnavailable as e:
+            raise E.ServiceError(E.OVERLOADED, "the model is at capacity; retry later") from e
+        self.metrics.queue_wait_seconds.observe(max(time.perf_counter() - t - float(out[0, 2]), 0))
+        return out
+
+    def _clip_logits_from_thread(self, instances: np.ndarray) -> np.ndarray:
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(self.clip_logits(instances), self._loop).result()
+
+    async def score(self, tensors: np.ndarray, infant: InfantData | None) -> InstancesResult:
+        """Validated instance tensors -> result; REST and gRPC both come here."""
+        x = validate_instances(tensors, max_instances=S.max_instances)
+        async with asyncio.timeout(S.tensor_timeout_s):
+            logits = await self.clip_logits(x)
+        s: ClipScores = self.screener.score_logits(logits, infant)
+        return InstancesResult(
+            **self.screener.summarize(s),
+            fms_probability=[round(float(p), 4) for p in softmax(logits)[:, 1]],
+            attention_weight=[round(float(a), 4) for a in s.attention],
+            infant=infant,
+            model=self.screener.model_info(INSTANCES_POSE_BACKEND, s.used_info),
+            warnings=self.screener.infant_warnings(infant),
+        )
+
+    # -- recordings -------------------------------------------------------------------------------
+    async def _run_video(self, job, timeout_s: float):
+        """Run ``job(cancelled)`` in the video pool: a bounded queue (503 beyond it), a deadline
+        over waiting and running (504), and a cancel flag the job checks per frame."""
+        m = self.metrics
+        if self._video_waiting >= S.video_queue + S.video_concurrency:
+            raise E.ServiceError(E.OVERLOADED, "too many recordings queued; retry with back-off")
+        cancelled = threading.Event()
+        self._video_waiting += 1
+        m.video_jobs.labels(state="waiting").inc()
+        acquired = False
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._video_slots.acquire()
+                acquired = True
+                self._video_waiting -= 1
+                m.video_jobs.labels(state="waiting").dec()
+                m.video_jobs.labels(state="running").inc()
+                fut = self._loop.run_in_executor(self._video_pool, job, cancelled)
+
+                def release(_):
+                    self._video_slots.release()
+                    m.video_jobs.labels(state="running").dec()
+
+                fut.add_done_callback(release)
+                return await asyncio.shield(fut)
+        except TimeoutError:
+            cancelled.set()
+            raise E.ServiceError(
+                E.TIMEOUT, f"screening took longer than the limit of {timeout_s:g} s"
+            ) from None
+        finally:
+            if not acquired:
+                self._video_waiting -= 1
+                m.video_jobs.labels(state="waiting").dec()
+
+    def _screen_file(self, path: Path, infant, task_id, cancelled) -> ScreeningResult:
+        m, o = self.metrics, self.screener.options
+
+        def progress(done: int, total: int) -> None:
+            if cancelled.is_set():
+                raise E.ServiceError(E.TIMEOUT, "screening cancelled at its time limit")
+            if task_id and (done % 25 == 0 or done == total):
+                self.progress.set(
+                    task_id, stage="pose", frames_done=done, frames_total=total,
+                    fraction=min(done / max(total, 1), 1.0),
+                )  # fmt: skip
+
+        self.progress.set(task_id, stage="pose")
+        seq, timings = estimate_video_pose(path, o.pose_backend, o.limits, o.max_side, progress)
+        pose_s = timings["decode"] + timings["pose"]
+        m.pose_seconds.observe(pose_s)
+        m.pose_frames.inc(seq.num_frames)
+        m.pose_fps.observe(seq.num_frames / max(pose_s, 1e-9))
+        m.video_seconds.inc(seq.duration_s)
+        self.progress.set(task_id, stage="model")
+        return self.screener.screen_pose(seq, infant, timings=timings)
+
+    @bentoml.task
+    async def screen(
+        self,
+        video: Annotated[Path, ContentType("video/*")],
+        infant: InfantData | None = None,
+        ctx: bentoml.Context = None,
+    ) -> ScreeningResult:
+        """Screen a recording of an infant lying supine (multipart: ``video``, the file with a
+        ``video/*`` type, and optional ``infant`` JSON). ``POST /screen`` answers when done
+        (up to ``MAM_REQUEST_TIMEOUT_S``); ``/screen/submit`` starts a task, polled with
+        ``/screen/status``, ``/screen/progress`` and fetched with ``/screen/get``.
+        Decision support only, not a diagnosis."""
+        rid = _request_id(ctx)
+        task_id = getattr(ctx.request.state, "task_id", None)
+        timeout = S.task_timeout_s if task_id else S.request_timeout_s
+        path = video
+        try:
+            path = _neutral_name(video, "recording", video.suffix[:8] if video.suffix else "")
+            result = await self._run_video(
+                lambda c: self._screen_file(path, infant, task_id, c), timeout
+            )
+            self.metrics.videos.labels(outcome="ok").inc()
+            self.progress.set(task_id, stage="done", fraction=1.0)
+            return result
+        except (MamError, E.ServiceError) as e:
+            self.metrics.videos.labels(outcome="error").inc()
+            self.progress.set(task_id, stage="failed")
+            e.message = _scrub(e.message, path)
+            return _fail(ctx, E.from_exception(e, rid))
+        except Exception as e:
+            logger.exception("request_id=%s unexpected error in screen", rid)
+            self.metrics.videos.labels(outcome="error").inc()
+            self.progress.set(task_id, stage="failed")
+            return _fail(ctx, E.from_exception(e, rid))
+        finally:
+            for p in {video, path}:
+                p.unlink(missing_ok=True)
+            if task_id:
+                _forget_task_input(task_id)
+
+    @bentoml.api(route="/screen/progress")
+    def progress_of(self, task_id: str) -> TaskProgress:
+        """Progress of a submitted screening task: stage and frames through pose."""
+        return self.progress.get(task_id)
+
+    # -- pose and tensors -------------------------------------------------------------------------
+    @bentoml.api
+    async def screen_pose(
+        self, pose: Path, infant: InfantData | None = None, ctx: bentoml.Context = None
+    ) -> ScreeningResult:
+        """Screen a precomputed 3D pose (multipart: ``pose``, a ``.npy`` ``[T, 17, 3]`` at 25 fps
+        or an ``.npz`` with ``joints`` and optional ``confidence``; optional ``infant``)."""
+        rid = _request_id(ctx)
+        path = pose
+        try:
+            head = pose.read_bytes()[:8]
+            suffix = ".npz" if head.startswith(b"PK") else ".npy"
+            path = _neutral_name(pose, "pose", suffix)
+            seq = load_pose_file(path)
+            if seq.num_frames > S.max_pose_frames:
+                raise InvalidPoseError(
+                    f"expected at most {S.max_pose_frames} frames; received {seq.num_frames}"
+                )
+            async with asyncio.timeout(S.tensor_timeout_s):
+                return await asyncio.to_thread(self.screener.screen_pose, seq, infant)
+        except TimeoutError:
+            return _fail(ctx, E.error_response(E.TIMEOUT, "screening the pose took too long", rid))
+        except (MamError, E.ServiceError) as e:
+            e.message = _scrub(e.message, path)
+            return _fail(ctx, E.from_exception(e, rid))
+        except Exception as e:
+            logger.exception("request_id=%s unexpected error in screen_pose", rid)
+            return _fail(ctx, E.from_exception(e, rid))
+        finally:
+            for p in {pose, path}:
+                p.unlink(missing_ok=True)
+
+    @bentoml.api
+    async def screen_instances(
+        self, instances: Path, infant: InfantData | None = None, ctx: bentoml.Context = None
+    ) -> InstancesResult:
+        """Score ready-made instance tensors (multipart: ``instances``, a ``.npy`` float32
+        ``[N, 240, 3, 17, 17]`` of smoothed, normalised joint differences; optional ``infant``)."""
+        rid = _request_id(ctx)
+        try:
+            try:
+                x = np.load(instances, allow_pickle=False)
+            except Exception:
+                raise E.ServiceError(
+                    E.MALFORMED, "'instances' is not a readable .npy array (no pickles)"
+                ) from None
+            return await self.score(x, infant)
+        except TimeoutError:
+            return _fail(
+                ctx, E.error_response(E.TIMEOUT, "scoring took longer than the limit", rid)
+            )
+        except (MamError, E.ServiceError) as e:
+            return _fail(ctx, E.from_exception(e, rid))
+        except Exception as e:
+            logger.exception("request_id=%s unexpected error in screen_instances", rid)
+            return _fail(ctx, E.from_exception(e, rid))
+        finally:
+            instances.unlink(missing_ok=True)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    @bentoml.on_startup
+    async def _start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        _quiet_bentoml_request_errors()
+        _configure_logging()
+        if S.grpc_port:
+            from service.grpc_app import start_grpc
+
+            self._grpc = await start_grpc(self, S.grpc_host, S.grpc_port)
+
+    @bentoml.on_shutdown
+    async def _stop(self) -> None:
+        if self._grpc is not None:
+            from service.grpc_v2.server import stop_server
+
+            await stop_server(self._grpc, grace=5.0)
+        self._video_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _forget_task_input(task_id: str) -> None:
+    """BentoML's task store keeps each task's request (here: the recording, and the API key
+    header) for retries. Recordings are not kept after processing, so overwrite it with an
+    empty request (retry is refused by the middleware) and truncate the write-ahead log."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    empty = {"scope": {"type": "http", "method": "POST", "path": "/screen", "headers": []}}
+    empty["content"] = ""
+    try:
+        with sqlite3.connect(BentoMLContainer.result_store_file.get(), timeout=30) as db:
+            db.execute("PRAGMA secure_delete=ON")
+            db.execute(
+                "UPDATE result SET input = ? WHERE task_id = ?", (json.dumps(empty), task_id)
+            )
+        with sqlite3.connect(BentoMLContainer.result_store_file.get(), timeout=30) as db:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    except sqlite3.Error:
+        logger.exception("could not clear a finished task's stored input")
+
+
+class _UploadsOnlyMultipart(MultipartSerde):
+    """BentoML's multipart parsing, with two holes closed: a file field given as a string is
+    fetched as a URL (the service must never fetch on a client's behalf), and a binary part under
+    an unexpected name crashes JSON decoding (500 instead of 400)."""
+
+    @staticmethod
+    async def ensure_file(obj):
+        if isinstance(obj, UploadFile):
+            return obj
+        raise BadInput("file fields must be uploaded files (multipart parts with a filename)")
+
+    async def parse_request(self, request, cls):
+        try:
+            return await super().parse_request(request, cls)
+        except UnicodeDecodeError:
+            raise BadInput(
+                "a binary part was sent under an unexpected name; expected "
+                f"{sorted(cls.model_fields)}"
+            ) from None
+
+
+ALL_SERDE[MultipartSerde.media_type] = _UploadsOnlyMultipart
+
+
+def _middleware_kwargs() -> dict:
+    return {
+        "key_hashes": S.key_hashes(),
+        "auth_disabled": S.auth_disabled,
+        # Multipart framing adds a little to the file itself.
+        "max_body_bytes": int(S.max_upload_mb * 2**20) + 64 * 1024,
+    }
+
+
+Screening.add_asgi_middleware(ServiceMiddleware, **_middleware_kwargs())
+
+__all__ = ["ClipModel", "Screening"]

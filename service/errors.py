@@ -1,0 +1,94 @@
+"""Every failure the service reports: one envelope, stable codes, one table of HTTP statuses.
+
+The pipeline's own errors (:mod:`mam.errors`) keep their codes; the service adds the ones only a
+server has (auth, limits, load, time). gRPC maps the same codes to status codes.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+from pydantic import BaseModel, Field
+from starlette.responses import JSONResponse
+
+from mam import DISCLAIMER
+from mam.errors import MamError
+
+ERROR_HEADER = "x-mam-error-code"  # marks a response as already in the envelope
+
+# Codes a client can cause that are not mam.errors codes.
+MALFORMED = "malformed_request"
+UNAUTHORIZED = "unauthorized"
+NOT_FOUND = "not_found"
+METHOD_NOT_ALLOWED = "method_not_allowed"
+TOO_LARGE = "file_too_large"
+UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+OVERLOADED = "overloaded"
+TIMEOUT = "timeout"
+INTERNAL = "internal_error"
+NOT_READY = "not_ready"
+TASK_RETRY_DISABLED = "task_retry_disabled"
+
+_STATUS: dict[str, int] = {
+    MALFORMED: 400,
+    UNAUTHORIZED: 401,
+    NOT_FOUND: 404,
+    METHOD_NOT_ALLOWED: 405,
+    TOO_LARGE: 413,
+    UNSUPPORTED_MEDIA_TYPE: 415,
+    OVERLOADED: 503,
+    NOT_READY: 503,
+    TIMEOUT: 504,
+    TASK_RETRY_DISABLED: 409,
+    INTERNAL: 500,
+    "model_load_error": 503,
+    "dependency_missing": 500,
+    "file_not_found": 400,
+}
+# Everything else a mam.errors.InputError says (bad video, too short, no infant tracked, invalid
+# pose, tensors or infant data) is well-formed but unprocessable: 422.
+
+
+def http_status(code: str) -> int:
+    return _STATUS.get(code, 422)
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="Stable, machine-readable error code.")
+    message: str = Field(description="What was wrong and what was expected; no health data.")
+    request_id: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+    disclaimer: str = DISCLAIMER
+
+
+class ServiceError(Exception):
+    """An error only a server raises (limits, load, time)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def error_response(code: str, message: str, request_id: str | None = None) -> JSONResponse:
+    body = ErrorResponse(error=ErrorBody(code=code, message=message, request_id=request_id))
+    return JSONResponse(
+        body.model_dump(),
+        status_code=http_status(code),
+        headers={ERROR_HEADER: code},
+    )
+
+
+def from_exception(exc: Exception, request_id: str | None = None) -> JSONResponse:
+    """The envelope for an exception; unexpected ones say nothing about their internals."""
+    if isinstance(exc, MamError | ServiceError):
+        return error_response(exc.code, exc.message, request_id)
+    return error_response(
+        INTERNAL, "unexpected server error; it has been logged with this request id", request_id
+    )
+
+
+def reason(status: int) -> str:
+    return HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "error"

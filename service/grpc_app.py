@@ -1,0 +1,192 @@
+"""The tensors-in model over KServe v2 gRPC, served beside REST from the same process.
+
+BentoML cannot serve gRPC for new-style services, so ``Screening``'s start-up hook starts this
+``grpc.aio`` server on its own port. ModelInfer calls ``Screening.score``, the same coroutine as
+REST's ``/screen_instances``, so both protocols share one adaptive batcher.
+
+Model ``mam``:
+  inputs  ``instances`` FP32 ``[N, 240, 3, 17, 17]``; optional ``infant`` FP32 ``[1, 4]`` =
+          sex (1 male, 0 female), gestational age (weeks), birth weight (g), corrected age (weeks)
+  outputs ``normal_probability`` / ``risk_probability`` / ``fms_frequency`` FP32 ``[1]``,
+          ``fms_probability`` / ``attention_weight`` FP32 ``[N]``
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+import numpy as np
+
+import mam
+from mam.errors import InvalidInfantDataError
+from mam.features import CLIP_FRAMES
+from mam.schemas import InfantData
+from service import errors as E
+from service.auth import KeyCheck
+from service.grpc_v2.server import (
+    ERROR_CODE_KEY,
+    InferenceServicer,
+    TensorSpec,
+    make_error_status,
+    start_server,
+)
+from service.metrics import get_metrics
+from service.settings import get_settings
+
+logger = logging.getLogger("mam.service.grpc")
+
+MODEL_NAME = "mam"
+# Health RPCs answer without a key, as /livez and /readyz do.
+_OPEN_METHODS = frozenset({"ServerLive", "ServerReady", "ModelReady"})
+_INSTANCE_BYTES = CLIP_FRAMES * 3 * 17 * 17 * 4
+
+
+class V2Model:
+    """``InferenceModel`` over ``Screening.score``."""
+
+    name = MODEL_NAME
+    platform = "onnxruntime"
+    inputs = [
+        TensorSpec("instances", "FP32", [-1, CLIP_FRAMES, 3, 17, 17]),
+        TensorSpec("infant", "FP32", [1, 4], optional=True),
+    ]
+    outputs = [
+        TensorSpec("normal_probability", "FP32", [1]),
+        TensorSpec("risk_probability", "FP32", [1]),
+        TensorSpec("fms_frequency", "FP32", [1]),
+        TensorSpec("fms_probability", "FP32", [-1]),
+        TensorSpec("attention_weight", "FP32", [-1]),
+    ]
+
+    def __init__(self, screening) -> None:
+        self.screening = screening
+        self.version = screening.screener.meta.version
+
+    def is_ready(self) -> bool:
+        return self.screening.__is_ready__()
+
+    async def infer(self, inputs: dict[str, np.ndarray], parameters: dict) -> dict[str, np.ndarray]:
+        infant = None
+        if "infant" in inputs:
+            v = np.asarray(inputs["infant"], np.float64).reshape(-1)
+            if not np.isfinite(v).all() or v[0] not in (0.0, 1.0):
+                raise InvalidInfantDataError(
+                    "invalid infant data: 'infant' is [sex (1 male, 0 female), gestational age "
+                    "weeks, birth weight g, corrected age weeks], all finite"
+                )
+            infant = InfantData.parse(
+                sex="male" if v[0] == 1.0 else "female",
+                gestational_age_weeks=float(v[1]),
+                birth_weight_g=float(v[2]),
+                corrected_age_weeks=float(v[3]),
+            )
+        try:
+            r = await self.screening.score(np.array(inputs["instances"]), infant)
+        except TimeoutError:
+            raise E.ServiceError(E.TIMEOUT, "scoring took longer than the limit") from None
+        f32 = np.float32
+        return {
+            "normal_probability": np.array([r.normal_probability], f32),
+            "risk_probability": np.array([r.risk_probability], f32),
+            "fms_frequency": np.array([r.fms_frequency], f32),
+            "fms_probability": np.array(r.fms_probability, f32),
+            "attention_weight": np.array(r.attention_weight, f32),
+        }
+
+
+def _status(exc: Exception) -> grpc.StatusCode:
+    code = getattr(exc, "code", None)
+    return {
+        E.OVERLOADED: grpc.StatusCode.UNAVAILABLE,
+        E.TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
+    }.get(code) or _default_status(exc)
+
+
+_default_status = make_error_status()
+
+
+class _AuthAndMeter(grpc.aio.ServerInterceptor):
+    """API key (``authorization: Bearer <key>`` metadata) and in-flight gauge for gRPC."""
+
+    def __init__(self, key_hashes: frozenset[str], auth_disabled: bool) -> None:
+        self.keys = KeyCheck(key_hashes, auth_disabled)
+
+    def _authorised(self, metadata) -> bool:
+        return self.keys.allows({k.lower(): v for k, v in (metadata or ())})
+
+    async def intercept_service(self, continuation, details):
+        method = details.method.rsplit("/", 1)[-1]
+        if method in _OPEN_METHODS or self._authorised(details.invocation_metadata):
+            handler = await continuation(details)
+            if handler is None or handler.unary_unary is None:
+                return handler
+            inner = handler.unary_unary
+            gauge = get_metrics().in_flight.labels(protocol="grpc")
+
+            async def metered(request, context):
+                gauge.inc()
+                try:
+                    return await inner(request, context)
+                finally:
+                    gauge.dec()
+
+            return grpc.unary_unary_rpc_method_handler(
+                metered,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+
+        async def deny(request, context):
+            get_metrics().requests.labels(
+                endpoint=method, protocol="grpc", code=E.UNAUTHORIZED
+            ).inc()
+            get_metrics().errors.labels(endpoint=method, protocol="grpc", code=E.UNAUTHORIZED).inc()
+            await context.send_initial_metadata(())
+            context.set_trailing_metadata(((ERROR_CODE_KEY, E.UNAUTHORIZED),))
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, f"{E.UNAUTHORIZED}: missing or invalid API key"
+            )
+
+        handler = await continuation(details)
+        return grpc.unary_unary_rpc_method_handler(
+            deny,
+            request_deserializer=handler.request_deserializer if handler else None,
+            response_serializer=handler.response_serializer if handler else None,
+        )
+
+
+def _observe(method: str, code: str, seconds: float) -> None:
+    m = get_metrics()
+    labels = {"endpoint": method, "protocol": "grpc"}
+    m.requests.labels(**labels, code=code).inc()
+    m.request_seconds.labels(**labels).observe(seconds)
+    if code != "ok":
+        m.errors.labels(**labels, code=code).inc()
+    if code == E.OVERLOADED:
+        m.load_shed.labels(**labels).inc()
+
+
+async def start_grpc(screening, host: str, port: int) -> grpc.aio.Server:
+    s = get_settings()
+    max_instances = s.max_instances
+    servicer = InferenceServicer(
+        V2Model(screening),
+        server_name="mam",
+        server_version=mam.__version__,
+        max_elements=max_instances * _INSTANCE_BYTES // 4 + 4,
+        error_status=_status,
+        observer=_observe,
+    )
+    server = await start_server(
+        servicer,
+        host,
+        port,
+        max_message_bytes=max_instances * _INSTANCE_BYTES + 2**20,
+        interceptors=[_AuthAndMeter(s.key_hashes(), s.auth_disabled)],
+    )
+    logger.info("KServe v2 gRPC on %s:%d (model %r)", host, port, MODEL_NAME)
+    return server
+
+
+__all__ = ["V2Model", "start_grpc"]

@@ -1,0 +1,256 @@
+"""One ASGI middleware in front of every REST route: request id, API-key check, upload limit,
+content types, metering and the error envelope.
+
+It is pure ASGI (no buffering of request bodies) so that a 500 MB upload streams through; it only
+buffers the bodies of error responses that BentoML produced itself (validation, load shedding,
+unknown routes) to put them in the service's envelope with a stable code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass
+
+from service import errors as E
+from service.auth import KeyCheck
+from service.metrics import get_metrics
+
+logger = logging.getLogger("mam.service.access")
+
+# Routes never behind the key: probes and the scraper must work without one, and the API
+# description is public. Everything else, including unknown paths, needs a key.
+EXEMPT = frozenset({"/livez", "/readyz", "/healthz", "/metrics", "/", "/docs.json", "/schema.json"})
+EXEMPT_PREFIXES = ("/static_content/",)
+
+MULTIPART = ("multipart/form-data",)
+JSON = ("application/json",)
+
+
+@dataclass(frozen=True)
+class Route:
+    endpoint: str  # metric label: a fixed name, never the raw path
+    content_types: tuple[str, ...] | None  # allowed for a request with a body; None: no body
+
+
+ROUTES: dict[str, Route] = {
+    "/screen": Route("screen", MULTIPART),
+    "/screen/submit": Route("screen_submit", MULTIPART),
+    "/screen/status": Route("screen_status", None),
+    "/screen/get": Route("screen_get", None),
+    "/screen/progress": Route("screen_progress", JSON),
+    "/screen/cancel": Route("screen_cancel", None),
+    "/screen/retry": Route("screen_retry", None),
+    "/screen_pose": Route("screen_pose", MULTIPART),
+    "/screen_instances": Route("screen_instances", MULTIPART),
+}
+RETRY_DISABLED = (
+    "retry is disabled: recordings are deleted once processed, so there is nothing to rerun; "
+    "submit the recording again"
+)
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class TooLarge(Exception):
+    pass
+
+
+def _header(scope, name: bytes) -> str | None:
+    for k, v in scope.get("headers", ()):
+        if k == name:
+            return v.decode("latin-1")
+    return None
+
+
+class ServiceMiddleware:
+    """Args: app; key_hashes: accepted SHA-256 digests; auth_disabled; max_body_bytes."""
+
+    def __init__(self, app, key_hashes: frozenset[str], auth_disabled: bool, max_body_bytes: int):
+        self.app = app
+        self.keys = KeyCheck(key_hashes, auth_disabled)
+        self.max_body = max_body_bytes
+        if auth_disabled:
+            logger.warning("API-key authentication is DISABLED (MAM_AUTH_DISABLED): dev only")
+        elif not key_hashes:
+            logger.warning("no API keys configured (MAM_API_KEY_HASHES): every call gets 401")
+
+    def _authorised(self, scope) -> bool:
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        return self.keys.allows(headers)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        if path == "/metrics":
+            return await _metrics(scope, receive, send)
+        if path in EXEMPT or path.startswith(EXEMPT_PREFIXES):
+            return await self.app(scope, receive, send)
+
+        rid = _header(scope, b"x-request-id")
+        rid = rid if rid and _REQUEST_ID.match(rid) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        route = ROUTES.get(path)
+        endpoint = route.endpoint if route else "other"
+        m = get_metrics()
+        labels = {"endpoint": endpoint, "protocol": "rest"}
+        t0 = time.perf_counter()
+        outcome = {"status": 500, "code": E.INTERNAL}
+        m.in_flight.labels(protocol="rest").inc()
+        try:
+            await self._handle(scope, receive, send, route, path, rid, outcome)
+        finally:
+            m.in_flight.labels(protocol="rest").dec()
+            dt = time.perf_counter() - t0
+            code = outcome["code"]
+            m.requests.labels(**labels, code=code).inc()
+            m.request_seconds.labels(**labels).observe(dt)
+            if code != "ok":
+                m.errors.labels(**labels, code=code).inc()
+            if code == E.OVERLOADED:
+                m.load_shed.labels(**labels).inc()
+            logger.info(
+                "request_id=%s endpoint=%s status=%d code=%s duration_ms=%.1f",
+                rid, endpoint, outcome["status"], code, dt * 1000,
+            )  # fmt: skip
+
+    async def _handle(self, scope, receive, send, route, path, rid, outcome):
+        async def reply(code: str, message: str, headers: dict | None = None):
+            resp = E.error_response(code, message, rid)
+            resp.headers.update(headers or {})
+            outcome.update(status=resp.status_code, code=code)
+            await resp(scope, receive, send)
+
+        if not self._authorised(scope):
+            return await reply(
+                E.UNAUTHORIZED,
+                "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                {"www-authenticate": "Bearer"},
+            )
+        if route is None:
+            # Answered here, before BentoML's own metrics label it with the raw path: a scanner
+            # probing /patients/<id> must not mint label values.
+            return await reply(E.NOT_FOUND, "no such endpoint")
+        if path == "/screen/retry":
+            return await reply(E.TASK_RETRY_DISABLED, RETRY_DISABLED)
+        method = scope.get("method", "GET")
+        if route and route.content_types and method == "POST":
+            ctype = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
+            if ctype not in route.content_types:
+                return await reply(
+                    E.UNSUPPORTED_MEDIA_TYPE,
+                    f"expected {' or '.join(route.content_types)}; received {ctype or 'none'}",
+                )
+        length = _header(scope, b"content-length")
+        limit_msg = f"request body larger than the limit of {self.max_body / 2**20:g} MiB"
+        if length and length.isdigit() and int(length) > self.max_body:
+            return await reply(E.TOO_LARGE, limit_msg)
+
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            msg = await receive()
+            if msg["type"] == "http.request":
+                received += len(msg.get("body", b""))
+                if received > self.max_body:
+                    raise TooLarge
+            return msg
+
+        started = False
+        held: dict | None = None
+        chunks: list[bytes] = []
+
+        async def wrapped_send(msg):
+            nonlocal started, held
+            if msg["type"] == "http.response.start":
+                started = True
+                headers = [(k, v) for k, v in msg.get("headers", [])]
+                code = next(
+                    (v.decode() for k, v in headers if k.lower() == E.ERROR_HEADER.encode()),
+                    None,
+                )
+                status = msg["status"]
+                outcome.update(status=status, code=code or ("ok" if status < 400 else None))
+                if status >= 400 and code is None:
+                    held = msg  # BentoML's own error: rewrite it once the body is in
+                    return
+                headers.append((b"x-request-id", rid.encode()))
+                msg = {**msg, "headers": headers}
+            elif msg["type"] == "http.response.body" and held is not None:
+                chunks.append(msg.get("body", b""))
+                if msg.get("more_body"):
+                    return
+                code, message = _translate(held["status"], b"".join(chunks), path)
+                resp = E.error_response(code, message, rid)
+                outcome.update(status=resp.status_code, code=code)
+                return await resp(scope, _no_receive, send)
+            await send(msg)
+
+        try:
+            await self.app(scope, limited_receive, wrapped_send)
+        except TooLarge:
+            if not started:
+                await reply(E.TOO_LARGE, limit_msg)
+            outcome.update(status=413, code=E.TOO_LARGE)
+
+
+async def _metrics(scope, receive, send):
+    """Prometheus exposition of every process of the service (BentoML's workers write
+    multi-process files; BentoML's own ``/metrics`` is off on this service, see ``service.app``)."""
+    import os
+
+    import anyio
+    import prometheus_client as pc
+    from prometheus_client import multiprocess
+    from starlette.responses import Response
+
+    def render() -> bytes:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = pc.CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return pc.generate_latest(registry)
+        return pc.generate_latest()
+
+    body = await anyio.to_thread.run_sync(render)
+    await Response(body, media_type=pc.CONTENT_TYPE_LATEST)(scope, receive, send)
+
+
+async def _no_receive():
+    return {"type": "http.disconnect"}
+
+
+def _translate(status: int, body: bytes, path: str) -> tuple[str, str]:
+    """BentoML's own error responses -> (code, message) of the envelope."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        data = {"error": body.decode("utf-8", "replace")[:500]}
+    if isinstance(data, list) and data:  # BentoML wraps some errors in a 1-tuple
+        data = data[0]
+    if not isinstance(data, dict):
+        data = {"error": str(data)[:500]}
+    message = str(data.get("error") or data.get("detail") or E.reason(status))
+    detail = data.get("detail") if isinstance(data.get("detail"), list) else []
+    if status == 400 and detail:
+        parts = []
+        for d in detail:
+            loc = ".".join(str(x) for x in d.get("loc", ()))
+            parts.append(f"{loc}: {d.get('msg', '')}" if loc else str(d.get("msg", "")))
+            if "Invalid content type" in str(d.get("msg", "")):
+                return E.UNSUPPORTED_MEDIA_TYPE, "; ".join(parts)
+        locs = {str(d.get("loc", ("",))[0]) for d in detail if d.get("loc")}
+        text = "; ".join(parts)
+        if "infant" in locs:
+            return "invalid_infant_data", f"invalid infant data: {text}"
+        return E.MALFORMED, f"malformed request: {text}"
+    if status == 503:
+        return E.OVERLOADED, "the service is at capacity; retry with back-off"
+    if status >= 500:
+        return E.INTERNAL, "unexpected server error; it has been logged with this request id"
+    mapping = {400: E.MALFORMED, 404: E.NOT_FOUND, 405: E.METHOD_NOT_ALLOWED,
+               413: E.TOO_LARGE, 415: E.UNSUPPORTED_MEDIA_TYPE}  # fmt: skip
+    return mapping.get(status, E.MALFORMED), message

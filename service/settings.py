@@ -1,0 +1,96 @@
+"""Service settings, from ``MAM_*`` environment variables (pydantic-settings, as FastAPI does).
+
+They are read once at import: BentoML fixes the batching parameters when the service class is
+defined, so a change needs a restart, which is also what Kubernetes does with a ConfigMap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from mam.screening import default_weights
+from mam.video import VideoLimits
+
+logger = logging.getLogger(__name__)
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MAM_", extra="ignore", protected_namespaces=())
+
+    weights: Path = Field(default_factory=default_weights, description="NAME.json of the weights.")
+    runtime: str | None = Field(None, description="tensorrt | onnxruntime | pytorch; None: auto.")
+    device: str = "auto"
+    precision: str = "fp32"
+
+    # Adaptive batching of the clip network (one batcher for REST and gRPC).
+    max_batch_size: int = Field(64, ge=1, le=1024, description="Instances per executed batch.")
+    max_latency_ms: int = Field(
+        20_000, ge=10, description="BentoML's budget: calls predicted to wait longer get 503."
+    )
+    clip_workers: int = Field(1, ge=1, description="Processes running the clip network.")
+
+    grpc_host: str = "0.0.0.0"
+    grpc_port: int = Field(8001, ge=0, le=65535, description="KServe v2 gRPC port (0: off).")
+
+    # Authentication: SHA-256 hex digests of the accepted API keys, never the keys themselves.
+    api_key_hashes: str = Field("", description="Comma-separated SHA-256 hex digests of keys.")
+    api_key_hashes_file: Path | None = Field(None, description="Mounted secret, one per line.")
+    auth_disabled: bool = Field(False, description="Local development only.")
+
+    # Limits.
+    max_upload_mb: float = Field(512.0, gt=0)
+    max_duration_s: float = Field(VideoLimits().max_duration_s, gt=0)
+    max_resolution: int = Field(VideoLimits().max_width, gt=0, description="Width/height, px.")
+    max_instances: int = Field(1024, ge=1, description="Instances per tensors-in request.")
+    max_pose_frames: int = Field(25 * 60 * 30, ge=240, description="Frames per pose-in request.")
+    request_timeout_s: float = Field(600.0, gt=0, description="Synchronous video requests.")
+    task_timeout_s: float = Field(3600.0, gt=0, description="Submitted video tasks.")
+    tensor_timeout_s: float = Field(120.0, gt=0, description="Tensors and pose requests.")
+    video_concurrency: int = Field(1, ge=1, description="Recordings decoded and posed at once.")
+    video_queue: int = Field(8, ge=0, description="Recordings waiting beyond those; more: 503.")
+
+    @field_validator("api_key_hashes")
+    @classmethod
+    def _hex_digests(cls, v: str) -> str:
+        for h in filter(None, (x.strip().lower() for x in v.split(","))):
+            if not _HEX64.match(h):
+                raise ValueError("MAM_API_KEY_HASHES must be SHA-256 hex digests (64 hex chars)")
+        return v
+
+    def key_hashes(self) -> frozenset[str]:
+        hashes = {x.strip().lower() for x in self.api_key_hashes.split(",") if x.strip()}
+        if self.api_key_hashes_file is not None:
+            for line in self.api_key_hashes_file.read_text().splitlines():
+                line = line.strip().lower()
+                if line and not line.startswith("#"):
+                    if not _HEX64.match(line):
+                        raise ValueError(f"{self.api_key_hashes_file}: not a SHA-256 hex digest")
+                    hashes.add(line)
+        return frozenset(hashes)
+
+    def video_limits(self) -> VideoLimits:
+        return VideoLimits(
+            max_duration_s=self.max_duration_s,
+            max_width=self.max_resolution,
+            max_height=self.max_resolution,
+            max_file_bytes=int(self.max_upload_mb * 2**20),
+        )
+
+
+def hash_key(key: str) -> str:
+    """What to put in ``MAM_API_KEY_HASHES`` for a key (``mam serve --hash-key`` prints it)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

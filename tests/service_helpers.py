@@ -1,0 +1,61 @@
+"""Shared by the service tests: test data with known truth, and the service's environment."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+
+import numpy as np
+
+from mam.features import build_instances
+from mam.model.weights import load_meta
+from mam.screening import default_weights
+from mam.synth.motion import simulate_infant
+
+API_KEY = "test-key-not-secret"
+INFANT = {
+    "sex": "female",
+    "gestational_age_weeks": 39.0,
+    "birth_weight_g": 3300,
+    "corrected_age_weeks": 12.0,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def service_env(api_key_hash: str, grpc_port: int = 0) -> dict[str, str]:
+    """Small limits, so the limit tests stay cheap; a 30 s simulated bag (7 instances) fits."""
+    return {
+        "MAM_API_KEY_HASHES": api_key_hash,
+        "MAM_AUTH_DISABLED": "0",
+        "MAM_GRPC_PORT": str(grpc_port),
+        "MAM_MAX_UPLOAD_MB": "16",
+        "MAM_MAX_INSTANCES": "8",
+        "MAM_MAX_BATCH_SIZE": "16",
+    }
+
+
+def simulated(category: str, seed: int, duration_s: float = 30.0):
+    """A simulated infant (ground truth: ``category``) and its instance tensors."""
+    infant = simulate_infant(np.random.default_rng(seed), f"t{seed}", category, duration_s)
+    meta, _, _ = load_meta(default_weights())
+    joints = np.nan_to_num(infant.clean_joints)
+    inst = build_instances(joints, meta.normalizer, step=meta.clip_step)
+    return infant, joints.astype(np.float32), inst.tensors
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def multipart(field: str, data: bytes, content_type: str, infant: dict | None = None):
+    """(files, data) for httpx / starlette's TestClient."""
+    files = {field: (f"{field}.bin", data, content_type)}
+    return files, ({"infant": json.dumps(infant)} if infant else {})

@@ -1,0 +1,236 @@
+"""The REST service in-process (ASGI, BentoML's app with its lifespan): results equal the
+library's, every failure is a typed envelope with the right status, and limits hold."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("bentoml")
+
+from mam.schemas import InfantData  # noqa: E402
+from mam.screening import Screener  # noqa: E402
+from tests.media import write_video  # noqa: E402
+from tests.service_helpers import (  # noqa: E402
+    API_KEY,
+    INFANT,
+    multipart,
+    npy_bytes,
+    service_env,
+    simulated,
+)
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    from starlette.testclient import TestClient
+
+    from service.settings import hash_key
+
+    tmp = tmp_path_factory.mktemp("svc")
+    (tmp / "prometheus").mkdir()
+    env = service_env(hash_key(API_KEY)) | {
+        "TMPDIR": str(tmp),
+        "BENTOML_HOME": str(tmp / "home"),
+        # As under `bentoml serve`: BentoML's /metrics reads the multi-process files.
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp / "prometheus"),
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import tempfile
+
+    tempfile.tempdir = None  # pick up TMPDIR: uploads must land only here
+    import service.settings
+
+    service.settings.get_settings.cache_clear()
+    app_module = importlib.import_module("service.app")
+    try:
+        with TestClient(app_module.Screening.to_asgi()) as c:
+            c.tmp = tmp
+            yield c
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        tempfile.tempdir = None
+
+
+@pytest.fixture(scope="module")
+def library():
+    return Screener()
+
+
+@pytest.fixture(scope="module")
+def sims():
+    return {
+        "continuous": simulated("continuous", 1),
+        "absent": simulated("absent", 2),
+    }
+
+
+def post(client, path, field, data, ctype="application/octet-stream", infant=None, **kw):
+    files, form = multipart(field, data, ctype, infant)
+    return client.post(path, files=files, data=form, headers=kw.pop("headers", AUTH), **kw)
+
+
+def error_of(r, status: int, code: str) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["error"]["code"] == code, body
+    assert r.headers["x-mam-error-code"] == code
+    assert body["error"]["request_id"] and "Decision support" in body["disclaimer"]
+    return body["error"]
+
+
+def test_health_and_metrics_need_no_key(client):
+    assert client.get("/livez").status_code == 200
+    assert client.get("/readyz").status_code == 200
+    assert client.get("/metrics").status_code == 200
+
+
+def test_instances_equal_library_and_follow_truth(client, library, sims):
+    """Same numbers as the CLI's Screener; and learned behaviour survives the service path:
+    an infant simulated with continuous FMs scores a higher FMs frequency than one without."""
+    results = {}
+    for cat, (_, _, tensors) in sims.items():
+        r = post(client, "/screen_instances", "instances", npy_bytes(tensors), infant=INFANT)
+        assert r.status_code == 200, r.text
+        got = r.json()
+        want = library.score_instances(tensors, InfantData(**INFANT))
+        assert np.allclose(got["fms_probability"], want.fms_probability, atol=1e-4)
+        assert abs(got["normal_probability"] - want.normal_probability) < 1e-4
+        assert got["model"]["used_info_branch"] and "Decision support" in got["disclaimer"]
+        results[cat] = got
+    assert results["continuous"]["fms_frequency"] > results["absent"]["fms_frequency"] + 0.5
+    assert results["continuous"]["risk_probability"] < results["absent"]["risk_probability"]
+
+
+def test_pose_in_equals_library(client, library, sims):
+    _, joints, _ = sims["absent"]
+    r = post(client, "/screen_pose", "pose", npy_bytes(joints))
+    assert r.status_code == 200, r.text
+    got, want = r.json(), library.screen_pose(library_seq(joints))
+    assert got["fms_frequency"] == want.fms_frequency
+    assert got["risk_probability"] == pytest.approx(want.risk_probability, abs=1e-4)
+    assert len(got["clips"]) == len(want.clips) and got["infant"] is None
+
+
+def library_seq(joints):
+    from mam.pose.precomputed import validate_pose_array
+
+    return validate_pose_array(joints)
+
+
+@pytest.mark.parametrize(
+    "case, status, code",
+    [
+        ("no_key", 401, "unauthorized"),
+        ("wrong_key", 401, "unauthorized"),
+        ("json_body", 415, "unsupported_media_type"),
+        ("not_npy", 400, "malformed_request"),
+        ("pickle", 400, "malformed_request"),
+        ("wrong_shape", 422, "invalid_tensor"),
+        ("not_differences", 422, "invalid_tensor"),
+        ("nan", 422, "invalid_tensor"),
+        ("too_many", 422, "invalid_tensor"),
+        ("partial_infant", 422, "invalid_infant_data"),
+        ("absurd_infant", 422, "invalid_infant_data"),
+        ("missing_field", 400, "malformed_request"),
+        ("too_large", 413, "file_too_large"),
+        ("unknown_route", 404, "not_found"),
+    ],
+)
+def test_tensor_errors_are_typed_and_harmless(client, sims, case, status, code):
+    good = sims["absent"][2][:2]
+    x = {
+        "wrong_shape": good[:, :, :, :, :16],
+        "not_differences": np.abs(good) + 1.0,
+        "nan": np.where(good == good.max(), np.nan, good),
+        "too_many": np.repeat(good, 5, axis=0),  # 10 > MAM_MAX_INSTANCES=8
+    }.get(case, good)
+    body = npy_bytes(x)
+    infant = {"partial_infant": {"sex": "male"}, "absurd_infant": INFANT | {"birth_weight_g": 9e9}}
+    if case == "no_key":
+        r = post(client, "/screen_instances", "instances", body, headers={})
+    elif case == "wrong_key":
+        r = post(client, "/screen_instances", "instances", body, headers={"x-api-key": "nope"})
+    elif case == "json_body":
+        r = client.post("/screen_instances", json={"instances": [1, 2]}, headers=AUTH)
+    elif case == "not_npy":
+        r = post(client, "/screen_instances", "instances", b"\x93NUMPY garbage")
+    elif case == "pickle":
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+        r = post(client, "/screen_instances", "instances", buf.getvalue())
+    elif case == "missing_field":
+        r = post(client, "/screen_instances", "wrong_name", body)
+    elif case == "too_large":
+        r = post(client, "/screen_instances", "instances", os.urandom(17 * 2**20))
+    elif case == "unknown_route":
+        r = client.get("/nothing/here", headers=AUTH)
+    else:
+        r = post(client, "/screen_instances", "instances", body, infant=infant.get(case))
+    err = error_of(r, status, code)
+    if case == "absurd_infant":
+        assert "birth_weight_g" in err["message"] and "9000000000" not in err["message"]
+    # ...and the service is unharmed:
+    ok = post(client, "/screen_instances", "instances", npy_bytes(good))
+    assert ok.status_code == 200, ok.text
+
+
+@pytest.fixture(scope="module")
+def short_video(tmp_path_factory):
+    from tests.media import moving_square_frames
+
+    p = tmp_path_factory.mktemp("v") / "Patient_Name_2026.mp4"
+    write_video(p, moving_square_frames(100), fps=25)
+    return p
+
+
+@pytest.mark.parametrize(
+    "case, status, code",
+    [
+        ("not_a_video", 422, "not_a_video"),
+        ("wrong_type", 415, "unsupported_media_type"),
+        ("too_short", 422, "video_too_short"),
+    ],
+)
+def test_video_errors_are_typed_and_leave_nothing(client, short_video, case, status, code):
+    data = short_video.read_bytes() if case == "too_short" else b"not a video at all" * 100
+    ctype = "text/plain" if case == "wrong_type" else "video/mp4"
+    files = {"video": ("Patient_Name_2026.mp4", data, ctype)}
+    r = client.post("/screen", files=files, headers=AUTH)
+    err = error_of(r, status, code)
+    assert "Patient_Name" not in r.text and str(client.tmp) not in err["message"]
+    kept = [p for p in Path(client.tmp).rglob("*") if p.is_file() and data in p.read_bytes()]
+    assert kept == [], kept
+
+
+def test_metrics_count_by_endpoint_and_code_without_identifiers(client):
+    text = client.get("/metrics").text
+    assert 'mam_requests_total{code="ok",endpoint="screen_instances",protocol="rest"}' in text
+    assert 'code="invalid_tensor",endpoint="screen_instances"' in text
+    assert 'code="unauthorized"' in text
+    assert "mam_batch_rows_bucket" in text and "mam_model_compute_seconds_bucket" in text
+    assert 'mam_model_info{backend="onnxruntime"' in text
+    assert "Patient_Name" not in text and "nothing/here" not in text
+    assert 'endpoint="other"' in text  # unknown paths are one label, not the path
+
+
+def test_openapi_documents_the_typed_api(client):
+    spec = client.get("/docs.json").json()
+    for path in ("/screen", "/screen/submit", "/screen_pose", "/screen_instances"):
+        assert path in spec["paths"], sorted(spec["paths"])
+    schemas = " ".join(spec["components"]["schemas"])  # BentoML suffixes IODescriptor
+    for name in ("ScreeningResult", "InstancesResult", "InfantData", "Quality", "TaskProgress"):
+        assert name in schemas
