@@ -243,7 +243,6 @@ def _serve(args: argparse.Namespace) -> int:
     """Start the BentoML service (REST on --port, KServe v2 gRPC on --grpc-port)."""
     import hashlib
     import os
-    import tempfile
 
     if args.hash_key is not None:
         print(hashlib.sha256(args.hash_key.encode()).hexdigest())
@@ -251,6 +250,9 @@ def _serve(args: argparse.Namespace) -> int:
     root = Path(__file__).resolve().parent.parent
     if not (root / "service" / "app.py").is_file():
         raise SystemExit("mam serve: the service/ folder is not beside mam/ (run from a checkout)")
+    sys.path.insert(0, str(root))
+    from service.process import REPO, private_task_store, serve_command
+
     env = dict(os.environ)
     env["MAM_GRPC_PORT"] = str(args.grpc_port)
     if args.weights:
@@ -259,16 +261,10 @@ def _serve(args: argparse.Namespace) -> int:
         env["MAM_AUTH_DISABLED"] = "1"
         print("mam serve: API-key authentication is OFF (--no-auth); local use only",
               file=sys.stderr)  # fmt: skip
-    # BentoML's task store keeps each task's request until it is scrubbed: keep it private.
-    env.setdefault(
-        "BENTOML_RESULT_STORE",
-        str(Path(tempfile.mkdtemp(prefix="mam-tasks-")) / "task_result.db"),
-    )
-    cmd = [sys.executable, "-m", "bentoml", "serve", "service.app:Screening",
-           "--port", str(args.port), "--host", args.host, "--working-dir", str(root)]  # fmt: skip
+    env.setdefault("BENTOML_RESULT_STORE", private_task_store())
     import subprocess
 
-    return subprocess.call(cmd, env=env, cwd=root)
+    return subprocess.call(serve_command(args.port, args.host), env=env, cwd=REPO)
 
 
 def _add_train_options(s: argparse.ArgumentParser) -> None:

@@ -211,11 +211,19 @@ def validate_instances(
     if not np.isfinite(x).all():
         raise InvalidTensorError("expected finite values; received NaN or +-inf")
     scale = max(float(np.abs(x).max()), 1e-6)
-    asym = float(np.abs(x + x.transpose(0, 1, 2, 4, 3)).max())
-    if asym > 1e-3 * scale:
+    err = float(np.abs(x - expand_differences(x[..., 0])).max())
+    if err > 1e-3 * scale:
         raise InvalidTensorError(
-            "expected joint-difference matrices (d[i, j] = -d[j, i], zero diagonal) on the last "
-            f"two axes; received matrices off by up to {asym / scale:.2g} of their scale. Are the "
-            "axes in the order [N, frames, xyz, joints, joints]?"
+            "expected joint-difference matrices on the last two axes (d[i, j] = x_i - x_j, so "
+            f"d[i, j] = d[i, 0] - d[j, 0]); received matrices off by up to {err / scale:.2g} of "
+            "their scale. Are the axes in the order [N, frames, xyz, joints, joints]?"
         )
     return x
+
+
+def expand_differences(relative: np.ndarray) -> np.ndarray:
+    """``[..., V]`` positions relative to joint 0 (``d[..., :, 0]``) -> the difference matrices
+    ``[..., V, V]``. A difference matrix holds V numbers' worth of information in V x V; sending
+    the V between processes is 17x less to copy, and expanding it back is exact up to rounding."""
+    r = np.asarray(relative, np.float32)
+    return r[..., :, None] - r[..., None, :]

@@ -33,7 +33,7 @@ from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 
 from mam.errors import InvalidPoseError, MamError
-from mam.features import CLIP_FRAMES, validate_instances
+from mam.features import CLIP_FRAMES, expand_differences, validate_instances
 from mam.model.weights import load_meta
 from mam.pose import load_pose_file
 from mam.pose.from_video import estimate_video_pose
@@ -91,14 +91,16 @@ class ClipModel:
         max_batch_size=S.max_batch_size,
         max_latency_ms=S.max_latency_ms,
     )
-    def clip(self, instances: np.ndarray) -> np.ndarray:
-        """``[N, 240, 3, 17, 17]`` -> ``[N, 3]``: the two clip logits and, in column 2, the
-        executed batch's compute seconds (so that callers can split their wait into queue and
-        compute without a second channel)."""
+    def clip(self, relative: np.ndarray) -> np.ndarray:
+        """Instances as positions relative to joint 0, ``[N, 240, 3, 17]`` (``d[..., 0]`` of the
+        difference matrices: 17x less to send between processes, expanded here exactly) ->
+        ``[N, 3]``: the two clip logits and, in column 2, the executed batch's compute seconds
+        (so that callers can split their wait into queue and compute without a second
+        channel)."""
         t = time.perf_counter()
-        _, logits = self.engine.clip(instances)
+        _, logits = self.engine.clip(expand_differences(relative))
         dt = time.perf_counter() - t
-        self.metrics.batch_rows.observe(len(instances))
+        self.metrics.batch_rows.observe(len(relative))
         self.metrics.compute_seconds.observe(dt)
         out = np.empty((len(logits), 3), np.float32)
         out[:, :2] = logits
@@ -260,21 +262,36 @@ class Screening:
         await self._describe_clip_model()
         b = S.max_batch_size
         m = self.metrics
+        relative = np.ascontiguousarray(instances[..., 0])  # exact: see ClipModel.clip
         m.queue_rows.inc(len(instances))
         try:
             outs = await asyncio.gather(
-                *(self._one_call(instances[i : i + b]) for i in range(0, len(instances), b))
+                *(self._one_call(relative[i : i + b]) for i in range(0, len(relative), b))
             )
         finally:
             m.queue_rows.dec(len(instances))
         return np.concatenate([o[:, :2] for o in outs])
 
     async def _one_call(self, chunk: np.ndarray) -> np.ndarray:
+        import aiohttp
+
         t = time.perf_counter()
         try:
-            out = np.asarray(await self.clip_model.to_async.clip(chunk))
-        except bentoml.exceptions.ServiceUnavailable as e:
-            raise E.ServiceError(E.OVERLOADED, "the model is at capacity; retry later") from e
+            for attempt in range(3):
+                try:
+                    out = np.asarray(await self.clip_model.to_async.clip(chunk))
+                    break
+                except aiohttp.ClientConnectionError:
+                    # Under load the proxy sometimes reuses a keep-alive connection that
+                    # ClipModel's server has just closed (ServerDisconnectedError). The call is
+                    # a pure function of its input, so sending it again is safe.
+                    if attempt == 2:
+                        raise
+        except bentoml.exceptions.BentoMLException as e:
+            # The batcher sheds calls it predicts will exceed MAM_MAX_LATENCY_MS with a 503.
+            if getattr(e, "error_code", None) == 503:
+                raise E.ServiceError(E.OVERLOADED, "the model is at capacity; retry later") from e
+            raise
         self.metrics.queue_wait_seconds.observe(max(time.perf_counter() - t - float(out[0, 2]), 0))
         return out
 
@@ -302,7 +319,7 @@ class Screening:
         """Run ``job(cancelled)`` in the video pool: a bounded queue (503 beyond it), a deadline
         over waiting and running (504), and a cancel flag the job checks per frame."""
         m = self.metrics
-        if self._video_waiting >= S.video_queue + S.video_concurrency:
+        if self._video_slots.locked() and self._video_waiting >= S.video_queue:
             raise E.ServiceError(E.OVERLOADED, "too many recordings queued; retry with back-off")
         cancelled = threading.Event()
         self._video_waiting += 1

@@ -234,3 +234,50 @@ def test_openapi_documents_the_typed_api(client):
     schemas = " ".join(spec["components"]["schemas"])  # BentoML suffixes IODescriptor
     for name in ("ScreeningResult", "InstancesResult", "InfantData", "Quality", "TaskProgress"):
         assert name in schemas
+
+
+def test_overload_is_503_timeout_is_504_and_both_are_harmless(client, sims, monkeypatch):
+    """Load shedding and deadlines, made deterministic by holding the pose stage on a gate."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import service.app as app
+    from mam.errors import NoInfantDetectedError
+
+    gate = threading.Event()
+
+    def held_pose(*args, **kwargs):
+        gate.wait(60)
+        raise NoInfantDetectedError("no person was found in any frame")
+
+    monkeypatch.setattr(app, "estimate_video_pose", held_pose)
+    monkeypatch.setattr(app.S, "video_queue", 0)
+    files = {"video": ("v.mp4", b"\x00" * 1000, "video/mp4")}
+
+    def running() -> float:
+        text = client.get("/metrics").text
+        line = [x for x in text.splitlines() if x.startswith('mam_video_jobs{state="running"}')]
+        return float(line[0].split()[-1]) if line else 0.0
+
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(client.post, "/screen", files=files, headers=AUTH)
+        for _ in range(200):
+            if running() >= 1:
+                break
+            threading.Event().wait(0.05)
+        error_of(client.post("/screen", files=files, headers=AUTH), 503, "overloaded")
+        gate.set()
+        error_of(first.result(), 422, "no_infant_detected")
+
+    gate.clear()
+    monkeypatch.setattr(app.S, "request_timeout_s", 0.3)
+    error_of(client.post("/screen", files=files, headers=AUTH), 504, "timeout")
+    gate.set()  # the abandoned job ends; its slot comes back
+
+    monkeypatch.setattr(app.S, "tensor_timeout_s", 1e-6)
+    good = npy_bytes(sims["absent"][2][:2])
+    error_of(post(client, "/screen_instances", "instances", good), 504, "timeout")
+    monkeypatch.undo()
+    assert post(client, "/screen_instances", "instances", good).status_code == 200
+    text = client.get("/metrics").text
+    assert 'mam_load_shed_total{endpoint="screen",protocol="rest"} 1.0' in text

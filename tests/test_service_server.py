@@ -6,7 +6,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import re
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -20,6 +19,7 @@ pytest.importorskip("bentoml")
 httpx = pytest.importorskip("httpx")
 grpc = pytest.importorskip("grpc")
 
+from service.process import ServerProcess  # noqa: E402
 from tests.service_helpers import (  # noqa: E402
     API_KEY,
     INFANT,
@@ -54,33 +54,8 @@ def server(tmp_path_factory):
         }
     )
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    log = open(tmp / "server.log", "wb")
-    cmd = [sys.executable, "-m", "bentoml", "serve", "service.app:Screening",
-           "--port", str(port), "--host", "127.0.0.1", "--working-dir", str(REPO)]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                pytest.fail("bentoml serve exited:\n" + (tmp / "server.log").read_text()[-3000:])
-            try:
-                if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("not ready in 240 s:\n" + (tmp / "server.log").read_text()[-3000:])
-            time.sleep(1)
-        yield {"base": base, "grpc": f"127.0.0.1:{grpc_port}", "tmp": tmp}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+    with ServerProcess(port, env, tmp / "server.log") as s:
+        yield {"base": s.base, "grpc": f"127.0.0.1:{grpc_port}", "tmp": tmp}
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,77 @@
+"""Start ``bentoml serve`` for the service as a child process: one place for the command that
+``mam serve``, the tests, the benchmarks and the load tests use."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SERVICE = "service.app:Screening"
+
+
+def serve_command(port: int, host: str = "127.0.0.1") -> list[str]:
+    return [sys.executable, "-m", "bentoml", "serve", SERVICE, "--port", str(port),
+            "--host", host, "--working-dir", str(REPO)]  # fmt: skip
+
+
+def private_task_store() -> str:
+    """BentoML's task store holds each task's request until the service scrubs it: keep the
+    file in a private (0700) temporary folder rather than in BentoML's home."""
+    return str(Path(tempfile.mkdtemp(prefix="mam-tasks-")) / "task_result.db")
+
+
+class ServerProcess:
+    """``with ServerProcess(port, env) as s:`` starts the service, waits for ``/readyz``, and
+    stops the whole process group on exit. Output goes to ``log_path``."""
+
+    def __init__(self, port: int, env: dict[str, str], log_path: Path, ready_timeout_s=240.0):
+        self.port, self.env, self.log_path = port, env, Path(log_path)
+        self.ready_timeout_s = ready_timeout_s
+        self.base = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> ServerProcess:
+        import httpx
+
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            serve_command(self.port), env=self.env, cwd=REPO, stdout=self._log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + self.ready_timeout_s
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError("bentoml serve exited:\n" + self.log_tail())
+                try:
+                    if httpx.get(self.base + "/readyz", timeout=2).status_code == 200:
+                        return self
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"not ready in {self.ready_timeout_s:g} s:\n" + self.log_tail()
+                    )
+                time.sleep(0.5)
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def log_tail(self, n: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-n:]
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
