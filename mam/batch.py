@@ -317,10 +317,24 @@ def run_batch(
     pose_backend: str = "mediapipe",
     progress: Progress | None = None,
     min_free_bytes: int = MIN_FREE_BYTES,
+    shard: tuple[int, int] | None = None,
+    service=None,
 ) -> BatchSummary:
-    """Screen every recording of ``input_path`` into ``out``; see the module docstring."""
+    """Screen every recording of ``input_path`` into ``out``; see the module docstring.
+
+    ``shard=(i, n)`` keeps the recordings whose position in the input is ``i`` modulo ``n`` (one
+    pod of a Kubernetes Indexed Job each; ``merge_shards`` joins their outputs). ``service``, a
+    :class:`mam.service_client.ServiceClient`, screens through a running service instead of
+    worker processes, ``workers`` requests at a time."""
     out = check_output_dir(out, min_free_bytes)
     items = collect(input_path)
+    if shard is not None:
+        i, n = shard
+        if not (n >= 1 and 0 <= i < n):
+            raise InputError(f"shard must be I/N with 0 <= I < N; received {i}/{n}")
+        items = items[i::n]
+    if service is not None:
+        service.check()
     workers = max(1, workers or os.cpu_count() or 1)
     ledger = Ledger(out / LEDGER)
     summary = BatchSummary(recordings=len(items))
@@ -345,7 +359,10 @@ def run_batch(
             len(items), len(todo), summary.skipped, summary.duplicates,
         )  # fmt: skip
         summary.screened = len(todo)
-        _run_jobs(ledger, todo, workers, weights, pose_backend, progress)
+        if service is not None:
+            _run_service_jobs(ledger, todo, workers, service, progress)
+        else:
+            _run_jobs(ledger, todo, workers, weights, pose_backend, progress)
         write_outputs(out, ledger, [i.path for i in items])
         for r in ledger.rows([i.path for i in items]):
             if r["status"] == "done":
@@ -432,6 +449,60 @@ def _run_jobs(ledger, todo, workers, weights, pose_backend, progress) -> None:
                 for key in running.values():
                     record(key, ("failed", "internal_error", "worker process died", ""))
                 logger.warning("batch: a worker process died; %d jobs failed", len(running))
+
+
+def _run_service_jobs(ledger, todo, workers, service, progress) -> None:
+    """The same jobs as ``_run_jobs``, as requests to a service (bounded: ``workers`` at once)."""
+    total, finished, failed = len(todo), 0, 0
+
+    def one(item: Item):
+        try:
+            parsed = _parse_infant(item.infant)
+        except MamError as e:
+            return "failed", e.code, str(e), ""
+        infant = parsed.model_dump() if parsed is not None else None
+        return service.screen(item.file, item.kind, infant)
+
+    with cf.ThreadPoolExecutor(workers) as pool:
+        futures = {pool.submit(one, item): (key, item, sha) for key, (item, sha) in todo.items()}
+        for fut in cf.as_completed(futures):
+            key, item, sha = futures[fut]
+            status, code, msg, result = fut.result()
+            ledger.finish(key, sha, item.kind, status, code, msg, result or None)
+            finished += 1
+            failed += status == "failed"
+            if progress:
+                progress(finished, failed, total)
+
+
+def merge_shards(shards: Iterable[str | Path], out: str | Path) -> BatchSummary:
+    """Join the ledgers of shard folders into ``out`` (a done result wins over a failure of the
+    same job) and write one set of outputs for all their recordings."""
+    out = check_output_dir(out)
+    ledger = Ledger(out / LEDGER)
+    try:
+        for d in shards:
+            src = Path(d) / LEDGER
+            if not src.is_file():
+                raise FileNotFoundInputError(f"no {LEDGER} in shard folder {d}")
+            ledger.db.execute("ATTACH DATABASE ? AS shard", (str(src),))
+            try:
+                ledger.db.execute(
+                    "INSERT INTO jobs SELECT * FROM shard.jobs WHERE true ON CONFLICT(key) DO "
+                    "UPDATE SET sha256=excluded.sha256, kind=excluded.kind, "
+                    "status=excluded.status, error_code=excluded.error_code, "
+                    "error=excluded.error, result=excluded.result, "
+                    "finished_at=excluded.finished_at WHERE jobs.status != 'done'"
+                )
+                ledger.db.execute("INSERT OR REPLACE INTO paths SELECT * FROM shard.paths")
+            finally:
+                ledger.db.execute("DETACH DATABASE shard")
+        write_outputs(out, ledger)
+        rows = ledger.rows()
+    finally:
+        ledger.close()
+    done = sum(r["status"] == "done" for r in rows)
+    return BatchSummary(recordings=len(rows), done=done, failed=len(rows) - done)
 
 
 # -- outputs --------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ Examples:
     mam train --data data/sim --out models/my_model --epochs 8
     mam evaluate --data data/sim_test --format json
     mam batch archive/ --out results/ --workers 4
+    mam batch manifest.csv --out shard-0 --shard 0/4 && mam batch merge shard-* --out all
+    mam batch archive/ --out results/ --service http://mam:3000 --workers 8
     mam serve --port 3000 --grpc-port 8001
 
 Errors print one line, ``error [code]: message``, and exit with status 2 (bad input) or 1.
@@ -227,12 +229,22 @@ def _batch(args: argparse.Namespace) -> int:
             print(f"batch: {done}/{total} screened, {failed} failed, {rate * 60:.1f}/min, "
                   f"ETA {eta:.0f} s", file=sys.stderr)  # fmt: skip
 
+    service = None
+    if args.service:
+        from mam.service_client import ServiceClient
+
+        service = ServiceClient(args.service)
     try:
         s = run_batch(args.input, args.out, args.workers, args.retry_failed, args.weights,
-                      args.pose_backend, progress)  # fmt: skip
+                      args.pose_backend, progress, shard=args.shard,
+                      service=service)  # fmt: skip
+    except ConnectionError as e:
+        raise SystemExit(f"mam batch: {e}") from None
     finally:
         if bar is not None:
             bar.close()
+        if service is not None:
+            service.close()
     print(f"{s.recordings} recordings: {s.done} done, {s.failed} failed "
           f"({s.screened} screened now, {s.skipped} from the ledger, {s.duplicates} duplicates); "
           f"results in {args.out}")  # fmt: skip
@@ -265,6 +277,35 @@ def _serve(args: argparse.Namespace) -> int:
     import subprocess
 
     return subprocess.call(serve_command(args.port, args.host), env=env, cwd=REPO)
+
+
+def _batch_merge(args: argparse.Namespace) -> int:
+    from mam.batch import merge_shards
+
+    s = merge_shards(args.shards, args.out)
+    print(f"{len(args.shards)} shards merged: {s.recordings} recordings, {s.done} done, "
+          f"{s.failed} failed; results in {args.out}")  # fmt: skip
+    return 0
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected I/N, e.g. 0/4") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise argparse.ArgumentTypeError("expected I/N with 0 <= I < N")
+    return i, n
+
+
+def _merge_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mam batch merge", description="join the outputs of sharded batch runs"
+    )
+    p.add_argument("shards", nargs="+", type=Path, help="shard output folders")
+    p.add_argument("--out", type=Path, required=True, help="merged output folder")
+    p.set_defaults(func=_batch_merge, verbose=False)
+    return p
 
 
 def _add_train_options(s: argparse.ArgumentParser) -> None:
@@ -338,6 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weights", type=Path, help="weights NAME.json (default: MAM_WEIGHTS or demo)")
     s.add_argument("--pose-backend", default="mediapipe", help="pose backend name")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    s.add_argument("--shard", type=_shard, metavar="I/N",
+                   help="screen only rows I, I+N, ... (one Indexed Job pod each)")  # fmt: skip
+    s.add_argument("--service", metavar="URL",
+                   help="screen through a running service (API key from MAM_API_KEY); "
+                        "--workers requests at a time")  # fmt: skip
     s.set_defaults(func=_batch)
 
     s = sub.add_parser("serve", help="start the screening service (REST + KServe v2 gRPC)")
@@ -362,7 +408,11 @@ def _env_int(name: str, default: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["batch", "merge"]:  # `mam batch merge SHARD... --out DIR`
+        args = _merge_parser().parse_args(argv[2:])
+    else:
+        args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

@@ -279,3 +279,22 @@ def test_kill_and_resume(tmp_path):
         assert after[key] == row, "a recording finished before the kill was screened again"
     rows = _csv(out)
     assert len(rows) == n and all(r["error_code"] == "" for r in rows.values())
+
+
+def test_shards_merge_to_the_unsharded_outputs(archive, archive_run, tmp_path):
+    """An Indexed Job's pods each screen I/N of the rows; merged, they equal one whole run."""
+    shards = [tmp_path / f"shard-{i}" for i in range(3)]
+    for i, d in enumerate(shards):
+        assert main(["batch", str(archive), "--out", str(d), "--shard", f"{i}/3",
+                     "--workers", "1", "-q"]) == 0  # fmt: skip
+    sizes = [len(_csv(d)) for d in shards]
+    assert sum(sizes) == len(_csv(archive_run)) and max(sizes) - min(sizes) <= 1
+    merged = tmp_path / "merged"
+    assert main(["batch", "merge", *map(str, shards), "--out", str(merged)]) == 0
+    assert _csv(merged) == _csv(archive_run)
+
+
+def test_bad_shard_spec_is_refused(archive, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["batch", str(archive), "--out", str(tmp_path / "o"), "--shard", "3/3"])
+    assert "0 <= I < N" in capsys.readouterr().err

@@ -225,3 +225,40 @@ def test_bento_builds(tmp_path):
     for f in ("service/app.py", "models/mam_demo.clip.onnx", "mam/screening.py"):
         assert (src / f).is_file(), f
     assert not list(src.glob("tests")) and not list(src.glob("runs"))
+
+
+def test_batch_through_the_service_matches_in_process(server, tmp_path):
+    """``mam batch --service``: same rows as the in-process run, bad files typed, not fatal."""
+    import csv
+
+    from mam.batch import run_batch
+    from mam.service_client import ServiceClient
+    from mam.synth.motion import simulate_infant
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for seed in (5, 6):
+        sim = simulate_infant(np.random.default_rng(seed), f"s{seed}", "absent", 20.0)
+        np.save(archive / f"p{seed}.npy", sim.joints)
+    (archive / "broken.mp4").write_bytes(b"not a video" * 100)
+
+    client = ServiceClient(server["base"], api_key=API_KEY, backoff_s=0.1)
+    try:
+        run_batch(archive, tmp_path / "svc", workers=2, service=client)
+    finally:
+        client.close()
+    run_batch(archive, tmp_path / "local", workers=1)
+
+    def rows(d):
+        with open(d / "results.csv", newline="") as f:
+            return {r["path"]: r for r in csv.DictReader(f)}
+
+    svc, local = rows(tmp_path / "svc"), rows(tmp_path / "local")
+    assert svc.keys() == local.keys() == {"p5.npy", "p6.npy", "broken.mp4"}
+    assert svc["broken.mp4"]["error_code"] == local["broken.mp4"]["error_code"] == "not_a_video"
+    for p in ("p5.npy", "p6.npy"):
+        assert svc[p]["error_code"] == "" and svc[p]["fms_category"] == local[p]["fms_category"]
+        assert abs(float(svc[p]["risk_probability"]) - float(local[p]["risk_probability"])) < 1e-3
+
+    with pytest.raises(ConnectionError):
+        ServiceClient(f"http://127.0.0.1:{free_port()}").check()
