@@ -319,13 +319,15 @@ def run_batch(
     min_free_bytes: int = MIN_FREE_BYTES,
     shard: tuple[int, int] | None = None,
     service=None,
+    clips: bool = False,
 ) -> BatchSummary:
     """Screen every recording of ``input_path`` into ``out``; see the module docstring.
 
     ``shard=(i, n)`` keeps the recordings whose position in the input is ``i`` modulo ``n`` (one
     pod of a Kubernetes Indexed Job each; ``merge_shards`` joins their outputs). ``service``, a
     :class:`mam.service_client.ServiceClient`, screens through a running service instead of
-    worker processes, ``workers`` requests at a time."""
+    worker processes, ``workers`` requests at a time. Reports (``index.html``, a page per
+    recording) are always written; ``clips`` also cuts the top FMs clips with the skeleton."""
     out = check_output_dir(out, min_free_bytes)
     items = collect(input_path)
     if shard is not None:
@@ -363,8 +365,15 @@ def run_batch(
             _run_service_jobs(ledger, todo, workers, service, progress)
         else:
             _run_jobs(ledger, todo, workers, weights, pose_backend, progress)
-        write_outputs(out, ledger, [i.path for i in items])
-        for r in ledger.rows([i.path for i in items]):
+        paths = [i.path for i in items]
+        write_outputs(out, ledger, paths)
+        rows = ledger.rows(paths)
+        from mam.report import write_reports  # lazy: matplotlib only when reports are written
+
+        videos = {(i.path, i.id): i.file for i in items if i.kind == "video"}
+        write_reports(out, rows, recording_of=lambda r: videos.get((r["path"], r["id"])),
+                      clips=clips)  # fmt: skip
+        for r in rows:
             if r["status"] == "done":
                 summary.done += 1
             else:
@@ -499,6 +508,9 @@ def merge_shards(shards: Iterable[str | Path], out: str | Path) -> BatchSummary:
                 ledger.db.execute("DETACH DATABASE shard")
         write_outputs(out, ledger)
         rows = ledger.rows()
+        from mam.report import write_reports
+
+        write_reports(out, rows)  # pages without clips: the pods' video paths are not here
     finally:
         ledger.close()
     done = sum(r["status"] == "done" for r in rows)

@@ -237,7 +237,7 @@ def _batch(args: argparse.Namespace) -> int:
     try:
         s = run_batch(args.input, args.out, args.workers, args.retry_failed, args.weights,
                       args.pose_backend, progress, shard=args.shard,
-                      service=service)  # fmt: skip
+                      service=service, clips=args.clips)  # fmt: skip
     except ConnectionError as e:
         raise SystemExit(f"mam batch: {e}") from None
     finally:
@@ -379,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weights", type=Path, help="weights NAME.json (default: MAM_WEIGHTS or demo)")
     s.add_argument("--pose-backend", default="mediapipe", help="pose backend name")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    s.add_argument("--clips", action="store_true",
+                   help="also cut the top FMs clips, skeleton drawn (~6 s a clip)")  # fmt: skip
     s.add_argument("--shard", type=_shard, metavar="I/N",
                    help="screen only rows I, I+N, ... (one Indexed Job pod each)")  # fmt: skip
     s.add_argument("--service", metavar="URL",

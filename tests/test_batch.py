@@ -298,3 +298,16 @@ def test_bad_shard_spec_is_refused(archive, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["batch", str(archive), "--out", str(tmp_path / "o"), "--shard", "3/3"])
     assert "0 <= I < N" in capsys.readouterr().err
+
+
+def test_run_writes_an_index_and_a_page_per_recording(archive_run):
+    import re
+
+    index = (archive_run / "index.html").read_text()
+    pages = re.findall(r'href="(reports/[^"]+\.html)"', index)
+    assert len(set(pages)) == len(_csv(archive_run))
+    for page in set(pages):
+        text = (archive_run / page).read_text()
+        assert "Decision support only" in text
+    for code in EXPECTED_ERRORS.values():
+        assert code in index
