@@ -237,6 +237,16 @@ class OnnxRuntimeBackend(InferenceRuntime):
         manifest, folder = load_manifest(weights)
         nets = manifest["networks"]
         available = ort.get_available_providers()
+        if self.asked_device != "cpu" and "CUDAExecutionProvider" in available:
+            # onnxruntime-gpu finds the CUDA/cuDNN libraries of the nvidia-* wheels only once they
+            # are loaded (torch does it on import; serving imports no torch): load them here, or
+            # the session would quietly fall back to CPU.
+            preload = getattr(ort, "preload_dlls", None)
+            if preload is not None:
+                try:
+                    preload()
+                except Exception as e:  # noqa: BLE001 - a missing library is reported below
+                    logger.warning("onnxruntime could not preload CUDA libraries: %s", e)
         wanted = [] if self.asked_device == "cpu" else [p for p in _GPU_PROVIDERS if p in available]
         if self.asked_device == "cuda" and not wanted:
             raise RuntimeUnavailable(f"device cuda asked, but onnxruntime has only {available}")
