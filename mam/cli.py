@@ -253,17 +253,18 @@ def _batch(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     """Start the BentoML service (REST on --port, KServe v2 gRPC on --grpc-port)."""
-    import hashlib
     import os
 
-    if args.hash_key is not None:
-        print(hashlib.sha256(args.hash_key.encode()).hexdigest())
-        return 0
     root = Path(__file__).resolve().parent.parent
     if not (root / "service" / "app.py").is_file():
         raise SystemExit("mam serve: the service/ folder is not beside mam/ (run from a checkout)")
     sys.path.insert(0, str(root))
     from service.process import REPO, private_task_store, serve_command
+    from service.settings import hash_key
+
+    if args.hash_key is not None:
+        print(hash_key(args.hash_key))
+        return 0
 
     env = dict(os.environ)
     env["MAM_GRPC_PORT"] = str(args.grpc_port)

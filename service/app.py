@@ -21,6 +21,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -410,7 +411,8 @@ class Screening:
             for p in {video, path}:
                 p.unlink(missing_ok=True)
             if task_id:
-                _forget_task_input(task_id)
+                # SQLite I/O (and its busy wait) off the event loop.
+                await asyncio.to_thread(_forget_task_input, task_id)
 
     @bentoml.api(route="/screen/progress")
     def progress_of(self, task_id: str) -> TaskProgress:
@@ -505,12 +507,14 @@ def _forget_task_input(task_id: str) -> None:
     empty = {"scope": {"type": "http", "method": "POST", "path": "/screen", "headers": []}}
     empty["content"] = ""
     try:
-        with sqlite3.connect(BentoMLContainer.result_store_file.get(), timeout=30) as db:
+        # One connection, closed here (sqlite3's context manager only commits); the checkpoint
+        # has to run outside the UPDATE's transaction.
+        with closing(sqlite3.connect(BentoMLContainer.result_store_file.get(), timeout=30)) as db:
             db.execute("PRAGMA secure_delete=ON")
-            db.execute(
-                "UPDATE result SET input = ? WHERE task_id = ?", (json.dumps(empty), task_id)
-            )
-        with sqlite3.connect(BentoMLContainer.result_store_file.get(), timeout=30) as db:
+            with db:
+                db.execute(
+                    "UPDATE result SET input = ? WHERE task_id = ?", (json.dumps(empty), task_id)
+                )
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     except sqlite3.Error:
         logger.exception("could not clear a finished task's stored input")

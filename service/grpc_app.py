@@ -82,7 +82,7 @@ class V2Model:
                 corrected_age_weeks=float(v[3]),
             )
         try:
-            r = await self.screening.score(np.array(inputs["instances"]), infant)
+            r = await self.screening.score(inputs["instances"], infant)
         except TimeoutError:
             raise E.ServiceError(E.TIMEOUT, "scoring took longer than the limit") from None
         f32 = np.float32
@@ -138,10 +138,7 @@ class _AuthAndMeter(grpc.aio.ServerInterceptor):
             )
 
         async def deny(request, context):
-            get_metrics().requests.labels(
-                endpoint=method, protocol="grpc", code=E.UNAUTHORIZED
-            ).inc()
-            get_metrics().errors.labels(endpoint=method, protocol="grpc", code=E.UNAUTHORIZED).inc()
+            get_metrics().observe_request(method, "grpc", E.UNAUTHORIZED)
             await context.send_initial_metadata(())
             context.set_trailing_metadata(((ERROR_CODE_KEY, E.UNAUTHORIZED),))
             await context.abort(
@@ -157,14 +154,7 @@ class _AuthAndMeter(grpc.aio.ServerInterceptor):
 
 
 def _observe(method: str, code: str, seconds: float) -> None:
-    m = get_metrics()
-    labels = {"endpoint": method, "protocol": "grpc"}
-    m.requests.labels(**labels, code=code).inc()
-    m.request_seconds.labels(**labels).observe(seconds)
-    if code != "ok":
-        m.errors.labels(**labels, code=code).inc()
-    if code == E.OVERLOADED:
-        m.load_shed.labels(**labels).inc()
+    get_metrics().observe_request(method, "grpc", code, seconds)
 
 
 async def start_grpc(screening, host: str, port: int) -> grpc.aio.Server:

@@ -14,6 +14,8 @@ import os
 from functools import lru_cache
 from typing import Any
 
+from service.errors import OVERLOADED
+
 PREFIX = "mam_"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -89,6 +91,19 @@ class Metrics:
             ("name", "version", "backend", "precision", "device"),
             mode="max",
         )
+
+    def observe_request(
+        self, endpoint: str, protocol: str, code: str, seconds: float | None = None
+    ) -> None:
+        """One finished request, whatever the protocol: count, errors, shedding, latency."""
+        labels = {"endpoint": endpoint, "protocol": protocol}
+        self.requests.labels(**labels, code=code).inc()
+        if seconds is not None:
+            self.request_seconds.labels(**labels).observe(seconds)
+        if code != "ok":
+            self.errors.labels(**labels, code=code).inc()
+        if code == OVERLOADED:
+            self.load_shed.labels(**labels).inc()
 
 
 @lru_cache(maxsize=1)

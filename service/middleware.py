@@ -96,7 +96,6 @@ class ServiceMiddleware:
         route = ROUTES.get(path)
         endpoint = route.endpoint if route else "other"
         m = get_metrics()
-        labels = {"endpoint": endpoint, "protocol": "rest"}
         t0 = time.perf_counter()
         outcome = {"status": 500, "code": E.INTERNAL}
         m.in_flight.labels(protocol="rest").inc()
@@ -106,12 +105,7 @@ class ServiceMiddleware:
             m.in_flight.labels(protocol="rest").dec()
             dt = time.perf_counter() - t0
             code = outcome["code"]
-            m.requests.labels(**labels, code=code).inc()
-            m.request_seconds.labels(**labels).observe(dt)
-            if code != "ok":
-                m.errors.labels(**labels, code=code).inc()
-            if code == E.OVERLOADED:
-                m.load_shed.labels(**labels).inc()
+            m.observe_request(endpoint, "rest", code, dt)
             logger.info(
                 "request_id=%s endpoint=%s status=%d code=%s duration_ms=%.1f",
                 rid, endpoint, outcome["status"], code, dt * 1000,
