@@ -211,6 +211,17 @@ def _quiet_bentoml_request_errors() -> None:
             lg.addFilter(_NoTracebacks())
 
 
+def _failure(ctx: bentoml.Context, rid, exc: Exception, where: str, upload: Path | None = None):
+    """The error response of a handler: typed errors as they are (an upload's server path
+    replaced), anything else logged with its traceback and answered as internal_error."""
+    if isinstance(exc, MamError | E.ServiceError):
+        if upload is not None:
+            exc.message = _scrub(exc.message, upload)
+    else:
+        logger.error("request_id=%s unexpected error in %s", rid, where, exc_info=exc)
+    return _fail(ctx, E.from_exception(exc, rid))
+
+
 def _scrub(message: str, path: Path) -> str:
     return message.replace(str(path), "the uploaded file").replace(path.name, "the uploaded file")
 
@@ -397,16 +408,10 @@ class Screening:
             self.metrics.videos.labels(outcome="ok").inc()
             self.progress.set(task_id, stage="done", fraction=1.0)
             return result
-        except (MamError, E.ServiceError) as e:
-            self.metrics.videos.labels(outcome="error").inc()
-            self.progress.set(task_id, stage="failed")
-            e.message = _scrub(e.message, path)
-            return _fail(ctx, E.from_exception(e, rid))
         except Exception as e:
-            logger.exception("request_id=%s unexpected error in screen", rid)
             self.metrics.videos.labels(outcome="error").inc()
             self.progress.set(task_id, stage="failed")
-            return _fail(ctx, E.from_exception(e, rid))
+            return _failure(ctx, rid, e, "screen", path)
         finally:
             for p in {video, path}:
                 p.unlink(missing_ok=True)
@@ -441,12 +446,8 @@ class Screening:
                 return await asyncio.to_thread(self.screener.screen_pose, seq, infant)
         except TimeoutError:
             return _fail(ctx, E.error_response(E.TIMEOUT, "screening the pose took too long", rid))
-        except (MamError, E.ServiceError) as e:
-            e.message = _scrub(e.message, path)
-            return _fail(ctx, E.from_exception(e, rid))
         except Exception as e:
-            logger.exception("request_id=%s unexpected error in screen_pose", rid)
-            return _fail(ctx, E.from_exception(e, rid))
+            return _failure(ctx, rid, e, "screen_pose", path)
         finally:
             for p in {pose, path}:
                 p.unlink(missing_ok=True)
@@ -470,11 +471,8 @@ class Screening:
             return _fail(
                 ctx, E.error_response(E.TIMEOUT, "scoring took longer than the limit", rid)
             )
-        except (MamError, E.ServiceError) as e:
-            return _fail(ctx, E.from_exception(e, rid))
         except Exception as e:
-            logger.exception("request_id=%s unexpected error in screen_instances", rid)
-            return _fail(ctx, E.from_exception(e, rid))
+            return _failure(ctx, rid, e, "screen_instances")
         finally:
             instances.unlink(missing_ok=True)
 
