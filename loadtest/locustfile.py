@@ -16,8 +16,9 @@ context, ``clips`` (instances scored) and, for the custom events, ``status`` (HT
 codes mapped so that only the service's ``overloaded`` counts as a 503). Settings come from the
 environment: ``MAM_API_KEY`` (sent as ``Authorization: Bearer``), ``MAM_GRPC_TARGET`` (default:
 the ``--host``'s address, port 8001), ``LOADTEST_BAGS`` (distinct bags, 8),
-``LOADTEST_INSTANCES`` (cap per request; default: the whole bag), ``LOADTEST_POLL_S`` (1) and
-``LOADTEST_ALLOW_REMOTE=1`` to target a non-loopback host (refused otherwise).
+``LOADTEST_INSTANCES`` (cap per request; default: the whole bag), ``LOADTEST_POLL_S`` (1),
+``LOADTEST_ALLOW_REMOTE=1`` to target a non-loopback host (refused otherwise) and
+``LOADTEST_NO_BACKOFF=1`` to resend at once after a 503 instead of honouring Retry-After.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ class Config:
     poll_s: float = float(os.environ.get("LOADTEST_POLL_S", "1"))
     video_timeout_s: float = 3600.0
     allow_remote: bool = os.environ.get("LOADTEST_ALLOW_REMOTE") == "1"
+    # After a 503 a user waits Retry-After (1 s if absent) x uniform(0.5, 1.5), as the service
+    # asks and mam.service_client does; LOADTEST_NO_BACKOFF=1 resends at once (a hammering client).
+    backoff: bool = os.environ.get("LOADTEST_NO_BACKOFF") != "1"
 
 
 CONFIG = Config()
@@ -132,6 +136,16 @@ def poisson_pacing(rate_per_user: float):
     return wait_time
 
 
+def back_off(retry_after: str | None) -> None:
+    """Pause this user after a 503 (see ``Config.backoff``); the pause is not a request."""
+    if CONFIG.backoff:
+        try:
+            base = max(float(retry_after or 1.0), 0.0)
+        except ValueError:
+            base = 1.0
+        gevent.sleep(base * random.uniform(0.5, 1.5))
+
+
 class Failure(Exception):
     """A failed exchange; the message starts with the status, as locust's failure table shows."""
 
@@ -181,6 +195,8 @@ class TensorsUser(FastHttpUser):
                               context={"clips": n}, catch_response=True) as r:  # fmt: skip
             if r.status_code == 200 and b'"risk_probability"' not in (r.content or b""):
                 r.failure("200 without a result")
+        if r.status_code == 503:
+            back_off(r.headers.get("retry-after"))
 
 
 class VideoUser(FastHttpUser):
@@ -279,6 +295,8 @@ class GrpcUser(User):
             status = grpc_status(e.code().name, mam_code)
             err = Failure(f"{status} {e.code().name}: {(e.details() or '')[:200]}")
             fire(self.environment, "grpc", GRPC, t0, start, status, 0, err)
+            if status == 503:
+                back_off(None)
             return
         if not any(o.name == "risk_probability" for o in out.outputs):
             fire(self.environment, "grpc", GRPC, t0, start, 0, 0, Failure("0 OK without a result"))

@@ -339,6 +339,11 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--server-pid", type=int, help="its root process, for the soak's memory")
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --url")
     p.add_argument(
+        "--no-backoff",
+        action="store_true",
+        help="resend at once after a 503 (default: wait Retry-After, jittered)",
+    )
+    p.add_argument(
         "--server-env",
         action="append",
         default=[],
@@ -420,10 +425,12 @@ def run_load(args, out: Path) -> int:
     base = args.url.rstrip("/")
     grpc_target = args.grpc or lf.grpc_target(base)
     lf.configure(api_key=os.environ.get("MAM_API_KEY", ""), grpc_target=grpc_target,
-                 bags=args.bags, instances=args.instances, poll_s=args.poll_s)  # fmt: skip
+                 bags=args.bags, instances=args.instances, poll_s=args.poll_s,
+                 backoff=not args.no_backoff)  # fmt: skip
     described = lf.payloads().describe()  # built now, not inside the first level
     with open(out / "run.txt", "a") as f:
-        f.write(f"url={base} grpc={grpc_target} cpus={os.cpu_count()}\npayload: {described}\n")
+        f.write(f"url={base} grpc={grpc_target} cpus={os.cpu_count()} "
+                f"backoff={not args.no_backoff}\npayload: {described}\n")  # fmt: skip
     if args.soak:
         return soak(args, base, out, args.server_pid)
     if args.half_only:

@@ -42,12 +42,14 @@ from mam.runtime import create_runtime
 from mam.schemas import InfantData, InstancesResult, ScreeningResult
 from mam.screening import ClipScores, Screener, ScreeningOptions, softmax
 from service import errors as E
+from service.bentoml_fixes import fix_timeout_middleware
 from service.metrics import get_metrics
 from service.middleware import ServiceMiddleware
 from service.settings import get_settings
 
 logger = logging.getLogger("mam.service")
 S = get_settings()
+fix_timeout_middleware()  # BentoML 1.4.40 kept every request alive for the whole timeout
 
 INSTANCES_POSE_BACKEND = "none (instances given)"
 
@@ -244,12 +246,13 @@ class Screening:
         self.metrics = get_metrics()
         local = create_runtime(S.weights, "onnxruntime", device="cpu", threads=1)
         self.runtime = _SharedBatcherRuntime(local, self._clip_logits_from_thread)
-        options = ScreeningOptions(limits=S.video_limits())
+        options = ScreeningOptions(limits=S.video_limits(), pose_backend=S.pose_backend)
         self.screener = Screener(S.weights, options=options, runtime=self.runtime)
         self.progress = _Progress()
         self._video_pool = ThreadPoolExecutor(S.video_concurrency, thread_name_prefix="video")
         self._video_slots = asyncio.Semaphore(S.video_concurrency)
         self._video_waiting = 0
+        self._queued_rows = 0  # instances in ClipModel's batcher; read and written on the loop
         self._loop: asyncio.AbstractEventLoop | None = None
         self._described = False
         self._grpc = None
@@ -276,12 +279,14 @@ class Screening:
         m = self.metrics
         relative = np.ascontiguousarray(instances[..., 0])  # exact: see ClipModel.clip
         m.queue_rows.inc(len(instances))
+        self._queued_rows += len(instances)
         try:
             outs = await asyncio.gather(
                 *(self._one_call(relative[i : i + b]) for i in range(0, len(relative), b))
             )
         finally:
             m.queue_rows.dec(len(instances))
+            self._queued_rows -= len(instances)
         return np.concatenate([o[:, :2] for o in outs])
 
     async def _one_call(self, chunk: np.ndarray) -> np.ndarray:
@@ -307,6 +312,20 @@ class Screening:
         self.metrics.queue_wait_seconds.observe(max(time.perf_counter() - t - float(out[0, 2]), 0))
         return out
 
+    def admit(self) -> None:
+        """Refuse new tensor and pose work with 503 while the batcher is full.
+
+        Without it, latency grows without bound past saturation: BentoML sheds only calls it
+        predicts will exceed MAM_MAX_LATENCY_MS, and its estimate lags after bursts (issue 7's
+        load runs). A bound on queued instances keeps the wait of admitted requests to about
+        MAM_MAX_QUEUED_INSTANCES / throughput, and tells clients early to back off."""
+        if self._queued_rows >= S.max_queued_instances:
+            raise E.ServiceError(
+                E.OVERLOADED,
+                f"the model queue is full ({self._queued_rows} instances waiting); "
+                "retry with back-off",
+            )
+
     def _clip_logits_from_thread(self, instances: np.ndarray) -> np.ndarray:
         assert self._loop is not None
         return asyncio.run_coroutine_threadsafe(self.clip_logits(instances), self._loop).result()
@@ -314,6 +333,7 @@ class Screening:
     async def score(self, tensors: np.ndarray, infant: InfantData | None) -> InstancesResult:
         """Validated instance tensors -> result; REST and gRPC both come here."""
         x = validate_instances(tensors, max_instances=S.max_instances)
+        self.admit()
         async with asyncio.timeout(S.tensor_timeout_s):
             logits = await self.clip_logits(x)
         s: ClipScores = self.screener.score_logits(logits, infant)
@@ -376,7 +396,7 @@ class Screening:
 
         self.progress.set(task_id, stage="pose")
         seq, timings = estimate_video_pose(path, o.pose_backend, o.limits, o.max_side, progress)
-        pose_s = timings["decode"] + timings["pose"]
+        pose_s = timings["pose_total"]
         m.pose_seconds.observe(pose_s)
         m.pose_frames.inc(seq.num_frames)
         m.pose_fps.observe(seq.num_frames / max(pose_s, 1e-9))
@@ -442,6 +462,7 @@ class Screening:
                 raise InvalidPoseError(
                     f"expected at most {S.max_pose_frames} frames; received {seq.num_frames}"
                 )
+            self.admit()
             async with asyncio.timeout(S.tensor_timeout_s):
                 return await asyncio.to_thread(self.screener.screen_pose, seq, infant)
         except TimeoutError:

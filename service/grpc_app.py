@@ -23,6 +23,7 @@ from mam.errors import InvalidInfantDataError
 from mam.features import CLIP_FRAMES
 from mam.schemas import InfantData
 from service import errors as E
+from service.admission import get_admission
 from service.auth import KeyCheck
 from service.grpc_v2.server import (
     ERROR_CODE_KEY,
@@ -82,7 +83,8 @@ class V2Model:
                 corrected_age_weeks=float(v[3]),
             )
         try:
-            r = await self.screening.score(inputs["instances"], infant)
+            with get_admission().enter():  # the same gate as REST's tensor requests
+                r = await self.screening.score(inputs["instances"], infant)
         except TimeoutError:
             raise E.ServiceError(E.TIMEOUT, "scoring took longer than the limit") from None
         f32 = np.float32

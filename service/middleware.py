@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass
 
 from service import errors as E
+from service.admission import get_admission
 from service.auth import KeyCheck
 from service.metrics import get_metrics
 
@@ -47,6 +48,8 @@ ROUTES: dict[str, Route] = {
     "/screen_pose": Route("screen_pose", MULTIPART),
     "/screen_instances": Route("screen_instances", MULTIPART),
 }
+# Tensor and pose requests pass the admission gate (service/admission.py); video has its own.
+ADMITTED = frozenset({"screen_pose", "screen_instances"})
 RETRY_DISABLED = (
     "retry is disabled: recordings are deleted once processed, so there is nothing to rerun; "
     "submit the recording again"
@@ -142,6 +145,19 @@ class ServiceMiddleware:
         limit_msg = f"request body larger than the limit of {self.max_body / 2**20:g} MiB"
         if length and length.isdigit() and int(length) > self.max_body:
             return await reply(E.TOO_LARGE, limit_msg)
+        if route.endpoint not in ADMITTED:
+            return await self._forward(scope, receive, send, path, rid, outcome, reply, limit_msg)
+        gate = get_admission()
+        if not gate.try_acquire():  # refused before the body is read
+            e = gate.refusal()
+            return await reply(e.code, e.message, {"retry-after": "1"})
+        try:
+            return await self._forward(scope, receive, send, path, rid, outcome, reply, limit_msg)
+        finally:
+            gate.release()
+
+    async def _forward(self, scope, receive, send, path, rid, outcome, reply, limit_msg):
+        """Pass the request on with the body limit enforced and BentoML's errors enveloped."""
 
         received = 0
 

@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MAM_", extra="ignore", protected_namespaces=())
 
     weights: Path = Field(default_factory=default_weights, description="NAME.json of the weights.")
+    pose_backend: str = Field("mediapipe", description="Pose estimator for recordings.")
     runtime: str | None = Field(None, description="tensorrt | onnxruntime | pytorch; None: auto.")
     device: str = "auto"
     precision: str = "fp32"
@@ -35,6 +36,19 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(64, ge=1, le=1024, description="Instances per executed batch.")
     max_latency_ms: int = Field(
         20_000, ge=10, description="BentoML's budget: calls predicted to wait longer get 503."
+    )
+    max_tensor_requests: int = Field(
+        16,
+        ge=1,
+        description="Tensor and pose requests (REST and gRPC) handled at once per worker; more "
+        "get 503 before their body is read (service/admission.py).",
+    )
+    max_queued_instances: int = Field(
+        256,
+        ge=1,
+        description="Tensor and pose requests get 503 while this many instances wait for or run "
+        "in the batcher (video jobs count but are never refused here). About 1.2 s of work at "
+        "the CPU saturation measured with loadtest/ (214 clips/s, 2 cores); raise it on GPUs.",
     )
     clip_workers: int = Field(1, ge=1, description="Processes running the clip network.")
 
@@ -57,6 +71,15 @@ class Settings(BaseSettings):
     tensor_timeout_s: float = Field(120.0, gt=0, description="Tensors and pose requests.")
     video_concurrency: int = Field(1, ge=1, description="Recordings decoded and posed at once.")
     video_queue: int = Field(8, ge=0, description="Recordings waiting beyond those; more: 503.")
+
+    @field_validator("pose_backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        from mam.pose import available_backends
+
+        if v not in available_backends():
+            raise ValueError(f"MAM_POSE_BACKEND must be one of {available_backends()}")
+        return v
 
     @field_validator("api_key_hashes")
     @classmethod

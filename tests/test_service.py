@@ -281,3 +281,178 @@ def test_overload_is_503_timeout_is_504_and_both_are_harmless(client, sims, monk
     assert post(client, "/screen_instances", "instances", good).status_code == 200
     text = client.get("/metrics").text
     assert 'mam_load_shed_total{endpoint="screen",protocol="rest"} 1.0' in text
+
+
+def _hold_batcher(client, monkeypatch):
+    """Make every clip-network call wait on a gate; returns it and a reader of the queue gauge."""
+    import asyncio
+    import threading
+
+    import service.app as app
+
+    gate = threading.Event()
+    real_call = app.Screening.inner._one_call
+
+    async def held_call(self, chunk):
+        await asyncio.to_thread(gate.wait, 60)
+        return await real_call(self, chunk)
+
+    def queued() -> float:
+        text = client.get("/metrics").text
+        line = [x for x in text.splitlines() if x.startswith("mam_queue_depth_rows ")]
+        return float(line[0].split()[-1]) if line else 0.0
+
+    monkeypatch.setattr(app.Screening.inner, "_one_call", held_call)
+    return gate, queued
+
+
+def _wait_for(predicate) -> None:
+    import threading
+
+    for _ in range(200):
+        if predicate():
+            return
+        threading.Event().wait(0.05)
+
+
+def _shed(client, endpoint: str) -> float:
+    key = f'mam_load_shed_total{{endpoint="{endpoint}",protocol="rest"}} '
+    line = [x for x in client.get("/metrics").text.splitlines() if x.startswith(key)]
+    return float(line[0].split()[-1]) if line else 0.0
+
+
+def test_a_full_batcher_sheds_tensor_and_pose_requests_with_503(client, sims, monkeypatch):
+    """Past MAM_MAX_QUEUED_INSTANCES waiting instances, new tensor and pose work is refused at
+    once instead of queueing without bound; what was admitted still completes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import service.app as app
+
+    gate, queued = _hold_batcher(client, monkeypatch)
+    monkeypatch.setattr(app.S, "max_queued_instances", 3)
+    three = npy_bytes(sims["absent"][2][:3])
+    before = _shed(client, "screen_instances")
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(post, client, "/screen_instances", "instances", three)
+            _wait_for(lambda: queued() >= 3)
+            # Validation comes first: a bad request is told what is wrong even when full.
+            cut = post(client, "/screen_instances", "instances", three[:1000])
+            error_of(cut, 400, "malformed_request")
+            full = post(client, "/screen_instances", "instances", three)
+            shed = error_of(full, 503, "overloaded")
+            assert "queue is full" in shed["message"]
+            pose = npy_bytes(np.zeros((300, 17, 3), np.float32))
+            error_of(post(client, "/screen_pose", "pose", pose), 503, "overloaded")
+            gate.set()
+            assert first.result().status_code == 200
+    finally:
+        gate.set()  # never leave the held call waiting, whatever failed
+    assert post(client, "/screen_instances", "instances", three).status_code == 200
+    assert _shed(client, "screen_instances") == before + 1
+
+
+def test_requests_beyond_the_admission_limit_are_refused_before_their_body(
+    client, sims, monkeypatch
+):
+    """MAM_MAX_TENSOR_REQUESTS bounds tensor and pose requests in progress. The excess gets 503
+    with Retry-After from its headers alone: a corrupt body is not even parsed (503, not 400).
+    Probes and video task routes are not counted."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.admission import get_admission
+
+    gate, queued = _hold_batcher(client, monkeypatch)
+    monkeypatch.setattr(get_admission(), "limit", 1)
+    three = npy_bytes(sims["absent"][2][:3])
+    before = _shed(client, "screen_instances")
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(post, client, "/screen_instances", "instances", three)
+            _wait_for(lambda: queued() >= 3)
+            r = post(client, "/screen_instances", "instances", three[:1000])
+            assert "in progress" in error_of(r, 503, "overloaded")["message"]
+            assert r.headers["retry-after"] == "1"
+            pose = npy_bytes(np.zeros((300, 17, 3), np.float32))
+            error_of(post(client, "/screen_pose", "pose", pose), 503, "overloaded")
+            assert client.get("/readyz").status_code == 200
+            assert (
+                client.post("/screen/status", json={"task_id": "x"}, headers=AUTH).status_code
+                != 503
+            )
+            gate.set()
+            assert first.result().status_code == 200
+    finally:
+        gate.set()
+    assert get_admission().active == 0
+    assert post(client, "/screen_instances", "instances", three).status_code == 200
+    assert _shed(client, "screen_instances") == before + 1
+
+
+def _timeout_middleware(inner, timeout: float):
+    from bentoml._internal.server.http.traffic import TimeoutMiddleware
+
+    from service.bentoml_fixes import fix_timeout_middleware
+
+    assert fix_timeout_middleware()
+    return TimeoutMiddleware(inner, timeout=timeout)
+
+
+def test_finished_requests_are_not_kept_alive_by_the_timeout_timer():
+    """BentoML's TimeoutMiddleware held every request's context for the whole service timeout
+    (the soak's memory growth): after the fix, nothing of a finished request stays reachable."""
+    import asyncio
+    import contextvars
+    import gc
+    import weakref
+
+    request_state = contextvars.ContextVar("request_state")
+
+    class State:  # stands for the span, closures and request BentoML keeps in the context
+        pass
+
+    async def inner(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def main() -> list:
+        mw = _timeout_middleware(inner, timeout=600)
+        refs = []
+
+        async def one():
+            state = State()
+            refs.append(weakref.ref(state))
+            request_state.set(state)
+            await mw({"type": "http"}, _receive, _discard)
+
+        for _ in range(50):
+            await asyncio.create_task(one())
+        for _ in range(3):
+            await asyncio.sleep(0)  # let the last request's done-callbacks run
+        gc.collect()
+        return [r for r in refs if r() is not None]
+
+    assert asyncio.run(main()) == []
+
+
+def test_the_fixed_timeout_middleware_still_answers_504():
+    import asyncio
+
+    sent = []
+
+    async def slow(scope, receive, send):
+        await asyncio.sleep(5)
+
+    async def record(message):
+        sent.append(message)
+
+    asyncio.run(_timeout_middleware(slow, timeout=0.05)({"type": "http"}, _receive, record))
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 504
+
+
+async def _receive():
+    return {"type": "http.request", "body": b""}
+
+
+async def _discard(message):
+    pass
