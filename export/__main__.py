@@ -5,6 +5,9 @@ Usage::
     python -m export onnx                          # models/mam_demo.*.onnx + manifest
     python -m export onnx --weights models/mam_demo.json --out /tmp/onnx --opset 18
     python -m export tensorrt --opt-batch 64 --max-batch 128   # needs a GPU and tensorrt
+    python -m export blazepose [--cache DIR]       # BlazePose tflite -> ONNX in MAM_POSE_CACHE
+    python -m export pose-onnx --hrnet SITE.pth [--lifter models/lifter_infant.pt] --out DIR
+    python -m export pose-tensorrt --onnx DIR/SITE.onnx --engine SITE.engine   # GPU only
 """
 
 from __future__ import annotations
@@ -46,6 +49,23 @@ def _parser() -> argparse.ArgumentParser:
         "--precision", choices=["fp16", "fp32"], default="fp16", help="fp16 where supported"
     )
     t.add_argument("--force", action="store_true", help="rebuild even when cached")
+    b = sub.add_parser(
+        "blazepose", help="convert the mediapipe wheel's BlazePose networks to ONNX (pose cache)"
+    )
+    b.add_argument("--cache", type=Path, default=None, help="default: $MAM_POSE_CACHE")
+    b.add_argument("--force", action="store_true", help="convert even when cached")
+    b.add_argument("--no-verify", action="store_true", help="skip the comparison with TFLite")
+    po = sub.add_parser("pose-onnx", help="HRNet and/or the VideoPose3D lifter -> ONNX + parity")
+    po.add_argument("--hrnet", type=Path, help="a site's HRNet checkpoint (official key names)")
+    po.add_argument("--lifter", type=Path, help="a lifter from `mam train-lifter`")
+    po.add_argument("--out", type=Path, required=True, help="output folder")
+    po.add_argument("--no-parity", action="store_true", help="skip the ONNX Runtime parity check")
+    pt = sub.add_parser("pose-tensorrt", help="TensorRT engine of an exported HRNet (GPU)")
+    pt.add_argument("--onnx", type=Path, required=True, help="NAME.onnx from `pose-onnx`")
+    pt.add_argument("--engine", type=Path, required=True, help="engine file to write")
+    pt.add_argument("--opt-frames", type=int, default=16, help="frame batch TensorRT tunes for")
+    pt.add_argument("--max-frames", type=int, default=64, help="largest frame batch")
+    pt.add_argument("--precision", choices=["fp16", "fp32"], default="fp16")
     return p
 
 
@@ -65,6 +85,41 @@ def main(argv: list[str] | None = None) -> int:
             parity=not args.no_parity,
         )
         print(json.dumps({"manifest": str(res.manifest), "parity_max_abs_diff": res.parity}))
+        return 0
+    if args.command == "pose-onnx":
+        from export.pose_networks import export_hrnet, export_lifter
+
+        if not (args.hrnet or args.lifter):
+            print("error: give --hrnet and/or --lifter", file=sys.stderr)
+            return 2
+        done = {}
+        if args.hrnet:
+            done["hrnet"] = str(export_hrnet(args.hrnet, args.out, parity=not args.no_parity))
+        if args.lifter:
+            done["lifter"] = str(export_lifter(args.lifter, args.out, parity=not args.no_parity))
+        print(json.dumps(done))
+        return 0
+    if args.command == "pose-tensorrt":
+        from export.pose_networks import build_hrnet_engine
+        from mam.runtime import RuntimeUnavailable
+
+        try:
+            built = build_hrnet_engine(
+                args.onnx,
+                args.engine,
+                opt_frames=args.opt_frames,
+                max_frames=args.max_frames,
+                precision=args.precision,
+            )
+        except RuntimeUnavailable as e:
+            print(f"error [tensorrt_unavailable]: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps({"engine": str(args.engine), "precision": built}))
+        return 0
+    if args.command == "blazepose":
+        from export.blazepose import export_blazepose
+
+        print(json.dumps(export_blazepose(args.cache, args.force, not args.no_verify), indent=1))
         return 0
     from mam.runtime import RuntimeUnavailable, build_engines
 

@@ -270,6 +270,7 @@ def _serve(args: argparse.Namespace) -> int:
     env["MAM_GRPC_PORT"] = str(args.grpc_port)
     if args.weights:
         env["MAM_WEIGHTS"] = str(args.weights.resolve())
+    env["MAM_POSE_BACKEND"] = args.pose_backend
     if args.no_auth:
         env["MAM_AUTH_DISABLED"] = "1"
         print("mam serve: API-key authentication is OFF (--no-auth); local use only",
@@ -340,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--corrected-age-weeks", type=float, metavar="W", help="at recording")
     s.add_argument("--format", choices=["text", "json"], default="text", help="output format")
     s.add_argument("--weights", type=Path, help="weights NAME.json (default: MAM_WEIGHTS or demo)")
-    s.add_argument("--pose-backend", default="mediapipe", help="pose backend name")
+    _add_pose_backend(s)
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_screen)
 
@@ -378,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=None, help="worker processes (default: cores)")
     s.add_argument("--retry-failed", action="store_true", help="screen failed recordings again")
     s.add_argument("--weights", type=Path, help="weights NAME.json (default: MAM_WEIGHTS or demo)")
-    s.add_argument("--pose-backend", default="mediapipe", help="pose backend name")
+    _add_pose_backend(s)
     s.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     s.add_argument("--clips", action="store_true",
                    help="also cut the top FMs clips, skeleton drawn (~6 s a clip)")  # fmt: skip
@@ -389,16 +390,36 @@ def build_parser() -> argparse.ArgumentParser:
                         "--workers requests at a time")  # fmt: skip
     s.set_defaults(func=_batch)
 
+    sub.add_parser(
+        "train-lifter",
+        add_help=False,
+        help="train the VideoPose3D lifter on 3D motion seen through random cameras "
+        "(`mam train-lifter --help`)",
+    )
+
     s = sub.add_parser("serve", help="start the screening service (REST + KServe v2 gRPC)")
     s.add_argument("--port", type=int, default=3000, help="REST port (default 3000)")
     s.add_argument("--host", default="127.0.0.1", help="REST bind address (default loopback)")
     s.add_argument("--grpc-port", type=int, default=_env_int("MAM_GRPC_PORT", 8001),
                    help="KServe v2 gRPC port (default MAM_GRPC_PORT or 8001; 0: off)")  # fmt: skip
     s.add_argument("--weights", type=Path, help="weights NAME.json (default: MAM_WEIGHTS or demo)")
+    _add_pose_backend(s)
     s.add_argument("--no-auth", action="store_true", help="no API keys (local development)")
     s.add_argument("--hash-key", metavar="KEY", help="print the MAM_API_KEY_HASHES entry for KEY")
     s.set_defaults(func=_serve)
     return p
+
+
+def _add_pose_backend(s: argparse.ArgumentParser) -> None:
+    """One definition of --pose-backend: the registered names, MAM_POSE_BACKEND as default."""
+    import os
+
+    from mam.pose import available_backends  # registers the backends, imports none of them
+
+    s.add_argument("--pose-backend", choices=available_backends(),
+                   default=os.environ.get("MAM_POSE_BACKEND") or "mediapipe",
+                   help="pose estimator (default MAM_POSE_BACKEND or mediapipe); "
+                        "recorded in every result")  # fmt: skip
 
 
 def _env_int(name: str, default: int) -> int:
@@ -412,6 +433,10 @@ def _env_int(name: str, default: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train-lifter"]:  # its own parser: `mam train-lifter --help`
+        from mam.pose.lifter_train import main as train_lifter
+
+        return train_lifter(argv[1:])
     if argv[:2] == ["batch", "merge"]:  # `mam batch merge SHARD... --out DIR`
         args = _merge_parser().parse_args(argv[2:])
     else:

@@ -304,6 +304,7 @@ def test_volumes_are_declared_and_only_scratch_is_writable(docs):
                     "BENTOML_HOME",
                     "BENTOML_RESULT_STORE",
                     "MAM_ENGINE_CACHE",
+                    "MAM_POSE_CACHE",
                     "XDG_CACHE_HOME",
                     "MPLCONFIGDIR",
                     "CUDA_CACHE_PATH",
@@ -330,6 +331,7 @@ def test_volumes_are_declared_and_only_scratch_is_writable(docs):
 def test_service_environment(docs, overlay):
     pytest.importorskip("pydantic_settings")
     from mam import runtime
+    from mam.pose.blazepose import convert as pose_convert
     from service.settings import Settings
 
     objs = docs[overlay]
@@ -343,6 +345,7 @@ def test_service_environment(docs, overlay):
     # pass the service's own validation.
     known = {"MAM_" + f.upper() for f in Settings.model_fields}
     known |= {runtime.ENV_THREADS, runtime.ENV_ENGINE_CACHE}  # read by mam.runtime itself
+    known.add(pose_convert.ENV_CACHE)  # read by the onnx pose backend's converter
     mam_env = {k: v for k, v in env.items() if k.startswith("MAM_")}
     assert set(mam_env) <= known, set(mam_env) - known
     fields = {k[4:].lower(): v for k, v in mam_env.items() if k != "MAM_API_KEY_HASHES_FILE"}

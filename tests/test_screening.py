@@ -197,7 +197,11 @@ def test_rendered_video_end_to_end(screener, rendered_video):
     assert r.quality.tracked_fraction > 0.9
     assert r.quality.duration_s == pytest.approx(11.0, abs=0.05)
     assert len(r.clips) == 1 and r.model.pose_backend == "mediapipe"
-    assert set(r.timings_s) == {"decode", "pose", "features", "model"}
+    assert set(r.timings_s) == {"decode", "pose", "pose_total", "features", "model"}
+    # mediapipe decodes in the calling thread: the stages add up
+    assert r.timings_s["pose_total"] == pytest.approx(
+        r.timings_s["decode"] + r.timings_s["pose"], abs=2e-3
+    )
 
 
 def test_console_script_text_output(sim_pose):

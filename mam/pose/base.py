@@ -7,13 +7,17 @@ filling and the quality report are shared by all backends (``mam.pose.quality``)
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from mam.skeleton import FPS, NUM_JOINTS
+
+ENV_POSE_CACHE = "MAM_POSE_CACHE"
 
 
 @dataclass
@@ -95,3 +99,31 @@ def iter_chunks(frames: Iterable[np.ndarray], size: int) -> Iterator[list[np.nda
             chunk = []
     if chunk:
         yield chunk
+
+
+def check_frame(frame: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    """The frame contract of every backend: RGB uint8 ``[H, W, 3]``, one size per video."""
+    if (
+        not isinstance(frame, np.ndarray)
+        or frame.dtype != np.uint8
+        or frame.ndim != 3
+        or frame.shape[2] != 3
+    ):
+        got = (
+            f"{frame.dtype} {list(frame.shape)}"
+            if isinstance(frame, np.ndarray)
+            else type(frame).__name__
+        )
+        raise ValueError(f"frames must be RGB uint8 [H, W, 3]; got {got}")
+    if size is not None and (frame.shape[1], frame.shape[0]) != size:
+        raise ValueError(
+            f"frame size changed within one video: {size} -> {(frame.shape[1], frame.shape[0])}"
+        )
+    return np.ascontiguousarray(frame)
+
+
+def pose_cache_dir() -> Path:
+    """``MAM_POSE_CACHE`` or ``~/.cache/mam/pose``: pose networks converted or exported on this
+    machine (never in the repository), shared by the backends that need them."""
+    env = os.environ.get(ENV_POSE_CACHE)
+    return Path(env) if env else Path.home() / ".cache" / "mam" / "pose"

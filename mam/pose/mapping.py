@@ -30,9 +30,13 @@ of the whole body including the face. It works in 2D (image) or 3D (world) coord
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
-from mam.skeleton import JOINT_NAMES, NUM_JOINTS
+from mam.skeleton import FPS, JOINT_NAMES, NUM_JOINTS
+
+logger = logging.getLogger(__name__)
 
 NUM_LANDMARKS = 33
 
@@ -205,3 +209,66 @@ def repair_left_right_swaps(landmarks: np.ndarray) -> np.ndarray:
     """
     arms, legs = find_left_right_swaps(landmarks)
     return apply_left_right_swaps(landmarks, arms, legs)
+
+
+def landmarks_to_sequence(
+    image: list[np.ndarray],
+    world: list[np.ndarray],
+    size: tuple[int, int] | None,
+    *,
+    source: str,
+    config: dict,
+    repair_swaps: bool = True,
+    elapsed: float = float("nan"),
+    meta: dict | None = None,
+):
+    """Per-frame BlazePose output -> ``PoseSequence``: the one tail of both BlazePose backends.
+
+    ``image`` holds ``[33, 4]`` (x, y normalised to the frame, z, visibility) and ``world``
+    ``[33, 4]`` (metres) per frame, NaN where nothing was found. Swaps are decided once on the
+    image landmarks (pixels) and applied to image, world and visibility alike; joints are made
+    pelvis-relative; ``meta`` adds backend-specific keys to the common ones."""
+    from mam.pose.base import PoseSequence
+
+    if not image:
+        return PoseSequence(
+            joints=np.zeros((0, NUM_JOINTS, 3), np.float32),
+            confidence=np.zeros((0, NUM_JOINTS), np.float32),
+            fps=FPS,
+            source=source,
+            meta={"image_joints": np.zeros((0, NUM_JOINTS, 2), np.float32), "image_size": None},
+        )
+    img, wld = np.stack(image), np.stack(world)
+    width, height = size
+    pixels = img[..., :2] * np.array([width, height], dtype=np.float64)
+    visibility = img[..., 3]
+    detected = np.isfinite(img).all(axis=(1, 2))
+    arms = legs = np.zeros(len(img), dtype=bool)
+    if repair_swaps:
+        arms, legs = find_left_right_swaps(pixels)
+        pixels = apply_left_right_swaps(pixels, arms, legs)
+        wld = apply_left_right_swaps(wld, arms, legs)
+        visibility = apply_left_right_swaps(visibility, arms, legs)
+    joints = map_landmarks(wld[..., :3])
+    joints -= joints[:, :1]  # pelvis-relative (world origin is already about mid-hip)
+    confidence = map_confidence(visibility)
+    confidence[~detected] = 0.0
+    logger.info(
+        "%s: pose found in %d of %d frames (%.1f frames/s); arms relabelled on %d, legs on %d",
+        source, int(detected.sum()), len(img), len(img) / elapsed if elapsed > 0 else float("nan"),
+        int(arms.sum()), int(legs.sum()),
+    )  # fmt: skip
+    return PoseSequence(
+        joints=joints,
+        confidence=confidence,
+        fps=FPS,
+        source=source,
+        meta={
+            "image_joints": map_landmarks(pixels),
+            "image_size": (int(width), int(height)),
+            "swaps_repaired": {"arms": int(arms.sum()), "legs": int(legs.sum())},
+            "axes": "x right, y down, z away from the camera; metres; pelvis-relative",
+            "config": dict(config),
+            **(meta or {}),
+        },
+    )

@@ -38,15 +38,8 @@ from typing import Literal, Self
 import numpy as np
 
 from mam.errors import DependencyMissingError
-from mam.pose.base import PoseSequence, register_backend
-from mam.pose.mapping import (
-    NUM_LANDMARKS,
-    apply_left_right_swaps,
-    find_left_right_swaps,
-    map_confidence,
-    map_landmarks,
-)
-from mam.skeleton import FPS, NUM_JOINTS
+from mam.pose.base import PoseSequence, check_frame, register_backend
+from mam.pose.mapping import NUM_LANDMARKS, landmarks_to_sequence
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +207,7 @@ class MediaPipePoseBackend:
         size: tuple[int, int] | None = None
         start = time.perf_counter()
         for t, frame in enumerate(frames):
-            frame = self._check_frame(frame, size)
+            frame = check_frame(frame, size)
             size = size or (frame.shape[1], frame.shape[0])
             with _native_stderr_silenced(self.quiet and t == 0):
                 result = self._pose.process(frame)
@@ -227,83 +220,7 @@ class MediaPipePoseBackend:
             if progress is not None:
                 progress(t + 1)
         elapsed = time.perf_counter() - start
-        return self._to_sequence(image, world, size, elapsed)
-
-    @staticmethod
-    def _check_frame(frame: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
-        if (
-            not isinstance(frame, np.ndarray)
-            or frame.dtype != np.uint8
-            or frame.ndim != 3
-            or frame.shape[2] != 3
-        ):
-            got = (
-                f"{frame.dtype} {list(frame.shape)}"
-                if isinstance(frame, np.ndarray)
-                else type(frame).__name__
-            )
-            raise ValueError(f"frames must be RGB uint8 [H, W, 3]; got {got}")
-        if size is not None and (frame.shape[1], frame.shape[0]) != size:
-            raise ValueError(
-                f"frame size changed within one video: {size} -> {(frame.shape[1], frame.shape[0])}"
-            )
-        return np.ascontiguousarray(frame)
-
-    def _to_sequence(
-        self,
-        image: list[np.ndarray],
-        world: list[np.ndarray],
-        size: tuple[int, int] | None,
-        elapsed: float,
-    ) -> PoseSequence:
-        num_frames = len(image)
-        if num_frames == 0:
-            return PoseSequence(
-                joints=np.zeros((0, NUM_JOINTS, 3), np.float32),
-                confidence=np.zeros((0, NUM_JOINTS), np.float32),
-                fps=FPS,
-                source=NAME,
-                meta={"image_joints": np.zeros((0, NUM_JOINTS, 2), np.float32), "image_size": None},
-            )
-        img = np.stack(image)
-        wld = np.stack(world)
-        width, height = size
-        pixels = img[..., :2] * np.array([width, height], dtype=np.float64)
-        visibility = img[..., 3]
-        detected = np.isfinite(img).all(axis=(1, 2))
-
-        arms = legs = np.zeros(num_frames, dtype=bool)
-        if self.repair_swaps:
-            arms, legs = find_left_right_swaps(pixels)
-            pixels = apply_left_right_swaps(pixels, arms, legs)
-            wld = apply_left_right_swaps(wld, arms, legs)
-            visibility = apply_left_right_swaps(visibility, arms, legs)
-
-        joints = map_landmarks(wld[..., :3])
-        joints -= joints[:, :1]  # pelvis-relative (world origin is already about mid-hip)
-        confidence = map_confidence(visibility)
-        confidence[~detected] = 0.0
-        image_joints = map_landmarks(pixels)
-
-        n_detected = int(detected.sum())
-        logger.info(
-            "pose found in %d of %d frames (%.1f frames/s); arms relabelled on %d, legs on %d",
-            n_detected,
-            num_frames,
-            num_frames / elapsed if elapsed > 0 else float("nan"),
-            int(arms.sum()),
-            int(legs.sum()),
-        )
-        return PoseSequence(
-            joints=joints,
-            confidence=confidence,
-            fps=FPS,
-            source=NAME,
-            meta={
-                "image_joints": image_joints,
-                "image_size": (int(width), int(height)),
-                "swaps_repaired": {"arms": int(arms.sum()), "legs": int(legs.sum())},
-                "axes": "x right, y down, z away from the camera; metres; pelvis-relative",
-                "config": dict(self.config),
-            },
-        )
+        return landmarks_to_sequence(
+            image, world, size, source=NAME, config=self.config,
+            repair_swaps=self.repair_swaps, elapsed=elapsed,
+        )  # fmt: skip

@@ -1,0 +1,245 @@
+"""BlazePose in ONNX with our own pre/post-processing: single images and batches of crops.
+
+The two networks are the mediapipe wheel's, converted by ``mam.pose.blazepose.convert``; the
+code around them ports MediaPipe's graphs (``detector``, ``roi``, ``landmarks``).
+:meth:`BlazePoseOnnx.process_image` is MediaPipe's ``static_image_mode=True`` (detect, crop,
+landmarks) and is what the parity check compares; the video backend (``backend``) reuses the
+pieces with sparse detection and batched crops.
+
+Runners: ONNX Runtime (CPU, or CUDA where onnxruntime-gpu is installed) and TensorRT engines built
+from the same ONNX files with a frame-batch profile ``(1, opt, max)`` through ``mam.runtime``
+(cached by ``engine_cache_key``; skipped where TensorRT is not installed).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from mam.pose.blazepose import convert, detector
+from mam.pose.blazepose.landmarks import NUM_POSE, LandmarkBatch, decode_landmarks
+from mam.pose.blazepose.roi import CROP_SIZE, crop, roi_from_alignment_points
+
+logger = logging.getLogger(__name__)
+
+Runtime = Literal["onnxruntime", "tensorrt"]
+
+
+def _threads(threads: int | None) -> int:
+    if threads:
+        return threads
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+class _OrtRunner:
+    """One ONNX Runtime session; ``device='cuda'`` uses the CUDA provider when it exists."""
+
+    def __init__(self, path: Path, threads: int, device: str) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            from mam.errors import DependencyMissingError
+
+            raise DependencyMissingError("the onnx pose backend needs onnxruntime") from exc
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # NOTE: spinning worker threads halved throughput on 2 shared cores (measured: 2 threads
+        # 48-64 crops/s spinning, 101-125 without; 1 thread 100-126).
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers = ["CPUExecutionProvider"]
+        if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        self.session = ort.InferenceSession(str(path), so, providers=providers)
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.providers = self.session.get_providers()
+
+    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip(self.outputs, self.session.run(None, {"input": x})))
+
+
+class _TrtRunner:
+    """A TensorRT engine with a frame-batch profile, built on first use and cached."""
+
+    def __init__(self, path: Path, max_batch: int, precision: str) -> None:
+        import json
+
+        from mam.model.weights import sha256_of
+        from mam.runtime import (
+            RuntimeUnavailable,
+            TensorRTEngine,
+            _import_tensorrt,
+            build_engine,
+            engine_cache_dir,
+            engine_cache_key,
+            gpu_name,
+        )
+
+        trt = _import_tensorrt()
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeUnavailable("no CUDA device visible")
+        shape = [1, CROP_SIZE, CROP_SIZE, 3]  # NHWC, as converted; axis 0 is the frame batch
+        profile = (1, max_batch, max_batch)
+        key = engine_cache_key(
+            trt_version=trt.__version__,
+            gpu_name=gpu_name(),
+            onnx_sha256=sha256_of(path),
+            precision=precision,
+            profile=profile,
+        )
+        engine = engine_cache_dir() / f"{path.name.split('.')[0]}.{key}.engine"
+        if not engine.is_file():
+            built = build_engine(
+                path, engine, input_name="input", input_shape=shape, profile=profile,
+                precision=precision,
+            )  # fmt: skip
+            engine.with_suffix(".json").write_text(json.dumps({"precision_built": built}))
+        self._torch = torch
+        self.engine = TensorRTEngine(engine)
+        self.max_batch = max_batch
+        self.providers = ["TensorRT"]
+
+    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        torch = self._torch
+        parts: list[dict] = []
+        for i in range(0, len(x), self.max_batch):
+            outs = self.engine(input=torch.from_numpy(x[i : i + self.max_batch]).to("cuda"))
+            torch.cuda.current_stream().synchronize()
+            parts.append({k: v.float().cpu().numpy() for k, v in outs.items()})
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+@dataclass
+class ImagePose:
+    """Landmarks of one image (MediaPipe's ``pose_landmarks`` / ``pose_world_landmarks``):
+    ``image [33, 4]`` (x, y normalised, z, visibility), ``world [33, 4]`` (metres, visibility),
+    the ``roi`` used and the detection score."""
+
+    image: np.ndarray
+    world: np.ndarray
+    roi: np.ndarray
+    score: float
+    flag: float
+    auxiliary: np.ndarray  # [2, 2] normalised alignment points for the next frame's ROI
+
+
+class BlazePoseOnnx:
+    """The two BlazePose networks on ONNX Runtime (or TensorRT) and the numpy graph around them.
+
+    Args:
+        min_detection_confidence: detector score needed (MediaPipe's option of the same name).
+        min_presence_confidence: pose-presence flag needed to accept landmarks (MediaPipe's
+            ``min_tracking_confidence``, which sets that threshold).
+        runtime: ``onnxruntime`` or ``tensorrt`` (landmark network; the detector, run sparsely,
+            stays on ONNX Runtime).
+        device: ``cpu`` or ``cuda`` for ONNX Runtime.
+        threads: ONNX Runtime intra-op threads (default: the CPUs this process may use).
+        max_batch: crops per landmark-network call (TensorRT: the profile's opt and max).
+        cache: folder of the converted ONNX files (default ``MAM_POSE_CACHE``).
+    """
+
+    def __init__(
+        self,
+        *,
+        min_detection_confidence: float = 0.5,
+        min_presence_confidence: float = 0.5,
+        runtime: Runtime = "onnxruntime",
+        device: Literal["cpu", "cuda"] = "cpu",
+        threads: int | None = None,
+        max_batch: int = 8,
+        precision: Literal["fp32", "fp16"] = "fp16",
+        cache: Path | None = None,
+    ) -> None:
+        for label, value in (
+            ("min_detection_confidence", min_detection_confidence),
+            ("min_presence_confidence", min_presence_confidence),
+        ):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{label} must be in [0, 1], got {value}")
+        if runtime not in ("onnxruntime", "tensorrt"):
+            raise ValueError(f"runtime must be 'onnxruntime' or 'tensorrt', got {runtime!r}")
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.min_detection_confidence = min_detection_confidence
+        self.min_presence_confidence = min_presence_confidence
+        self.max_batch = max_batch
+        models = convert.ensure_all(cache)
+        n_threads = _threads(threads)
+        self.detector = _OrtRunner(models[convert.DETECTOR].onnx_path, n_threads, device)
+        if runtime == "tensorrt":
+            self.landmarker = _TrtRunner(models[convert.LANDMARK].onnx_path, max_batch, precision)
+        else:
+            self.landmarker = _OrtRunner(models[convert.LANDMARK].onnx_path, n_threads, device)
+        self.details = {
+            "runtime": runtime,
+            "providers": list(self.landmarker.providers),
+            "intra_op_threads": n_threads,
+            "max_batch": max_batch,
+            "converter": convert.CONVERTER_VERSION,
+            "tflite_sha256": {k: m.tflite_sha256[:16] for k, m in models.items()},
+        }
+        self._det_input = np.empty((1, detector.INPUT_SIZE, detector.INPUT_SIZE, 3), np.float32)
+
+    # --- detection -------------------------------------------------------------------------------
+    def detect(self, frame: np.ndarray) -> list[detector.Detection]:
+        """Person detections in an RGB uint8 frame, best first."""
+        height, width = frame.shape[:2]
+        box = detector.letterbox(width, height)
+        detector.preprocess(frame, box, out=self._det_input[0])
+        out = self.detector(self._det_input)
+        return detector.detections_from_outputs(
+            out["boxes"][0], out["scores"][0], box.padding, self.min_detection_confidence
+        )
+
+    @staticmethod
+    def roi_from_detection(det: detector.Detection, width: int, height: int) -> np.ndarray:
+        return roi_from_alignment_points(det.keypoints[0], det.keypoints[1], width, height)[0]
+
+    # --- landmarks -------------------------------------------------------------------------------
+    def landmarks(self, frames: list[np.ndarray], rois: np.ndarray) -> LandmarkBatch:
+        """Landmarks of ``frames[i]`` inside ``rois[i]`` (``[N, 5]``), run in batches."""
+        n = len(frames)
+        batch = np.empty((n, CROP_SIZE, CROP_SIZE, 3), np.float32)
+        for i, (frame, roi) in enumerate(zip(frames, rois)):
+            crop(frame, roi, out=batch[i])
+        outs: dict[str, list[np.ndarray]] = {}
+        for i in range(0, n, self.max_batch):
+            for k, v in self.landmarker(batch[i : i + self.max_batch]).items():
+                outs.setdefault(k, []).append(v)
+        cat = {k: np.concatenate(v) for k, v in outs.items()}
+        return decode_landmarks(
+            cat["landmarks"], cat["world_landmarks"], cat["pose_flag"], cat["heatmap"], rois
+        )
+
+    def process_image(self, frame: np.ndarray) -> ImagePose | None:
+        """MediaPipe's static-image mode: detect, crop around the best person, landmarks.
+        ``None`` when nobody is detected or the presence flag is below the threshold."""
+        height, width = frame.shape[:2]
+        dets = self.detect(frame)
+        if not dets:
+            return None
+        roi = self.roi_from_detection(dets[0], width, height)
+        lm = self.landmarks([frame], roi[None])
+        if lm.flag[0] < self.min_presence_confidence:
+            return None
+        return ImagePose(
+            image=np.concatenate([lm.image[0, :NUM_POSE], lm.visibility[0, :NUM_POSE, None]], 1),
+            world=np.concatenate([lm.world[0, :NUM_POSE], lm.visibility[0, :NUM_POSE, None]], 1),
+            roi=roi,
+            score=dets[0].score,
+            flag=float(lm.flag[0]),
+            auxiliary=lm.image[0, NUM_POSE : NUM_POSE + 2, :2],
+        )
