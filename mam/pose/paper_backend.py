@@ -1,0 +1,580 @@
+"""The paper's pose route as a backend (``hrnet-videopose3d``): HRNet 2D -> VideoPose3D lifter.
+
+Gao, Yao et al. (2023, Methods) fine-tuned HRNet on 5 annotated frames from each of 298 infant
+videos and used it as the 2D kernel of VideoPose3D, giving the 17 Human3.6M joints per frame at
+25 fps. Per recording this backend:
+
+1. crops each frame to a person box and resizes it to HRNet's 192x256 (3:4) input. Supine infants
+   fill most of the frame, so by default the box is the **whole frame, letterboxed** (black bars)
+   to 3:4 around its centre; ``box_fn(frame_index, frame) -> (x, y, w, h)`` supplies a detector's
+   box instead (widened to 3:4 about its centre);
+2. runs HRNet batched over frames, decodes the heatmaps (argmax + quarter-pixel shift) and maps the
+   17 COCO keypoints to the 17 Human3.6M joints (``mam.pose.videopose3d.COCO_TO_H36M``);
+3. marks frames whose mean joint confidence (heatmap maximum) is below ``min_confidence`` as
+   untracked, interpolates their 2D from the tracked frames so the lifter sees a continuous
+   sequence, lifts the whole sequence (edge-padded, 243-frame receptive field), and returns NaN for
+   the untracked frames so that ``mam.pose.quality`` reports and fills the gaps as for any backend.
+
+Weights. No infant HRNet weights were published; a site provides its fine-tuned checkpoint
+(``hrnet_weights=`` or ``MAM_HRNET_WEIGHTS``, any HRNet width and depth in the official key layout,
+see ``mam.pose.hrnet.checkpoint_filter_fn``). Without one the backend refuses to start
+(:class:`SiteWeightsRequiredError`): random or adult-only weights are never run silently. The
+lifter defaults to ``models/lifter_infant.pt``, trained here on real infant motion
+(``mam.pose.lifter_train``; its sidecar records data, split and held-out MPJPE).
+
+Runtimes (``runtime=``): ``onnxruntime`` exports both networks once to ONNX in a cache folder keyed
+by the weights' sha256 (``MAM_POSE_CACHE``, default ``~/.cache/mam/pose``), checks ONNX Runtime
+against PyTorch on export, and afterwards needs no PyTorch; ``pytorch`` runs them eagerly (CUDA when
+available); ``tensorrt`` builds an HRNet engine with a frame-batch profile through
+``mam.runtime.build_engine`` (GPU only; the lifter, about a GFLOP per thousand frames, stays on
+ONNX Runtime). ``auto`` is ``onnxruntime`` when it can be had, else ``pytorch``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Literal, Self
+
+import numpy as np
+
+from mam.errors import DependencyMissingError, ModelLoadError
+from mam.model.weights import sha256_of
+from mam.pose.base import PoseSequence, check_frame, iter_chunks, pose_cache_dir, register_backend
+from mam.skeleton import FPS, NUM_JOINTS
+
+logger = logging.getLogger(__name__)
+
+NAME = "hrnet-videopose3d"
+ENV_HRNET_WEIGHTS = "MAM_HRNET_WEIGHTS"
+ENV_LIFTER_WEIGHTS = "MAM_LIFTER_WEIGHTS"
+DEFAULT_LIFTER = Path(__file__).resolve().parents[2] / "models" / "lifter_infant.pt"
+INPUT_H, INPUT_W = 256, 192  # HRNet-W32 256x192 (mam.pose.hrnet.INPUT_SIZE, without torch)
+STRIDE = 4
+ONNX_OPSET = 18
+PARITY_RTOL = 1e-3  # of the largest reference value, plus
+PARITY_ATOL = 1e-4
+
+Runtime = Literal["auto", "onnxruntime", "pytorch", "tensorrt"]
+BoxFn = Callable[[int, np.ndarray], tuple[float, float, float, float]]
+
+
+class SiteWeightsRequiredError(ModelLoadError):
+    """The paper's pose route needs HRNet weights fine-tuned by the site (none are published)."""
+
+
+# -- boxes and crops ------------------------------------------------------------------------------
+def letterbox_box(width: int, height: int) -> tuple[float, float, float, float]:
+    """The whole frame grown to HRNet's 3:4 aspect about its centre: ``(x, y, w, h)``."""
+    return fit_aspect((0.0, 0.0, float(width), float(height)))
+
+
+def fit_aspect(box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+    """Grow a box ``(x, y, w, h)`` to width:height = 192:256 about its centre (never shrink)."""
+    x, y, w, h = (float(v) for v in box)
+    if w <= 0 or h <= 0:
+        raise ValueError(f"box must have a positive size, got {box}")
+    cx, cy = x + w / 2, y + h / 2
+    aspect = INPUT_W / INPUT_H
+    if w / h > aspect:
+        h = w / aspect
+    else:
+        w = h * aspect
+    return cx - w / 2, cy - h / 2, w, h
+
+
+def crop(frame: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray:
+    """The 3:4 ``box`` of ``frame`` resized to 192x256 (black outside the frame)."""
+    import cv2
+
+    x, y, w, _ = box
+    s = INPUT_W / w
+    M = np.array([[s, 0.0, -x * s], [0.0, s, -y * s]], np.float64)
+    return cv2.warpAffine(frame, M, (INPUT_W, INPUT_H), flags=cv2.INTER_LINEAR, borderValue=0)
+
+
+def interpolate_missing(x: np.ndarray, tracked: np.ndarray) -> np.ndarray:
+    """Fill untracked frames ``[T, ...]`` linearly from tracked ones (edges: nearest)."""
+    if tracked.all() or not tracked.any():
+        return x
+    t = np.arange(len(x))
+    flat = x.reshape(len(x), -1).copy()
+    for k in range(flat.shape[1]):
+        flat[~tracked, k] = np.interp(t[~tracked], t[tracked], flat[tracked, k])
+    return flat.reshape(x.shape)
+
+
+# -- ONNX export with parity (used by the backend's cache and by export/pose_networks.py) --------
+def export_onnx(
+    module,
+    example: np.ndarray,
+    path: Path,
+    *,
+    input_name: str,
+    output_name: str,
+    dynamic_axes: dict[int, str],
+    opset: int = ONNX_OPSET,
+) -> Path:
+    """Export a one-input, one-output torch module with named, dynamic axes; ``onnx.checker``.
+
+    The TorchScript exporter is used: both networks are plain convolution stacks, it handles the
+    lifter's dynamic time axis (whose output length is ``T - receptive_field + 1``) directly, and it
+    exports HRNet-W32 in seconds."""
+    import io
+    import warnings
+
+    import onnx
+    import torch
+
+    module = module.eval()
+    buf = io.BytesIO()
+    axes = {input_name: dynamic_axes, output_name: dict(dynamic_axes)}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notices
+        torch.onnx.export(module, (torch.from_numpy(example),), buf, dynamo=False,
+                          input_names=[input_name], output_names=[output_name],
+                          dynamic_axes=axes, opset_version=opset)  # fmt: skip
+    proto = onnx.load_from_string(buf.getvalue())
+    onnx.checker.check_model(proto)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    onnx.save_model(proto, str(tmp))
+    tmp.replace(path)  # atomic: two processes exporting at once never read half a file
+    return path
+
+
+def check_onnx_parity(
+    module,
+    path: Path,
+    examples: Iterable[np.ndarray],
+    *,
+    rtol: float = PARITY_RTOL,
+    atol: float = PARITY_ATOL,
+) -> float:
+    """Largest ONNX Runtime (CPU) vs PyTorch difference relative to ``atol + rtol * max|torch|``
+    over ``examples`` (give two shapes); ``ValueError`` when it exceeds 1."""
+    import onnxruntime as ort
+    import torch
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    worst = 0.0
+    for x in examples:
+        with torch.inference_mode():
+            ref = module.eval()(torch.from_numpy(x)).numpy()
+        got = sess.run(None, {name: x})[0]
+        if got.shape != ref.shape:
+            raise ValueError(f"ONNX output shape {got.shape} != torch {ref.shape}")
+        ratio = float(np.abs(got - ref).max() / (atol + rtol * np.abs(ref).max()))
+        worst = max(worst, ratio)
+    if worst > 1.0:
+        raise ValueError(f"ONNX Runtime vs PyTorch parity failed ({worst:.2f} x tolerance)")
+    return worst
+
+
+# -- networks: loading ---------------------------------------------------------------------------
+def hrnet_config_from_state(state: dict) -> dict:
+    """Width, joints and depth of an HRNet state dict (official key layout), so that W32, W48 and
+    smaller site models load without a config file."""
+    w = state["final_layer.weight"]
+    modules = []
+    for s in (2, 3, 4):
+        idx = {int(k.split(".")[1]) for k in state if k.startswith(f"stage{s}.")}
+        if not idx:
+            raise ModelLoadError(f"HRNet checkpoint has no stage{s} parameters")
+        modules.append(max(idx) + 1)
+    blocks = {int(k.split(".")[4]) for k in state if k.startswith("stage2.0.branches.0.")}
+    return {
+        "width": int(w.shape[1]),
+        "num_joints": int(w.shape[0]),
+        "stage_modules": modules,
+        "stage_blocks": max(blocks) + 1,
+        "final_conv_kernel": int(w.shape[-1]),
+    }
+
+
+def load_hrnet(weights: Path):
+    """``PoseHighResolutionNet`` in eval mode from a site checkpoint (official key layout)."""
+    try:
+        import torch
+
+        from mam.pose.hrnet import PoseHighResolutionNet, checkpoint_filter_fn
+    except ImportError as e:
+        raise DependencyMissingError(
+            "loading HRNet weights needs PyTorch (pip install 'mam[train]'); once exported to "
+            "ONNX (see MAM_POSE_CACHE) it runs on ONNX Runtime alone"
+        ) from e
+    try:
+        raw = torch.load(weights, map_location="cpu", weights_only=True)
+        state = checkpoint_filter_fn(raw)
+        cfg = hrnet_config_from_state(state)
+        model = PoseHighResolutionNet(**cfg)
+        model.load_state_dict(checkpoint_filter_fn(state, model), strict=True)
+    except (RuntimeError, KeyError, ValueError, OSError) as e:
+        raise ModelLoadError(f"HRNet weights {weights} do not load: {e}") from e
+    if cfg["num_joints"] != 17:
+        raise ModelLoadError(f"HRNet weights have {cfg['num_joints']} keypoints, need 17 (COCO)")
+    return model.eval(), cfg
+
+
+def _key(sha: str, extra: dict) -> str:
+    blob = json.dumps({"sha256": sha, **extra}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:20]
+
+
+class _Network:
+    """One network behind one call on numpy arrays, whatever runs it."""
+
+    def __init__(self, fn: Callable[[np.ndarray], np.ndarray], runtime: str, detail: dict) -> None:
+        self.fn, self.runtime, self.detail = fn, runtime, detail
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.fn(np.ascontiguousarray(x, dtype=np.float32))
+
+
+def _torch_network(model, device: str) -> _Network:
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device).eval()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(x).to(device)).float().cpu().numpy()
+
+    return _Network(run, "pytorch", {"device": device, "torch": torch.__version__})
+
+
+def _ort_network(path: Path, threads: int | None, device: str) -> _Network:
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise DependencyMissingError(
+            "onnxruntime is not installed (pip install onnxruntime)"
+        ) from e
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    providers = ["CPUExecutionProvider"]
+    if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    sess = ort.InferenceSession(str(path), so, providers=providers)
+    name = sess.get_inputs()[0].name
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return sess.run(None, {name: x})[0]
+
+    return _Network(run, "onnxruntime", {"providers": sess.get_providers(), "onnx": path.name})
+
+
+def cached_onnx(
+    role: str,
+    weights: Path,
+    build: Callable[[], tuple[object, dict]],
+    example_shapes: tuple[tuple[int, ...], tuple[int, ...]],
+    *,
+    input_name: str,
+    output_name: str,
+    dynamic_axes: dict[int, str],
+    cache_dir: Path,
+) -> tuple[Path, dict]:
+    """``cache_dir/<role>-<key>.onnx`` (+ ``.json``), keyed by the weights' sha256 and the export
+    settings; exported and parity-checked on first use (needs torch), reused afterwards."""
+    sha = sha256_of(weights)
+    key = _key(sha, {"role": role, "opset": ONNX_OPSET, "shape": list(example_shapes[0])})
+    path = cache_dir / f"{role}-{key}.onnx"
+    info_path = path.with_suffix(".json")
+    if path.is_file() and info_path.is_file():
+        info = json.loads(info_path.read_text())
+        if info.get("onnx_sha256") == sha256_of(path):
+            return path, info
+        logger.warning("cached %s export does not match its record; exporting again", role)
+    model, config = build()
+    rng = np.random.default_rng(0)
+    examples = [rng.standard_normal(s).astype(np.float32) for s in example_shapes]
+    t0 = time.perf_counter()
+    export_onnx(model, examples[0], path, input_name=input_name, output_name=output_name,
+                dynamic_axes=dynamic_axes)  # fmt: skip
+    worst = check_onnx_parity(model, path, examples)
+    info = {
+        "role": role,
+        "weights_sha256": sha,
+        "config": config,
+        "opset": ONNX_OPSET,
+        "onnx_sha256": sha256_of(path),
+        "parity": {
+            "shapes": [list(s) for s in example_shapes],
+            "worst_vs_tolerance": worst,
+            "rtol": PARITY_RTOL,
+            "atol": PARITY_ATOL,
+        },  # fmt: skip
+    }
+    info_path.write_text(json.dumps(info, indent=2) + "\n")
+    logger.info("exported %s to ONNX in %.1f s (parity %.3f of tolerance)", role,
+                time.perf_counter() - t0, worst)  # fmt: skip
+    return path, info
+
+
+# -- the backend ----------------------------------------------------------------------------------
+@register_backend(NAME)
+class HRNetVideoPose3DBackend:
+    """HRNet 2D keypoints + VideoPose3D lifting (the paper's route); see the module docstring.
+
+    Args:
+        hrnet_weights: the site's fine-tuned HRNet checkpoint (default: ``MAM_HRNET_WEIGHTS``).
+        lifter_weights: a lifter saved by ``mam.pose.lifter_train`` (default:
+            ``MAM_LIFTER_WEIGHTS`` or the shipped ``models/lifter_infant.pt``).
+        runtime: ``auto``, ``onnxruntime``, ``pytorch`` or ``tensorrt`` (HRNet only; GPU).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        batch_size: frames per HRNet call.
+        box_fn: ``box_fn(frame_index, frame) -> (x, y, w, h)`` person box in pixels; default: the
+            whole frame letterboxed to 3:4.
+        min_confidence: frames whose mean joint confidence is below it count as untracked.
+        threads: ONNX Runtime intra-op threads (default: its own choice).
+        cache_dir: where ONNX exports and TensorRT engines are cached (``MAM_POSE_CACHE``).
+    """
+
+    name = NAME
+
+    def __init__(
+        self,
+        hrnet_weights: str | Path | None = None,
+        lifter_weights: str | Path | None = None,
+        *,
+        runtime: Runtime = "auto",
+        device: Literal["auto", "cpu", "cuda"] = "auto",
+        batch_size: int = 16,
+        box_fn: BoxFn | None = None,
+        min_confidence: float = 0.2,
+        threads: int | None = None,
+        cache_dir: str | Path | None = None,
+    ) -> None:
+        if runtime not in ("auto", "onnxruntime", "pytorch", "tensorrt"):
+            raise ValueError(f"runtime must be auto, onnxruntime, pytorch or tensorrt: {runtime!r}")
+        if device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0.0 <= min_confidence <= 1.0:
+            raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence}")
+        hrnet = hrnet_weights or os.environ.get(ENV_HRNET_WEIGHTS)
+        if not hrnet:
+            raise SiteWeightsRequiredError(
+                f"the '{NAME}' pose backend needs HRNet weights fine-tuned on the site's own "
+                f"annotated infant frames (the paper used 5 frames from each of 298 videos); none "
+                f"are published. Give hrnet_weights= or set {ENV_HRNET_WEIGHTS} to the checkpoint "
+                "(official pose_hrnet key layout), or use the 'mediapipe' backend"
+            )
+        self.hrnet_path = Path(hrnet)
+        lifter = lifter_weights or os.environ.get(ENV_LIFTER_WEIGHTS) or DEFAULT_LIFTER
+        self.lifter_path = Path(lifter)
+        for what, p in (("HRNet", self.hrnet_path), ("lifter", self.lifter_path)):
+            if not p.is_file():
+                raise ModelLoadError(f"{what} weights not found: {p}")
+        lifter_meta_path = self.lifter_path.with_suffix(".json")
+        if not lifter_meta_path.is_file():
+            raise ModelLoadError(f"lifter sidecar not found: {lifter_meta_path}")
+        self.lifter_meta = json.loads(lifter_meta_path.read_text())
+        self.receptive_field = int(self.lifter_meta["receptive_field"])
+        self.box_fn, self.batch_size = box_fn, batch_size
+        self.min_confidence = min_confidence
+        self.cache = Path(cache_dir) if cache_dir is not None else pose_cache_dir()
+        self._hrnet = self._load_hrnet(runtime, device, threads)
+        self._lifter = self._load_lifter(runtime, device, threads)
+        self.config = {
+            "hrnet_weights_sha256": sha256_of(self.hrnet_path),
+            "hrnet": self._hrnet_config,
+            "lifter": self.lifter_meta.get("name", self.lifter_path.stem),
+            "lifter_weights_sha256": sha256_of(self.lifter_path),
+            "receptive_field": self.receptive_field,
+            "runtime": {"hrnet": self._hrnet.runtime, "lifter": self._lifter.runtime},
+            "box": "callback" if box_fn else "whole frame letterboxed to 3:4",
+            "min_confidence": min_confidence,
+            "batch_size": batch_size,
+        }
+        logger.info("%s: HRNet on %s %s, lifter on %s", NAME, self._hrnet.runtime,
+                    self._hrnet.detail, self._lifter.runtime)  # fmt: skip
+
+    # --- loading ---------------------------------------------------------------------------------
+    def _hrnet_onnx(self) -> tuple[Path, dict]:
+        return cached_onnx(
+            "hrnet", self.hrnet_path, lambda: load_hrnet(self.hrnet_path),
+            ((2, 3, INPUT_H, INPUT_W), (3, 3, INPUT_H, INPUT_W)),
+            input_name="images", output_name="heatmaps", dynamic_axes={0: "N"},
+            cache_dir=self.cache,
+        )  # fmt: skip
+
+    def _load_hrnet(self, runtime: str, device: str, threads: int | None) -> _Network:
+        reasons = []
+        if runtime == "tensorrt":
+            try:
+                net = self._tensorrt_hrnet()
+                self._hrnet_config = net.detail.pop("config")
+                return net
+            except Exception as e:  # noqa: BLE001 - reported, then the next runtime is tried
+                reasons.append(f"tensorrt: {e}")
+                logger.warning("TensorRT HRNet unavailable (%s); trying ONNX Runtime", e)
+        if runtime in ("auto", "onnxruntime", "tensorrt"):
+            try:
+                path, info = self._hrnet_onnx()
+                self._hrnet_config = info["config"]
+                net = _ort_network(path, threads, device)
+                net.detail["fallbacks"] = reasons
+                return net
+            except (DependencyMissingError, ImportError) as e:
+                if runtime == "onnxruntime":
+                    raise
+                reasons.append(f"onnxruntime: {e}")
+                logger.warning("ONNX route unavailable (%s); running HRNet in PyTorch", e)
+        model, self._hrnet_config = load_hrnet(self.hrnet_path)
+        net = _torch_network(model, device)
+        net.detail["fallbacks"] = reasons
+        return net
+
+    def _tensorrt_hrnet(self) -> _Network:
+        from mam.runtime import TensorRTEngine, _import_tensorrt, build_engine, gpu_name
+
+        trt = _import_tensorrt()
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("no CUDA device visible")
+        onnx_path, info = self._hrnet_onnx()
+        profile = (1, self.batch_size, max(self.batch_size, 64))
+        settings = {"trt": trt.__version__, "gpu": gpu_name(), "profile": list(profile)}
+        key = _key(info["onnx_sha256"], {**settings, "precision": "fp16"})
+        engine_path = self.cache / f"hrnet-{key}.engine"
+        if not engine_path.is_file():
+            build_engine(onnx_path, engine_path, input_name="images",
+                         input_shape=["N", 3, INPUT_H, INPUT_W], profile=profile,
+                         precision="fp16")  # fmt: skip
+        engine = TensorRTEngine(engine_path)
+
+        def run(x: np.ndarray) -> np.ndarray:
+            outs = []
+            for i in range(0, len(x), profile[2]):
+                out = engine(images=torch.from_numpy(x[i : i + profile[2]]).to("cuda"))["heatmaps"]
+                torch.cuda.current_stream().synchronize()
+                outs.append(out.float().cpu().numpy())
+            return np.concatenate(outs)
+
+        return _Network(run, "tensorrt", {"engine": engine_path.name, "profile": list(profile),
+                                          "config": info["config"]})  # fmt: skip
+
+    def _load_lifter(self, runtime: str, device: str, threads: int | None) -> _Network:
+        def build():
+            from mam.pose.lifter_train import load_lifter
+
+            model, meta = load_lifter(self.lifter_path)
+            return model, meta["config"]
+
+        rf = self.receptive_field
+        if runtime in ("auto", "onnxruntime", "tensorrt"):
+            try:
+                path, _ = cached_onnx(
+                    "lifter", self.lifter_path, build, ((1, rf + 40, NUM_JOINTS, 2),
+                                                        (2, rf + 7, NUM_JOINTS, 2)),
+                    input_name="keypoints_2d", output_name="joints_3d",
+                    dynamic_axes={0: "N", 1: "T"}, cache_dir=self.cache,
+                )  # fmt: skip
+                return _ort_network(path, threads, "cpu")
+            except (DependencyMissingError, ImportError) as e:
+                if runtime == "onnxruntime":
+                    raise
+                logger.warning("lifter ONNX route unavailable (%s); using PyTorch", e)
+        try:
+            model, _ = build()
+        except ImportError as e:
+            raise DependencyMissingError("the lifter needs PyTorch or an ONNX export") from e
+        return _torch_network(model, device)
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Nothing to release beyond the sessions, which go with the object; idempotent."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # --- inference -------------------------------------------------------------------------------
+    def keypoints_2d(
+        self, frames: Iterable[np.ndarray], progress: Callable[[int], None] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, tuple[int, int] | None]:
+        """COCO keypoints in image pixels ``[T, 17, 2]``, heatmap maxima ``[T, 17]``, image size."""
+        from mam.pose.hrnet import decode_heatmaps, normalize_images
+
+        points, scores = [], []
+        size: tuple[int, int] | None = None
+        done = 0
+        for chunk in iter_chunks(frames, self.batch_size):
+            boxes, crops = [], []
+            for k, frame in enumerate(chunk):
+                frame = check_frame(frame, size)
+                size = size or (frame.shape[1], frame.shape[0])
+                if self.box_fn is None:
+                    box = letterbox_box(*size)
+                else:
+                    box = fit_aspect(self.box_fn(done + k, frame))
+                boxes.append(box)
+                crops.append(crop(frame, box))
+            heat = self._hrnet(normalize_images(np.stack(crops)))
+            xy, maxval = decode_heatmaps(heat)
+            b = np.array(boxes, np.float32)  # [n, 4] x, y, w, h
+            scale = (b[:, 2] / (heat.shape[-1] * 1.0))[:, None, None]  # image px per heatmap px
+            points.append(xy * scale + b[:, None, :2])
+            scores.append(np.clip(maxval, 0.0, 1.0))
+            done += len(chunk)
+            if progress is not None:
+                progress(done)
+        if not points:
+            return np.zeros((0, 17, 2), np.float32), np.zeros((0, 17), np.float32), size
+        return np.concatenate(points), np.concatenate(scores), size
+
+    def estimate(
+        self, frames: Iterable[np.ndarray], progress: Callable[[int], None] | None = None
+    ) -> PoseSequence:
+        """Pose of the infant through ``frames`` (RGB uint8 ``[H, W, 3]``, 25 fps, in order)."""
+        from mam.pose.videopose3d import (
+            coco_to_h36m,
+            coco_to_h36m_confidence,
+            normalize_2d,
+            normalize_screen_coordinates,
+            pad_edges,
+        )
+
+        start = time.perf_counter()
+        coco, scores, size = self.keypoints_2d(frames, progress)
+        T = len(coco)
+        image_joints = coco_to_h36m(coco)
+        confidence = coco_to_h36m_confidence(scores)
+        tracked = confidence.mean(axis=1) >= self.min_confidence
+        joints = np.full((T, NUM_JOINTS, 3), np.nan, np.float32)
+        if tracked.any():
+            screen = normalize_screen_coordinates(interpolate_missing(image_joints, tracked), *size)
+            lifted = self._lifter(pad_edges(normalize_2d(screen), self.receptive_field)[None])[0]
+            joints[tracked] = (lifted - lifted[:, :1])[tracked]
+        confidence[~tracked] = 0.0
+        elapsed = time.perf_counter() - start
+        logger.info("%s: %d of %d frames tracked (%.1f frames/s)", NAME, int(tracked.sum()), T,
+                    T / elapsed if elapsed > 0 else float("nan"))  # fmt: skip
+        units = self.lifter_meta.get("output", {}).get("units", "lifter units")
+        return PoseSequence(
+            joints=joints,
+            confidence=confidence,
+            fps=FPS,
+            source=NAME,
+            meta={
+                "image_joints": image_joints,
+                "image_size": (int(size[0]), int(size[1])) if size else None,
+                "axes": f"x right, y down, z away from the camera; {units}; pelvis-relative",
+                "config": dict(self.config),
+            },
+        )
