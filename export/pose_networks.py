@@ -2,8 +2,10 @@
 
 * ``NAME.onnx`` for HRNet: ``images`` ``[N, 3, 256, 192]`` (ImageNet-normalised RGB) ->
   ``heatmaps`` ``[N, 17, 64, 48]``; N (frames) is dynamic.
-* ``NAME.onnx`` for the VideoPose3D lifter: ``keypoints_2d`` ``[N, T, 17, 2]`` (screen
-  coordinates) -> ``joints_3d`` ``[N, T - receptive_field + 1, 17, 3]``; N and T are dynamic.
+* ``NAME.onnx`` for the VideoPose3D lifter: ``keypoints_2d`` ``[N, T, 17, 2]`` (H36M order,
+  after ``mam.pose.videopose3d.normalize_2d``: root-relative, divided by the sequence's RMS
+  joint-to-root distance) -> ``joints_3d`` ``[N, T - receptive_field + 1, 17, 3]``; N and T are
+  dynamic.
 
 Each export gets ``NAME.onnx.json``: the weights' sha256 (a stale export is detectable), the network
 config, the IO names and shapes, the opset and the ONNX Runtime vs PyTorch parity on two input
@@ -109,8 +111,11 @@ def export_lifter(weights: str | Path, out_dir: str | Path, *, parity: bool = Tr
         "inputs": [{"name": "keypoints_2d", "shape": ["N", "T", NUM_JOINTS, 2]}],
         "outputs": [{"name": "joints_3d", "shape": ["N", f"T-{rf - 1}", NUM_JOINTS, 3]}],
         "receptive_field": rf,
-        "preprocessing": "COCO -> H36M (mam.pose.videopose3d.coco_to_h36m), "
-        "normalize_screen_coordinates, edge padding of (receptive_field - 1) / 2 frames",
+        "preprocessing": "COCO -> H36M (mam.pose.videopose3d.coco_to_h36m), then "
+        "mam.pose.videopose3d.normalize_2d (root-relative, divided by the sequence's RMS "
+        "joint-to-root distance: not VideoPose3D's screen coordinates), then edge padding of "
+        "(receptive_field - 1) / 2 frames",
+        "input_units": meta.get("input", {}),
         "output_units": meta.get("output", {}),
     }
     _write_manifest(path, weights, meta["config"], io, worst, shapes)

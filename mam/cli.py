@@ -416,7 +416,16 @@ def _add_pose_backend(s: argparse.ArgumentParser) -> None:
 
     from mam.pose import available_backends  # registers the backends, imports none of them
 
-    s.add_argument("--pose-backend", choices=available_backends(),
+    def registered(name: str) -> str:  # argparse also runs it on the default (the env value)
+        if name not in available_backends():
+            raise argparse.ArgumentTypeError(
+                f"unknown pose backend {name!r} (from --pose-backend or MAM_POSE_BACKEND); "
+                f"choose from {', '.join(available_backends())}"
+            )
+        return name
+
+    names = "{" + ",".join(available_backends()) + "}"
+    s.add_argument("--pose-backend", type=registered, metavar=names,
                    default=os.environ.get("MAM_POSE_BACKEND") or "mediapipe",
                    help="pose estimator (default MAM_POSE_BACKEND or mediapipe); "
                         "recorded in every result")  # fmt: skip
@@ -433,10 +442,12 @@ def _env_int(name: str, default: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["train-lifter"]:  # its own parser: `mam train-lifter --help`
-        from mam.pose.lifter_train import main as train_lifter
+    if "train-lifter" in argv and all(
+        a in ("-v", "--verbose") for a in argv[: argv.index("train-lifter")]
+    ):
+        from mam.pose.lifter_train import main as train_lifter  # its own parser
 
-        return train_lifter(argv[1:])
+        return train_lifter(argv[argv.index("train-lifter") + 1 :])
     if argv[:2] == ["batch", "merge"]:  # `mam batch merge SHARD... --out DIR`
         args = _merge_parser().parse_args(argv[2:])
     else:

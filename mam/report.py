@@ -26,13 +26,13 @@ import html
 import io
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mam import DISCLAIMER
+from mam.files import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -100,15 +100,6 @@ def clip_name(row: dict, start_s: float, end_s: float) -> str:
     file, so duplicates share it and a rerun reuses it."""
     key = row.get("key") or row.get("sha256") or page_stem(row)
     return f"clip-{_digest(key, f'{start_s:.2f}', f'{end_s:.2f}', CLIPS_VERSION)}.mp4"
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _html(title: str, body: str) -> bytes:
@@ -208,7 +199,7 @@ def plot_clips(result, dest: Path) -> None:
     ax.legend(loc="lower right", bbox_to_anchor=(1, 1), fontsize=8, ncols=3, frameon=False)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    _write_atomic(dest, buf.getvalue())
+    write_atomic(dest, buf.getvalue())
 
 
 def _clip_cell(rec: _Rec, index: int) -> str:
@@ -440,9 +431,9 @@ def write_reports(
     finally:
         holder.close()
     for rec in recs:
-        _write_atomic(reports / f"{rec.stem}.html", _page(rec, clips))
+        write_atomic(reports / f"{rec.stem}.html", _page(rec, clips))
     index = out / INDEX
-    _write_atomic(index, _index(recs))
+    write_atomic(index, _index(recs))
     failed_clips = sum(rc.file is None for rec in recs for rc in rec.clips.values())
     logger.info(
         "reports: %d pages, %d clips cut, %d clips failed, in %.1f s",

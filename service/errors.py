@@ -24,6 +24,7 @@ METHOD_NOT_ALLOWED = "method_not_allowed"
 TOO_LARGE = "file_too_large"
 UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
 OVERLOADED = "overloaded"
+RETRY_AFTER_S = "1"
 TIMEOUT = "timeout"
 INTERNAL = "internal_error"
 NOT_READY = "not_ready"
@@ -74,11 +75,10 @@ class ServiceError(Exception):
 
 def error_response(code: str, message: str, request_id: str | None = None) -> JSONResponse:
     body = ErrorResponse(error=ErrorBody(code=code, message=message, request_id=request_id))
-    return JSONResponse(
-        body.model_dump(),
-        status_code=http_status(code),
-        headers={ERROR_HEADER: code},
-    )
+    headers = {ERROR_HEADER: code}
+    if code == OVERLOADED:
+        headers["retry-after"] = RETRY_AFTER_S  # every refusal under load says when to come back
+    return JSONResponse(body.model_dump(), status_code=http_status(code), headers=headers)
 
 
 def from_exception(exc: Exception, request_id: str | None = None) -> JSONResponse:

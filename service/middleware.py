@@ -150,7 +150,7 @@ class ServiceMiddleware:
         gate = get_admission()
         if not gate.try_acquire():  # refused before the body is read
             e = gate.refusal()
-            return await reply(e.code, e.message, {"retry-after": "1"})
+            return await reply(e.code, e.message)
         try:
             return await self._forward(scope, receive, send, path, rid, outcome, reply, limit_msg)
         finally:

@@ -263,3 +263,17 @@ def test_tensorrt_landmarks_match_onnxruntime(pose_cache, demo_frames, model):
     a = model.landmarks(demo_frames[:8], rois)
     b = trt.landmarks(demo_frames[:8], rois)
     assert np.abs(a.image[..., :2] - b.image[..., :2]).max() * 1280 < 1.0
+
+
+def test_runtime_and_device_come_from_configuration(monkeypatch, pose_cache):
+    """The service and CLI create backends by name only: MAM_POSE_RUNTIME / MAM_POSE_DEVICE
+    choose where the networks run, and a wrong value is refused, not ignored."""
+    from mam.pose import create_backend
+
+    monkeypatch.setenv("MAM_POSE_RUNTIME", "tensorflow")
+    with pytest.raises(ValueError, match="MAM_POSE_RUNTIME"):
+        create_backend("onnx", cache=pose_cache)
+    monkeypatch.setenv("MAM_POSE_RUNTIME", "onnxruntime")
+    monkeypatch.setenv("MAM_POSE_DEVICE", "cpu")
+    backend = create_backend("onnx", cache=pose_cache)
+    assert backend.config["providers"] == ["CPUExecutionProvider"]

@@ -303,3 +303,13 @@ def test_command_lines_reach_the_lifter_trainer_and_its_export(tmp_path, capsys)
     assert export_main(["pose-onnx", "--lifter", str(DEFAULT_LIFTER), "--out", str(tmp_path)]) == 0
     manifest = json.loads((tmp_path / "lifter_infant.onnx.json").read_text())
     assert manifest["parity"]["worst_vs_tolerance"] < 0.1
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint", b"PK\x03\x04 truncated zip", b""])
+def test_a_corrupt_site_checkpoint_is_a_model_load_error(tmp_path, content):
+    from mam.pose.paper_backend import load_hrnet
+
+    bad = tmp_path / "site_hrnet.pth"
+    bad.write_bytes(content)
+    with pytest.raises(ModelLoadError, match="do not load"):
+        load_hrnet(bad)

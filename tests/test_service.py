@@ -341,7 +341,7 @@ def test_a_full_batcher_sheds_tensor_and_pose_requests_with_503(client, sims, mo
             error_of(cut, 400, "malformed_request")
             full = post(client, "/screen_instances", "instances", three)
             shed = error_of(full, 503, "overloaded")
-            assert "queue is full" in shed["message"]
+            assert "queue is full" in shed["message"] and full.headers["retry-after"] == "1"
             pose = npy_bytes(np.zeros((300, 17, 3), np.float32))
             error_of(post(client, "/screen_pose", "pose", pose), 503, "overloaded")
             gate.set()
@@ -456,3 +456,23 @@ async def _receive():
 
 async def _discard(message):
     pass
+
+
+def test_the_fixed_timeout_middleware_ends_with_an_app_that_never_answers():
+    """An app that fails or returns before starting a response ends the request at once (the
+    original waited for the timer: up to an hour on Screening)."""
+    import asyncio
+
+    async def raises(scope, receive, send):
+        raise RuntimeError("boom")
+
+    async def silent(scope, receive, send):
+        return None
+
+    async def main():
+        async with asyncio.timeout(5):
+            with pytest.raises(RuntimeError, match="boom"):
+                await _timeout_middleware(raises, timeout=600)({"type": "http"}, _receive, _discard)
+            await _timeout_middleware(silent, timeout=600)({"type": "http"}, _receive, _discard)
+
+    asyncio.run(main())

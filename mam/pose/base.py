@@ -18,6 +18,10 @@ import numpy as np
 from mam.skeleton import FPS, NUM_JOINTS
 
 ENV_POSE_CACHE = "MAM_POSE_CACHE"
+# Where a backend runs its networks, by configuration (the service and the CLI create backends
+# by name only): MAM_POSE_RUNTIME (onnxruntime, tensorrt, ...) and MAM_POSE_DEVICE (cpu, cuda).
+ENV_POSE_RUNTIME = "MAM_POSE_RUNTIME"
+ENV_POSE_DEVICE = "MAM_POSE_DEVICE"
 
 
 @dataclass

@@ -36,7 +36,9 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import time
+import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Literal, Self
@@ -44,8 +46,17 @@ from typing import Literal, Self
 import numpy as np
 
 from mam.errors import DependencyMissingError, ModelLoadError
+from mam.files import write_atomic
 from mam.model.weights import sha256_of
-from mam.pose.base import PoseSequence, check_frame, iter_chunks, pose_cache_dir, register_backend
+from mam.pose.base import (
+    ENV_POSE_DEVICE,
+    ENV_POSE_RUNTIME,
+    PoseSequence,
+    check_frame,
+    iter_chunks,
+    pose_cache_dir,
+    register_backend,
+)
 from mam.skeleton import FPS, NUM_JOINTS
 
 logger = logging.getLogger(__name__)
@@ -142,10 +153,7 @@ def export_onnx(
     proto = onnx.load_from_string(buf.getvalue())
     onnx.checker.check_model(proto)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    onnx.save_model(proto, str(tmp))
-    tmp.replace(path)  # atomic: two processes exporting at once never read half a file
-    return path
+    return write_atomic(path, proto.SerializeToString())  # concurrent first uses are safe
 
 
 def check_onnx_parity(
@@ -215,8 +223,9 @@ def load_hrnet(weights: Path):
         cfg = hrnet_config_from_state(state)
         model = PoseHighResolutionNet(**cfg)
         model.load_state_dict(checkpoint_filter_fn(state, model), strict=True)
-    except (RuntimeError, KeyError, ValueError, OSError) as e:
-        raise ModelLoadError(f"HRNet weights {weights} do not load: {e}") from e
+    except (RuntimeError, KeyError, ValueError, OSError, EOFError, pickle.UnpicklingError,
+            zipfile.BadZipFile) as e:  # fmt: skip
+        raise ModelLoadError(f"HRNet weights {weights.name} do not load: {e}") from e
     if cfg["num_joints"] != 17:
         raise ModelLoadError(f"HRNet weights have {cfg['num_joints']} keypoints, need 17 (COCO)")
     return model.eval(), cfg
@@ -291,7 +300,10 @@ def cached_onnx(
     path = cache_dir / f"{role}-{key}.onnx"
     info_path = path.with_suffix(".json")
     if path.is_file() and info_path.is_file():
-        info = json.loads(info_path.read_text())
+        try:
+            info = json.loads(info_path.read_text())
+        except (OSError, ValueError):
+            info = {}  # unreadable: stale, exported again below
         if info.get("onnx_sha256") == sha256_of(path):
             return path, info
         logger.warning("cached %s export does not match its record; exporting again", role)
@@ -315,7 +327,7 @@ def cached_onnx(
             "atol": PARITY_ATOL,
         },  # fmt: skip
     }
-    info_path.write_text(json.dumps(info, indent=2) + "\n")
+    write_atomic(info_path, (json.dumps(info, indent=2) + "\n").encode())
     logger.info("exported %s to ONNX in %.1f s (parity %.3f of tolerance)", role,
                 time.perf_counter() - t0, worst)  # fmt: skip
     return path, info
@@ -330,8 +342,9 @@ class HRNetVideoPose3DBackend:
         hrnet_weights: the site's fine-tuned HRNet checkpoint (default: ``MAM_HRNET_WEIGHTS``).
         lifter_weights: a lifter saved by ``mam.pose.lifter_train`` (default:
             ``MAM_LIFTER_WEIGHTS`` or the shipped ``models/lifter_infant.pt``).
-        runtime: ``auto``, ``onnxruntime``, ``pytorch`` or ``tensorrt`` (HRNet only; GPU).
-        device: ``auto``, ``cpu`` or ``cuda``.
+        runtime: ``auto``, ``onnxruntime``, ``pytorch`` or ``tensorrt`` (HRNet only; GPU);
+            default ``MAM_POSE_RUNTIME``, else ``auto``.
+        device: ``auto``, ``cpu`` or ``cuda``; default ``MAM_POSE_DEVICE``, else ``auto``.
         batch_size: frames per HRNet call.
         box_fn: ``box_fn(frame_index, frame) -> (x, y, w, h)`` person box in pixels; default: the
             whole frame letterboxed to 3:4.
@@ -347,14 +360,16 @@ class HRNetVideoPose3DBackend:
         hrnet_weights: str | Path | None = None,
         lifter_weights: str | Path | None = None,
         *,
-        runtime: Runtime = "auto",
-        device: Literal["auto", "cpu", "cuda"] = "auto",
+        runtime: Runtime | None = None,
+        device: Literal["auto", "cpu", "cuda"] | None = None,
         batch_size: int = 16,
         box_fn: BoxFn | None = None,
         min_confidence: float = 0.2,
         threads: int | None = None,
         cache_dir: str | Path | None = None,
     ) -> None:
+        runtime = runtime or os.environ.get(ENV_POSE_RUNTIME) or "auto"
+        device = device or os.environ.get(ENV_POSE_DEVICE) or "auto"
         if runtime not in ("auto", "onnxruntime", "pytorch", "tensorrt"):
             raise ValueError(f"runtime must be auto, onnxruntime, pytorch or tensorrt: {runtime!r}")
         if device not in ("auto", "cpu", "cuda"):

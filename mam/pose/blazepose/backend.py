@@ -25,6 +25,7 @@ same keys as the ``mediapipe`` backend plus ``stats`` (detections, crops run, re
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -34,7 +35,13 @@ from typing import Literal, Self
 
 import numpy as np
 
-from mam.pose.base import PoseSequence, check_frame, register_backend
+from mam.pose.base import (
+    ENV_POSE_DEVICE,
+    ENV_POSE_RUNTIME,
+    PoseSequence,
+    check_frame,
+    register_backend,
+)
 from mam.pose.blazepose.landmarks import NUM_POSE, LandmarkBatch
 from mam.pose.blazepose.roi import roi_from_alignment_points
 from mam.pose.blazepose.smoothing import smooth_sequence
@@ -145,7 +152,8 @@ class OnnxPoseBackend:
         batch_size: frames per landmark-network call.
         detect_every: frames between check detections while tracking (0: only when lost).
         roi_smoothing: weight of the newest frame in the exponentially smoothed crop track.
-        runtime: ``onnxruntime`` or ``tensorrt``; device ``cpu`` or ``cuda`` (ONNX Runtime).
+        runtime: ``onnxruntime`` or ``tensorrt``; device ``cpu`` or ``cuda`` (ONNX Runtime);
+            by default ``MAM_POSE_RUNTIME`` / ``MAM_POSE_DEVICE``, else ONNX Runtime on the CPU.
         threads: ONNX Runtime intra-op threads (``None``: every CPU this process may use).
             NOTE: 1 by default, leaving the other core to the decode thread; with spinning off
             (``model._OrtRunner``) 1 and 2 threads measured alike on 2 shared cores.
@@ -164,14 +172,21 @@ class OnnxPoseBackend:
         batch_size: int = 4,
         detect_every: int = 50,
         roi_smoothing: float = 0.5,
-        runtime: Literal["onnxruntime", "tensorrt"] = "onnxruntime",
-        device: Literal["cpu", "cuda"] = "cpu",
+        runtime: Literal["onnxruntime", "tensorrt"] | None = None,
+        device: Literal["cpu", "cuda"] | None = None,
         threads: int | None = 1,
         smooth_landmarks: bool = True,
         repair_swaps: bool = True,
         prefetch: int = 32,
         cache: str | Path | None = None,
     ) -> None:
+        runtime = runtime or os.environ.get(ENV_POSE_RUNTIME) or "onnxruntime"
+        device = device or os.environ.get(ENV_POSE_DEVICE) or "cpu"
+        if runtime not in ("onnxruntime", "tensorrt") or device not in ("cpu", "cuda"):
+            raise ValueError(
+                f"the onnx pose backend runs on onnxruntime or tensorrt, cpu or cuda "
+                f"({ENV_POSE_RUNTIME}, {ENV_POSE_DEVICE}); got {runtime!r}, {device!r}"
+            )
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if detect_every < 0:

@@ -28,13 +28,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mam.errors import DependencyMissingError
+from mam.files import write_atomic
 from mam.model.weights import sha256_of
 from mam.pose.base import ENV_POSE_CACHE, pose_cache_dir
 
@@ -134,8 +134,7 @@ def ensure_onnx(network: str, cache: Path | None = None, force: bool = False) ->
     folder.mkdir(parents=True, exist_ok=True)
     logger.info("converting %s to ONNX (%s) into %s", src.name, CONVERTER_VERSION, folder)
     model = convert_tflite(src, _OUTPUTS[network])
-    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(model.SerializeToString())
+    data = model.SerializeToString()
     sidecar = {
         "network": network,
         "tflite": src.name,
@@ -143,12 +142,10 @@ def ensure_onnx(network: str, cache: Path | None = None, force: bool = False) ->
         "converter": CONVERTER_VERSION,
         "opset": OPSET,
         "outputs": list(_OUTPUTS[network].values()),
-        "onnx_sha256": sha256_of(tmp),
+        "onnx_sha256": hashlib.sha256(data).hexdigest(),
     }
-    tmp_json = target.with_name(f"{target.name}.{os.getpid()}.json.tmp")
-    tmp_json.write_text(json.dumps(sidecar, indent=2))
-    tmp_json.replace(target.with_suffix(".json"))
-    tmp.replace(target)  # atomic: a reader never sees half a file
+    write_atomic(target.with_suffix(".json"), json.dumps(sidecar, indent=2).encode())
+    write_atomic(target, data)  # last: its presence means both are complete
     return ConvertedModel(network, target, src, sha)
 
 
