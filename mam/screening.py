@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,9 +21,11 @@ import numpy as np
 from mam.features import Instances, build_instances
 from mam.model.weights import ModelMeta, load_meta
 from mam.pose import (
+    PoseBackend,
     PoseSequence,
     assess_quality,
     check_trackable,
+    create_backend,
     fill_gaps,
     load_pose_file,
 )
@@ -139,6 +142,7 @@ class Screener:
         )
         e = self.engine
         self.runtime, self.device, self.precision = e.backend, e.device, e.precision
+        self._pose = threading.local()  # one pose backend per thread: they keep per-video state
         logger.info(
             "model %s %s on %s (%s, %s)",
             self.meta.name,
@@ -173,6 +177,15 @@ class Screener:
         )
 
     # -- pipeline ---------------------------------------------------------------------------------
+    def pose_estimator(self) -> PoseBackend:
+        """This thread's pose backend, made on first use and kept: making one can cost seconds
+        (graphs, ONNX sessions, weight hashes, first-use conversion) and would otherwise be
+        paid per recording. Backends reset their state at every ``estimate``."""
+        backend = getattr(self._pose, "backend", None)
+        if backend is None:
+            backend = self._pose.backend = create_backend(self.options.pose_backend)
+        return backend
+
     def screen_video(
         self,
         path: str | Path,
@@ -181,7 +194,9 @@ class Screener:
     ) -> ScreeningResult:
         """Screen one recording. ``progress(done, total)`` is called per frame."""
         o = self.options
-        seq, timings = estimate_video_pose(path, o.pose_backend, o.limits, o.max_side, progress)
+        seq, timings = estimate_video_pose(
+            path, self.pose_estimator(), o.limits, o.max_side, progress
+        )
         return self.screen_pose(seq, infant, timings=timings)
 
     def screen_pose_file(self, path: str | Path, infant: InfantData | None = None):

@@ -227,3 +227,41 @@ def test_screening_runs_without_pytorch(sim_pose):
     assert proc.returncode == 0, proc.stderr
     r = ScreeningResult.model_validate_json(proc.stdout)
     assert r.model.runtime == "onnxruntime" and r.model.device == "cpu"
+
+
+def test_pose_backend_is_made_once_per_thread_and_kept(monkeypatch, tmp_path):
+    """Making a backend can cost seconds (graphs, sessions, weight hashes): a Screener keeps one
+    per thread (backends hold per-video state, so threads never share one), and a backend given
+    to estimate_video_pose stays open for the next recording."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mam.pose import base
+    from mam.pose.from_video import estimate_video_pose
+
+    made, closed = [], []
+
+    class Counting:
+        name = "counting"
+
+        def __init__(self):
+            made.append(self)
+
+        def estimate(self, frames, progress=None):
+            n = sum(1 for _ in frames)
+            return base.PoseSequence(np.zeros((n, 17, 3), np.float32), np.ones((n, 17), np.float32))
+
+        def close(self):
+            closed.append(self)
+
+    monkeypatch.setitem(base._BACKENDS, "counting", Counting)
+    s = Screener(options=ScreeningOptions(pose_backend="counting"))
+    mine = s.pose_estimator()
+    assert s.pose_estimator() is mine and len(made) == 1
+    with ThreadPoolExecutor(1) as pool:
+        theirs = pool.submit(s.pose_estimator).result()
+    assert theirs is not mine and len(made) == 2
+    video = write_video(tmp_path / "v.mp4", 250)  # 10 s: one clip
+    estimate_video_pose(video, mine)
+    assert closed == []  # the caller's instance: kept
+    estimate_video_pose(video, "counting")
+    assert len(made) == 3 and closed == [made[-1]]  # made by name for one recording: closed

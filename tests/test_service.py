@@ -476,3 +476,15 @@ def test_the_fixed_timeout_middleware_ends_with_an_app_that_never_answers():
             await _timeout_middleware(silent, timeout=600)({"type": "http"}, _receive, _discard)
 
     asyncio.run(main())
+
+
+def test_a_pose_backend_that_cannot_run_stops_the_service_at_start(client, monkeypatch):
+    """hrnet-videopose3d without the site's weights: the service refuses to start (model load
+    error) instead of reporting ready and failing every recording."""
+    import service.app as app
+    from mam.errors import ModelLoadError
+
+    monkeypatch.delenv("MAM_HRNET_WEIGHTS", raising=False)
+    monkeypatch.setattr(app.S, "pose_backend", "hrnet-videopose3d")
+    with pytest.raises(ModelLoadError, match="MAM_HRNET_WEIGHTS"):
+        app.Screening.inner()

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mam.model.weights import sha256_of
-from mam.pose.base import PoseSequence, create_backend
+from mam.pose.base import PoseBackend, PoseSequence, create_backend
 from mam.pose.precomputed import load_pose_file
 from mam.video import VideoLimits, iter_frames, probe
 
@@ -46,7 +46,7 @@ class _TimedIter:
 
 def estimate_video_pose(
     path: str | Path,
-    backend: str = "mediapipe",
+    backend: str | PoseBackend = "mediapipe",
     limits: VideoLimits | None = None,
     max_side: int | None = 1280,
     progress: Callable[[int, int], None] | None = None,
@@ -59,13 +59,15 @@ def estimate_video_pose(
     limits = limits or VideoLimits()
     total = probe(path, limits).num_frames_25fps
     frames = _TimedIter(iter_frames(path, limits, max_side=max_side))
-    estimator = create_backend(backend)
+    # A name makes a backend for this recording only; an instance is the caller's to keep.
+    estimator = create_backend(backend) if isinstance(backend, str) else backend
     t0 = time.perf_counter()
     try:
         cb = (lambda n: progress(n, total)) if progress else None
         seq = estimator.estimate(frames, progress=cb)
     finally:
-        estimator.close()
+        if isinstance(backend, str):
+            estimator.close()
     wall = time.perf_counter() - t0  # decode included, overlapped or not
     pose = wall if frames.overlapped else wall - frames.seconds
     return seq, {"decode": frames.seconds, "pose": pose, "pose_total": wall}
