@@ -74,6 +74,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in ("export", "mam"):
         logging.getLogger(name).setLevel(logging.INFO)
+    from mam.runtime import RuntimeUnavailable
+
+    try:
+        return _run(args)
+    except RuntimeUnavailable as e:  # TensorRT commands without TensorRT or a GPU
+        print(f"error [tensorrt_unavailable]: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "onnx":
         from export.onnx import DEFAULT_OPSET, export_onnx
 
@@ -101,19 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "pose-tensorrt":
         from export.pose_networks import build_hrnet_engine
-        from mam.runtime import RuntimeUnavailable
 
-        try:
-            built = build_hrnet_engine(
-                args.onnx,
-                args.engine,
-                opt_frames=args.opt_frames,
-                max_frames=args.max_frames,
-                precision=args.precision,
-            )
-        except RuntimeUnavailable as e:
-            print(f"error [tensorrt_unavailable]: {e}", file=sys.stderr)
-            return 2
+        built = build_hrnet_engine(
+            args.onnx,
+            args.engine,
+            opt_frames=args.opt_frames,
+            max_frames=args.max_frames,
+            precision=args.precision,
+        )
         print(json.dumps({"engine": str(args.engine), "precision": built}))
         return 0
     if args.command == "blazepose":
@@ -121,20 +126,16 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps(export_blazepose(args.cache, args.force, not args.no_verify), indent=1))
         return 0
-    from mam.runtime import RuntimeUnavailable, build_engines
+    from mam.runtime import build_engines
 
-    try:
-        engines = build_engines(
-            args.manifest,
-            cache_dir=args.cache,
-            opt_batch=args.opt_batch,
-            max_batch=args.max_batch,
-            precision=args.precision,
-            force=args.force,
-        )
-    except RuntimeUnavailable as e:
-        print(f"error [tensorrt_unavailable]: {e}", file=sys.stderr)
-        return 2
+    engines = build_engines(
+        args.manifest,
+        cache_dir=args.cache,
+        opt_batch=args.opt_batch,
+        max_batch=args.max_batch,
+        precision=args.precision,
+        force=args.force,
+    )
     print(json.dumps({k: str(v) for k, v in engines.items()}))
     return 0
 

@@ -36,7 +36,7 @@ from starlette.datastructures import UploadFile
 from mam.errors import InvalidPoseError, MamError
 from mam.features import CLIP_FRAMES, expand_differences, validate_instances
 from mam.model.weights import load_meta
-from mam.pose import create_backend, load_pose_file
+from mam.pose import load_pose_file
 from mam.pose.from_video import estimate_video_pose
 from mam.runtime import create_runtime
 from mam.schemas import InfantData, InstancesResult, ScreeningResult
@@ -248,11 +248,12 @@ class Screening:
         self.runtime = _SharedBatcherRuntime(local, self._clip_logits_from_thread)
         options = ScreeningOptions(limits=S.video_limits(), pose_backend=S.pose_backend)
         self.screener = Screener(S.weights, options=options, runtime=self.runtime)
-        # Fail at start, not on every recording, when the pose backend cannot run here (e.g.
-        # hrnet-videopose3d without the site's weights); also converts/exports on first use.
-        create_backend(S.pose_backend).close()
         self.progress = _Progress()
         self._video_pool = ThreadPoolExecutor(S.video_concurrency, thread_name_prefix="video")
+        # Fail at start, not on every recording, when the pose backend cannot run here (e.g.
+        # hrnet-videopose3d without the site's weights). Made in a video thread, which keeps it
+        # for its first recording (conversions and exports on first use happen now too).
+        self._video_pool.submit(self.screener.pose_estimator).result()
         self._video_slots = asyncio.Semaphore(S.video_concurrency)
         self._video_waiting = 0
         self._queued_rows = 0  # instances in ClipModel's batcher; read and written on the loop

@@ -292,10 +292,11 @@ def cached_onnx(
     output_name: str,
     dynamic_axes: dict[int, str],
     cache_dir: Path,
+    weights_sha256: str | None = None,
 ) -> tuple[Path, dict]:
     """``cache_dir/<role>-<key>.onnx`` (+ ``.json``), keyed by the weights' sha256 and the export
     settings; exported and parity-checked on first use (needs torch), reused afterwards."""
-    sha = sha256_of(weights)
+    sha = weights_sha256 or sha256_of(weights)  # callers that already hashed it pass it
     key = _key(sha, {"role": role, "opset": ONNX_OPSET, "shape": list(example_shapes[0])})
     path = cache_dir / f"{role}-{key}.onnx"
     info_path = path.with_suffix(".json")
@@ -400,13 +401,15 @@ class HRNetVideoPose3DBackend:
         self.box_fn, self.batch_size = box_fn, batch_size
         self.min_confidence = min_confidence
         self.cache = Path(cache_dir) if cache_dir is not None else pose_cache_dir()
+        # Hashed once: the cache keys and the recorded config both need them (HRNet is ~110 MB).
+        self._sha = {"hrnet": sha256_of(self.hrnet_path), "lifter": sha256_of(self.lifter_path)}
         self._hrnet = self._load_hrnet(runtime, device, threads)
         self._lifter = self._load_lifter(runtime, device, threads)
         self.config = {
-            "hrnet_weights_sha256": sha256_of(self.hrnet_path),
+            "hrnet_weights_sha256": self._sha["hrnet"],
             "hrnet": self._hrnet_config,
             "lifter": self.lifter_meta.get("name", self.lifter_path.stem),
-            "lifter_weights_sha256": sha256_of(self.lifter_path),
+            "lifter_weights_sha256": self._sha["lifter"],
             "receptive_field": self.receptive_field,
             "runtime": {"hrnet": self._hrnet.runtime, "lifter": self._lifter.runtime},
             "box": "callback" if box_fn else "whole frame letterboxed to 3:4",
@@ -422,7 +425,7 @@ class HRNetVideoPose3DBackend:
             "hrnet", self.hrnet_path, lambda: load_hrnet(self.hrnet_path),
             ((2, 3, INPUT_H, INPUT_W), (3, 3, INPUT_H, INPUT_W)),
             input_name="images", output_name="heatmaps", dynamic_axes={0: "N"},
-            cache_dir=self.cache,
+            cache_dir=self.cache, weights_sha256=self._sha["hrnet"],
         )  # fmt: skip
 
     def _load_hrnet(self, runtime: str, device: str, threads: int | None) -> _Network:
@@ -497,6 +500,7 @@ class HRNetVideoPose3DBackend:
                                                         (2, rf + 7, NUM_JOINTS, 2)),
                     input_name="keypoints_2d", output_name="joints_3d",
                     dynamic_axes={0: "N", 1: "T"}, cache_dir=self.cache,
+                    weights_sha256=self._sha["lifter"],
                 )  # fmt: skip
                 return _ort_network(path, threads, "cpu")
             except (DependencyMissingError, ImportError) as e:
