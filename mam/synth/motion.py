@@ -28,11 +28,14 @@ camera), the convention of ``mam.synth.render`` and of BlazePose world landmarks
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from mam.skeleton import FPS, NUM_JOINTS, PARENTS
+
+if TYPE_CHECKING:
+    from mam.synth.backgrounds import BackgroundLibrary
 
 Category = Literal["continuous", "intermittent", "sporadic", "absent"]
 CATEGORIES: tuple[Category, ...] = ("continuous", "intermittent", "sporadic", "absent")
@@ -195,12 +198,21 @@ def simulate_motion(
     fms_mask: np.ndarray,
     params: SimParams = SimParams(),
     fps: float = FPS,
+    background: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Clean and observed ``[T, 17, 3]`` metres for a given per-frame FMs truth."""
+    """Clean and observed ``[T, 17, 3]`` metres for a given per-frame FMs truth.
+
+    ``background``: per-frame unit bone directions ``[T, 17, 3]`` of real motion
+    (``mam.synth.backgrounds``) that replace the fixed rest pose; the simulated components are
+    added on top of it all the same, so every recording carries the simulated movement."""
     n = len(fms_mask)
     rest = np.zeros((NUM_JOINTS, 3))
     for j, (_, d) in _REST.items():
         rest[j] = np.asarray(d) / np.linalg.norm(d)
+    if background is not None:
+        if background.shape != (n, NUM_JOINTS, 3):
+            raise ValueError(f"background must be [{n}, {NUM_JOINTS}, 3], got {background.shape}")
+        rest = np.asarray(background, np.float64)
     pert = np.zeros((n, NUM_JOINTS, 3))
 
     # Other movement, in both groups: slow writhing on limbs, smaller on the trunk and head.
@@ -235,7 +247,7 @@ def simulate_motion(
     bone_gain[list(_AXIAL_BONES)] = 0.6
     pert += fms_amp * fms * (envelope * bone_gain)[..., None] * on[:, None, None]
 
-    dirs = rest[None] + pert
+    dirs = (rest if rest.ndim == 3 else rest[None]) + pert
     scale = _uniform(rng, params.body_scale)
     clean = _forward_kinematics(dirs, scale)
 
@@ -266,12 +278,16 @@ def simulate_infant(
     duration_s: float = 120.0,
     params: SimParams = SimParams(),
     fps: float = FPS,
+    background: BackgroundLibrary | None = None,
 ) -> SimulatedInfant:
-    """One infant's recording; infant data weakly depend on the group (risk: more preterm)."""
+    """One infant's recording; infant data weakly depend on the group (risk: more preterm).
+    With ``background`` the movement is real infant motion from that library plus the
+    simulated components (``simulate_motion``)."""
     n = int(round(duration_s * fps))
     share = _uniform(rng, params.fms_share[category])
     mask = _fms_mask(rng, n, share, fps)
-    clean, observed = simulate_motion(rng, mask, params, fps)
+    dirs = background.sample(rng, n) if background is not None else None
+    clean, observed = simulate_motion(rng, mask, params, fps, dirs)
     risk = GROUP_OF[category] == "risk"
     ga = float(np.clip(rng.normal(33.0 if risk else 36.5, 3.5), 24.0, 42.0))
     bw = float(np.clip(np.exp(rng.normal(np.log(3400 * (ga / 40) ** 3), 0.15)), 450, 5000))
