@@ -60,8 +60,10 @@ class Normalizer:
         if len(xyz) == 0:
             raise ValueError("no finite coordinates to fit the normaliser on")
         std = xyz.std(axis=0)
-        if np.any(std <= 0):
-            raise ValueError("a coordinate axis has zero variance")
+        if np.all(std <= 0):
+            raise ValueError("no coordinate axis varies")
+        # An axis without variance (z of the image-plane representation) keeps unit scale.
+        std = np.where(std > 0, std, 1.0)
         return cls(tuple(map(float, xyz.mean(axis=0))), tuple(map(float, std)))
 
     def apply(self, joints: np.ndarray) -> np.ndarray:

@@ -6,6 +6,7 @@ content hash, so that training twice does not estimate pose twice).
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mam.files import write_atomic
 from mam.model.weights import sha256_of
 from mam.pose.base import PoseBackend, PoseSequence, create_backend
 from mam.pose.precomputed import load_pose_file
@@ -73,17 +75,23 @@ def estimate_video_pose(
     return seq, {"decode": frames.seconds, "pose": pose, "pose_total": wall}
 
 
-def cached_video_pose(path: str | Path, cache_dir: str | Path, backend: str = "mediapipe"):
-    """Pose of a recording, from ``cache_dir/<backend>-<sha256>.npz`` when it was done before.
+CACHE_FORMAT = 2  # 2: image joints and size kept, so every pose representation can be built
 
-    Keyed by content, not name, so a renamed or copied recording is not estimated again."""
-    cache = Path(cache_dir) / f"{backend}-{sha256_of(Path(path))}.npz"
+
+def cached_video_pose(path: str | Path, cache_dir: str | Path, backend: str = "mediapipe"):
+    """Pose of a recording, from ``cache_dir/<backend>-v<format>-<sha256>.npz`` when it was done
+    before. Keyed by content, not name, so a renamed or copied recording is not estimated
+    again. The 2D image joints are kept with the 3D ones (``meta["image_joints"]``)."""
+    cache = Path(cache_dir) / f"{backend}-v{CACHE_FORMAT}-{sha256_of(Path(path))}.npz"
     if cache.is_file():
-        return load_pose_file(cache)
+        seq = load_pose_file(cache)
+        seq.source = backend
+        return seq
     seq, _ = estimate_video_pose(path, backend)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, joints=seq.joints, confidence=seq.confidence, fps=seq.fps)
-    tmp.replace(cache)  # atomic: an interrupted run leaves no half-written cache entry
+    buf = io.BytesIO()
+    np.savez_compressed(buf, joints=seq.joints, confidence=seq.confidence, fps=seq.fps,
+                        image_joints=seq.meta["image_joints"])  # fmt: skip
+    write_atomic(cache, buf.getvalue())  # an interrupted run leaves no half-written entry
     logger.info("pose cached for a recording (%d frames)", seq.num_frames)
     return seq

@@ -334,6 +334,50 @@ def cached_onnx(
     return path, info
 
 
+def load_lifter_network(
+    lifter_path: Path = DEFAULT_LIFTER,
+    runtime: str = "auto",
+    device: str = "auto",
+    threads: int | None = None,
+    cache_dir: Path | None = None,
+    receptive_field: int | None = None,
+    weights_sha256: str | None = None,
+) -> _Network:
+    """The VideoPose3D lifter as one call on ``[N, T + rf - 1, 17, 2]`` -> ``[N, T, 17, 3]``:
+    ONNX Runtime from a cached, parity-checked export where it can be had, else PyTorch. Shared
+    by this backend and the ``lifted`` pose representation (``mam.pose.representation``)."""
+    if receptive_field is None:
+        receptive_field = int(json.loads(lifter_path.with_suffix(".json").read_text())
+                              ["receptive_field"])  # fmt: skip
+
+    def build():
+        from mam.pose.lifter_train import load_lifter
+
+        model, meta = load_lifter(lifter_path)
+        return model, meta["config"]
+
+    rf = receptive_field
+    if runtime in ("auto", "onnxruntime", "tensorrt"):
+        try:
+            path, _ = cached_onnx(
+                "lifter", lifter_path, build, ((1, rf + 40, NUM_JOINTS, 2),
+                                               (2, rf + 7, NUM_JOINTS, 2)),
+                input_name="keypoints_2d", output_name="joints_3d",
+                dynamic_axes={0: "N", 1: "T"}, cache_dir=cache_dir or pose_cache_dir(),
+                weights_sha256=weights_sha256,
+            )  # fmt: skip
+            return _ort_network(path, threads, "cpu")
+        except (DependencyMissingError, ImportError) as e:
+            if runtime == "onnxruntime":
+                raise
+            logger.warning("lifter ONNX route unavailable (%s); using PyTorch", e)
+    try:
+        model, _ = build()
+    except ImportError as e:
+        raise DependencyMissingError("the lifter needs PyTorch or an ONNX export") from e
+    return _torch_network(model, device)
+
+
 # -- the backend ----------------------------------------------------------------------------------
 @register_backend(NAME)
 class HRNetVideoPose3DBackend:
@@ -486,32 +530,8 @@ class HRNetVideoPose3DBackend:
                                           "config": info["config"]})  # fmt: skip
 
     def _load_lifter(self, runtime: str, device: str, threads: int | None) -> _Network:
-        def build():
-            from mam.pose.lifter_train import load_lifter
-
-            model, meta = load_lifter(self.lifter_path)
-            return model, meta["config"]
-
-        rf = self.receptive_field
-        if runtime in ("auto", "onnxruntime", "tensorrt"):
-            try:
-                path, _ = cached_onnx(
-                    "lifter", self.lifter_path, build, ((1, rf + 40, NUM_JOINTS, 2),
-                                                        (2, rf + 7, NUM_JOINTS, 2)),
-                    input_name="keypoints_2d", output_name="joints_3d",
-                    dynamic_axes={0: "N", 1: "T"}, cache_dir=self.cache,
-                    weights_sha256=self._sha["lifter"],
-                )  # fmt: skip
-                return _ort_network(path, threads, "cpu")
-            except (DependencyMissingError, ImportError) as e:
-                if runtime == "onnxruntime":
-                    raise
-                logger.warning("lifter ONNX route unavailable (%s); using PyTorch", e)
-        try:
-            model, _ = build()
-        except ImportError as e:
-            raise DependencyMissingError("the lifter needs PyTorch or an ONNX export") from e
-        return _torch_network(model, device)
+        return load_lifter_network(self.lifter_path, runtime, device, threads, self.cache,
+                                   self.receptive_field, self._sha["lifter"])  # fmt: skip
 
     # --- lifecycle -------------------------------------------------------------------------------
     def close(self) -> None:

@@ -14,6 +14,10 @@ Policy (checked here, reported as :class:`~mam.errors.InvalidPoseError` with exp
 * a frame is either fully finite (tracked) or fully NaN (untracked, as the video backends report
   it); +-inf anywhere, or a frame with only some values NaN, is refused: a partly NaN frame usually
   means a broken export, and every later stage assumes whole-frame gaps;
+* coordinates beyond +-1e5 in magnitude are refused (no unit of pose, metres to pixels, gets
+  there; such values come from a broken export and would overflow inside the network);
+* an ``.npz`` may carry ``image_joints`` ``[T, 17, 2]`` (pixels), the 2D joints of the same frames,
+  as the training pose cache keeps them for the image-plane representation;
 * without ``confidence``, tracked frames get confidence 1 and untracked frames 0; a given confidence
   must be finite and in [0, 1] on tracked frames (it is set to 0 on untracked frames).
 
@@ -37,9 +41,11 @@ from mam.skeleton import FPS, NUM_JOINTS
 logger = logging.getLogger(__name__)
 
 SOURCE = "precomputed"
+MAX_COORDINATE = 1e5
 
 
-def _load_array(path: Path) -> tuple[np.ndarray, np.ndarray | None, float | None]:
+def _load_array(path: Path):
+    """``(joints, confidence, fps, image_joints)``, the last three None where absent."""
     suffix = path.suffix.lower()
     try:
         data = np.load(path, allow_pickle=False)
@@ -49,7 +55,7 @@ def _load_array(path: Path) -> tuple[np.ndarray, np.ndarray | None, float | None
                 raise InvalidPoseError(
                     "expected a single array in the .npy file; received an archive"
                 )
-            return data, None, None
+            return data, None, None, None
         if not isinstance(data, np.lib.npyio.NpzFile):
             raise InvalidPoseError(
                 "expected an .npz archive with a 'joints' array; received one array"
@@ -61,6 +67,7 @@ def _load_array(path: Path) -> tuple[np.ndarray, np.ndarray | None, float | None
                 )
             joints = data["joints"]
             confidence = data["confidence"] if "confidence" in data.files else None
+            image = data["image_joints"] if "image_joints" in data.files else None
             fps = None
             if "fps" in data.files:
                 fps_arr = data["fps"]
@@ -70,7 +77,7 @@ def _load_array(path: Path) -> tuple[np.ndarray, np.ndarray | None, float | None
                         f"{list(fps_arr.shape)}"
                     )
                 fps = float(fps_arr.reshape(()))
-            return joints, confidence, fps
+            return joints, confidence, fps, image
     except InvalidPoseError:
         raise
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
@@ -88,6 +95,31 @@ def _check_float(arr: np.ndarray, name: str, shape: str) -> np.ndarray:
         )
     with np.errstate(over="ignore"):  # overflow to inf is reported by the caller's inf check
         return arr.astype(np.float32)
+
+
+def _check_image_joints(image: np.ndarray, joints: np.ndarray) -> np.ndarray:
+    """Optional 2D image joints ``[T, 17, 2]`` (pixels) of the same frames, as a video backend
+    gives them (the training pose cache keeps them)."""
+    expected = f"[{joints.shape[0]}, {NUM_JOINTS}, 2]"
+    if image.ndim != 3 or image.shape != (joints.shape[0], NUM_JOINTS, 2):
+        raise InvalidPoseError(
+            f"expected image_joints of shape {expected}; received {list(image.shape)}"
+        )
+    image = _check_float(image, "image_joints", expected)
+    _check_magnitude(image, "image_joints")
+    return image
+
+
+def _check_magnitude(values: np.ndarray, name: str) -> None:
+    """Coordinates are metres, millimetres or pixels: anything beyond MAX_COORDINATE is a
+    broken export, and its squares would overflow float32 inside the network."""
+    finite = values[np.isfinite(values)]
+    peak = float(np.abs(finite).max()) if finite.size else 0.0
+    if peak > MAX_COORDINATE:
+        raise InvalidPoseError(
+            f"expected {name} coordinates within +-{MAX_COORDINATE:.0e} (metres, millimetres or "
+            f"pixels); received values up to {peak:.3g} in magnitude"
+        )
 
 
 def validate_pose_array(
@@ -122,6 +154,7 @@ def validate_pose_array(
             f"expected finite values (or whole NaN frames for untracked ones); received +-inf "
             f"in {n} frame(s)"
         )
+    _check_magnitude(joints, "joints")
     nan = np.isnan(joints)
     frame_nan = nan.all(axis=(1, 2))
     partial = nan.any(axis=(1, 2)) & ~frame_nan
@@ -171,8 +204,10 @@ def load_pose_file(path: str | os.PathLike) -> PoseSequence:
         )
     if path.stat().st_size == 0:
         raise EmptyFileError(f"pose file is empty: {path}")
-    joints, confidence, fps = _load_array(path)
+    joints, confidence, fps, image = _load_array(path)
     seq = validate_pose_array(joints, confidence, fps)
+    if image is not None:
+        seq.meta["image_joints"] = _check_image_joints(image, seq.joints)
     seq.meta["format"] = path.suffix.lower().lstrip(".")
     logger.debug("loaded precomputed pose: %d frames", seq.num_frames)
     return seq

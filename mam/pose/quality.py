@@ -87,6 +87,8 @@ def fill_gaps(
     joints = np.array(seq.joints, dtype=np.float32, copy=True)
     confidence = np.array(seq.confidence, dtype=np.float32, copy=True)
     interpolated = _interpolated_mask(seq).copy()
+    image = seq.meta.get("image_joints")
+    image = None if image is None else np.array(image, dtype=np.float32, copy=True)
     num_frames, num_joints = joints.shape[:2]
     # 1e-9 so that e.g. 0.48 s * 25 fps counts as 12 frames despite floating point.
     max_gap = math.floor(max_gap_s * seq.fps + 1e-9)
@@ -101,16 +103,19 @@ def fill_gaps(
             continue
         fill = np.concatenate([np.arange(a, b) for a, b in runs])
         valid = ~missing
-        for axis in range(joints.shape[2]):
-            joints[fill, j, axis] = np.interp(
-                frames[fill], frames[valid], joints[valid, j, axis].astype(np.float64)
-            )
+        for arr in (joints, image) if image is not None else (joints,):
+            for axis in range(arr.shape[2]):  # the 2D image joints share the 3D joints' gaps
+                arr[fill, j, axis] = np.interp(
+                    frames[fill], frames[valid], arr[valid, j, axis].astype(np.float64)
+                )
         for a, b in runs:
             confidence[a:b, j] = confidence_factor * min(confidence[a - 1, j], confidence[b, j])
         interpolated[fill, j] = True
 
     meta = dict(seq.meta)
     meta[INTERPOLATED_META_KEY] = interpolated
+    if image is not None:
+        meta["image_joints"] = image
     return PoseSequence(
         joints=joints, confidence=confidence, fps=seq.fps, source=seq.source, meta=meta
     )
