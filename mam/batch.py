@@ -55,6 +55,10 @@ CSV_COLUMNS = (
     "classification",
     "fms_frequency",
     "fms_category",
+    "probabilities_usable",
+    "in_domain",
+    "domain_score",
+    "indeterminate_reason",
     "tracked_fraction",
     "error_code",
 )
@@ -547,6 +551,10 @@ def write_outputs(
                         "classification": res["classification"]["label"],
                         "fms_frequency": res["fms_frequency"],
                         "fms_category": res["fms_category"],
+                        "probabilities_usable": res["probabilities_usable"],
+                        "in_domain": res["domain"]["in_domain"],
+                        "domain_score": res["domain"]["score"],
+                        "indeterminate_reason": "; ".join(res["classification"]["reasons"]),
                         "tracked_fraction": res["quality"]["tracked_fraction"],
                         "error_code": "",
                     }

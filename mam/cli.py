@@ -26,6 +26,7 @@ from pathlib import Path
 
 from mam import DISCLAIMER, __version__
 from mam.errors import InputError, MamError
+from mam.pose.representation import REPRESENTATIONS
 
 
 def _screen(args: argparse.Namespace) -> int:
@@ -40,7 +41,10 @@ def _screen(args: argparse.Namespace) -> int:
     )
     if (args.video is None) == (args.pose is None):
         raise SystemExit("mam screen: give exactly one of VIDEO or --pose POSE.npy")
-    screener = Screener(args.weights, ScreeningOptions(pose_backend=args.pose_backend))
+    screener = Screener(
+        args.weights,
+        ScreeningOptions(pose_backend=args.pose_backend, abstain=not args.no_abstain),
+    )
     if args.pose is not None:
         result = screener.screen_pose_file(args.pose, infant)
     else:
@@ -74,11 +78,20 @@ def _p(x: float) -> str:
 
 
 def _text(r) -> str:
+    c, d = r.classification, r.domain
+    unusable = "" if r.probabilities_usable else "   [not to be used: see the warning]"
+    if c.label == "indeterminate":
+        head = "Classification:    INDETERMINATE (the model cannot speak for this recording)"
+    else:
+        head = (f"Classification:    {c.label.upper()} (P(risk) = {_p(r.risk_probability)}, "
+                f"threshold {c.threshold:.2f})")  # fmt: skip
+    score = "not scored" if d.score is None else f"score {d.score:.2f}, threshold {d.threshold:.2f}"
     lines = [
-        f"Classification:    {r.classification.label.upper()} "
-        f"(P(risk) = {_p(r.risk_probability)}, threshold {r.classification.threshold:.2f})",
-        f"P(normal):         {_p(r.normal_probability)}",
-        f"FMs frequency:     {r.fms_frequency:.2f} of {len(r.clips)} clips ({r.fms_category})",
+        head,
+        f"P(risk):           {_p(r.risk_probability)} (model alone: {c.model_label}){unusable}",
+        f"FMs frequency:     {r.fms_frequency:.2f} of {len(r.clips)} clips ({r.fms_category})"
+        + unusable,
+        f"Training domain:   {'in domain' if d.in_domain else 'OUT OF DOMAIN'} ({score})",
         f"Tracking quality:  {r.quality.tracked_fraction:.0%} of {r.quality.duration_s:.0f} s "
         f"tracked, longest gap {r.quality.longest_gap_s:.1f} s",
         "Top FMs clips:     "
@@ -95,10 +108,15 @@ def _text(r) -> str:
 
 def _synth(args: argparse.Namespace) -> int:
     from mam.synth import SimParams, write_dataset
+    from mam.synth.dataset import RenderSpec
 
     params = SimParams().widened() if args.widened else SimParams()
-    out = write_dataset(args.out, args.infants, args.seed, (args.min_s, args.max_s), params)
-    print(f"wrote {args.infants} simulated infants to {out} (simulation, not physiology)")
+    render = RenderSpec.parse(args.render, args.crf) if args.render else None
+    out = write_dataset(args.out, args.infants, args.seed, (args.min_s, args.max_s), params,
+                        background=args.backgrounds, pool=args.pool, render=render,
+                        workers=args.workers or 1)  # fmt: skip
+    what = "recordings" if render else "pose files"
+    print(f"wrote {args.infants} simulated infants ({what}) to {out} (simulation, not physiology)")
     return 0
 
 
@@ -122,24 +140,28 @@ def _train_config(args: argparse.Namespace):
         instances_per_bag=args.instances_per_bag,
         use_reference=not args.no_reference,
         use_closeness=not args.no_closeness and not args.no_reference,
+        representation=args.representation,
         seed=args.seed,
     )
 
 
 def _train(args: argparse.Namespace) -> int:
-    from mam.dataset import load_dataset
     from mam.fitting import fit
     from mam.model.weights import save_weights
 
     cfg = _train_config(args)
-    records = load_dataset(args.data)
+    records = _load_all(args.data, args.pose_backend)
     out = Path(args.out)
     model, meta = fit(
         records,
         cfg,
         name=out.name,
         version=args.version,
-        provenance={"summary": args.provenance, "data": str(args.data), "infants": len(records)},
+        provenance={
+            "summary": args.provenance,
+            "data": [str(d) for d in args.data],
+            "infants": len(records),
+        },  # fmt: skip
         categories=[r.fms_category for r in records],
         calibration_fraction=args.calibration_fraction,
         log_csv=out.with_suffix(".log.csv"),
@@ -148,11 +170,21 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_all(folders: list[Path], pose_backend: str) -> list:
+    """Records of one or more dataset folders (ids must differ across them)."""
+    from mam.dataset import DatasetError, load_dataset
+
+    records = [r for d in folders for r in load_dataset(d, pose_backend=pose_backend)]
+    ids = [r.infant_id for r in records]
+    if len(set(ids)) != len(ids):
+        raise DatasetError("the same infant id appears in more than one dataset folder")
+    return records
+
+
 def _evaluate(args: argparse.Namespace) -> int:
-    from mam.dataset import load_dataset
     from mam.evaluate import cross_validate, evaluate, markdown_table, write_report
 
-    records = load_dataset(args.data)
+    records = _load_all(args.data, args.pose_backend)
     use_info = not args.without_info
     if args.folds:
         res = cross_validate(
@@ -172,14 +204,16 @@ def _evaluate(args: argparse.Namespace) -> int:
                               provenance={}, categories=[r.fms_category for r in records],
                               calibration_fraction=args.calibration_fraction)  # fmt: skip
             weights = save_weights(model, meta, Path(tempfile.mkdtemp()) / "all")
-        res["external"] = evaluate(weights, load_dataset(args.external), use_info)
+        res["external"] = evaluate(weights, _load_all([args.external], args.pose_backend),
+                                   use_info)  # fmt: skip
     if args.model_card:
         from mam.model.weights import load_meta
         from mam.model_card import render
         from mam.screening import default_weights
 
         meta, _, _ = load_meta(args.weights or default_weights())
-        cols = {("cross-validation" if args.folds else f"`{args.data}`"): res}
+        data = ", ".join(f"`{d}`" for d in args.data)
+        cols = {("cross-validation" if args.folds else data): res}
         if "external" in res:
             cols[f"external `{args.external}`"] = res["external"]
         args.model_card.write_text(render(meta, cols))
@@ -323,6 +357,8 @@ def _add_train_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--no-reference", action="store_true", help="ablation: no Ref Branch")
     s.add_argument("--calibration-fraction", type=float, default=0.2,
                    help="share of infants held out to calibrate P(risk)")  # fmt: skip
+    s.add_argument("--representation", choices=REPRESENTATIONS, default="image2d",
+                   help="pose coordinates the model sees (mam.pose.representation)")  # fmt: skip
     s.add_argument("--seed", type=int, default=0, help="random seed")
 
 
@@ -342,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=["text", "json"], default="text", help="output format")
     s.add_argument("--weights", type=Path, help="weights NAME.json (default: MAM_WEIGHTS or demo)")
     _add_pose_backend(s)
+    s.add_argument("--no-abstain", action="store_true",
+                   help="research use: keep the model's label when the recording is out of its "
+                        "training domain (still marked not to be used)")  # fmt: skip
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_screen)
 
@@ -352,17 +391,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--min-s", type=float, default=60.0, help="shortest recording, seconds")
     s.add_argument("--max-s", type=float, default=120.0, help="longest recording, seconds")
     s.add_argument("--widened", action="store_true", help="wider simulator ranges (external set)")
+    s.add_argument("--backgrounds", choices=["simulated", "real"], default="simulated",
+                   help="movement background: the simulator's rest pose, or real infant motion "
+                        "(../shared/data) with the simulated movement on top")  # fmt: skip
+    s.add_argument(
+        "--pool",
+        choices=["train", "external"],
+        default="train",
+        help="real-motion pool (external: infants the shipped weights never saw)",
+    )
+    s.add_argument(
+        "--render",
+        metavar="WxH[,WxH...]",
+        help="write recordings rendered at these sizes instead of pose files",
+    )
+    s.add_argument("--crf", type=int, default=28, help="H.264 quality of --render (lower: better)")
+    s.add_argument("--workers", type=int, default=1, help="rendering processes")
     s.set_defaults(func=_synth)
 
     s = sub.add_parser("train", help="train + calibrate MAM on a dataset folder")
-    s.add_argument("--data", type=Path, required=True, help="dataset folder")
+    s.add_argument("--data", type=Path, nargs="+", required=True, help="dataset folder(s)")
     s.add_argument("--out", type=Path, required=True, help="output weights path (no suffix)")
+    _add_pose_backend(s)
     _add_train_options(s)
     s.add_argument("--version", default="0.1.0", help="model version to record")
     s.add_argument("--provenance", default="trained by mam train", help="one-line provenance")
     s.set_defaults(func=_train)
     s = sub.add_parser("evaluate", help="metrics on a labelled dataset (or k-fold CV)")
-    s.add_argument("--data", type=Path, required=True, help="dataset folder (infants.csv ...)")
+    s.add_argument("--data", type=Path, nargs="+", required=True,
+                   help="dataset folder(s) (infants.csv ...)")  # fmt: skip
     s.add_argument("--weights", type=Path, help="weights NAME.json (default: the shipped ones)")
     s.add_argument("--folds", type=int, default=0, help="k-fold CV, training each fold (paper 5)")
     s.add_argument("--external", type=Path, help="a separate labelled set to evaluate too")
@@ -370,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, help="write JSON, Markdown and PNG plots here")
     s.add_argument("--model-card", type=Path, help="write a MODEL_CARD.md for --weights")
     s.add_argument("--format", choices=["text", "json", "markdown"], default="text")
+    _add_pose_backend(s)
     _add_train_options(s)
     s.set_defaults(func=_evaluate)
 

@@ -94,6 +94,8 @@ def load_dataset(
                 fms_intervals_s=(iv or []) if iv_path.is_file() else None,
                 info=np.asarray(infant.vector()) if infant else None,
                 fms_category=category,
+                image_joints=seq.meta.get("image_joints"),
+                source=seq.source,
             )
         )
     unknown = set(intervals) - seen

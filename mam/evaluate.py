@@ -1,9 +1,13 @@
 """Evaluate MAM the way the paper does, on a dataset folder with known labels (``mam.dataset``).
 
-Metrics (risk is the positive class): AUC, accuracy, sensitivity, specificity, PPV, NPV at the
-model's threshold; the FMs-frequency AUC for normal vs risk and continuous vs intermittent;
+Metrics (risk is the positive class): AUC, PR-AUC (average precision), accuracy, sensitivity,
+specificity, PPV, NPV at the model's threshold, with 95% bootstrap intervals over infants for AUC,
+sensitivity and specificity; the FMs-frequency AUC for normal vs risk and continuous vs
+intermittent;
 Cohen's kappa per video between predicted FMs clips and annotated intervals (paper: 9.6 s clips
-every 6 s, a clip is FMs when more than half of it is covered); expected calibration error.
+every 6 s, a clip is FMs when more than half of it is covered); expected calibration error. Each
+is given on every infant (what the model says, abstained or not) and, under ``in_domain``, on the
+infants whose result is not indeterminate, beside the abstention rate.
 ``cross_validate`` repeats train + calibrate + evaluate over stratified folds (paper: 5) and
 reports mean and sd; an external set is evaluated with the model trained on all the data.
 """
@@ -19,16 +23,17 @@ import numpy as np
 from mam.calibration import expected_calibration_error
 from mam.dataset import DatasetError
 from mam.features import intervals_to_mask
-from mam.pose import PoseSequence
 from mam.schemas import InfantData
 from mam.screening import Screener, ScreeningOptions
 from mam.skeleton import FPS
 from mam.train import TrainConfig, TrainRecord
 
 KAPPA_CLIP_STEP = 150  # 6 s at 25 fps (paper, Cohort 2 concordance)
+BOOTSTRAP = 1000  # resamples of infants for the 95% intervals
 SUMMARY_KEYS = (
-    "auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "ece",
+    "auc", "pr_auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "ece",
     "fms_frequency_auc", "fms_frequency_auc_continuous_vs_intermittent", "median_kappa",
+    "abstention_rate",
 )  # fmt: skip
 
 
@@ -67,55 +72,109 @@ def _kappa(rec: TrainRecord, clips, threshold: float) -> float:
     return 1.0 if truth == pred else 0.0  # both constant: kappa undefined; agreement or not
 
 
-def evaluate_records(
-    screener: Screener, records: Sequence[TrainRecord], use_info: bool = True
-) -> dict:
-    """Metrics of one model on labelled records, plus the per-infant values behind them."""
-    risk, p_risk, freq, kappas, cats = [], [], [], [], []
-    for rec in records:
-        seq = PoseSequence(rec.joints, np.isfinite(rec.joints[..., 0]).astype(np.float32))
-        r = screener.screen_pose(seq, _infant(rec.info) if use_info else None)
-        risk.append(rec.group == "risk")
-        p_risk.append(r.risk_probability)
-        freq.append(r.fms_frequency)
-        cats.append(rec.fms_category)
-        if rec.fms_intervals_s is not None:
-            kappas.append(_kappa(rec, r.clips, screener.meta.fms_clip_threshold))
-    y, p, f = np.array(risk), np.array(p_risk), np.array(freq)
-    pred = p >= screener.meta.risk_threshold
+def _metrics(y, p, threshold: float, freq, cats) -> dict:
+    """Discrimination and calibration of one set of infants (risk is the positive class)."""
+    from sklearn.metrics import average_precision_score
+
+    y, p, f = np.asarray(y, bool), np.asarray(p, np.float64), np.asarray(freq, np.float64)
+    pred = p >= threshold
     tp, tn = int(np.sum(pred & y)), int(np.sum(~pred & ~y))
     fp, fn = int(np.sum(pred & ~y)), int(np.sum(~pred & y))
     c = np.array([x or "" for x in cats])
     ci = (c == "continuous") | (c == "intermittent")
     return {
-        "infants": len(records),
+        "infants": int(len(y)),
         "risk_infants": int(y.sum()),
-        "use_info": use_info,
         "auc": _auc(y, p),
-        "threshold": screener.meta.risk_threshold,
+        "pr_auc": float(average_precision_score(y, p)) if 0 < y.sum() < len(y) else None,
         "accuracy": _ratio(tp + tn, len(y)),
         "sensitivity": _ratio(tp, tp + fn),
         "specificity": _ratio(tn, tn + fp),
         "ppv": _ratio(tp, tp + fp),
         "npv": _ratio(tn, tn + fn),
-        "ece": expected_calibration_error(p, y),
+        "ece": expected_calibration_error(p, y) if len(y) else None,
         # High FMs frequency means normal, so risk is scored by 1 - frequency.
         "fms_frequency_auc": _auc(y, 1 - f),
         "fms_frequency_auc_continuous_vs_intermittent": _auc(c[ci] == "continuous", f[ci]),
-        "median_kappa": float(np.median(kappas)) if kappas else None,
-        "kappa_videos": len(kappas),
-        "per_infant": {
-            "risk": y.tolist(),
-            "risk_probability": p.tolist(),
-            "fms_frequency": f.tolist(),
-            "fms_category": cats,
-            "kappa": kappas,
-        },
     }
 
 
-def evaluate(weights, records: Sequence[TrainRecord], use_info: bool = True) -> dict:
-    screener = Screener(weights, ScreeningOptions(clip_step=KAPPA_CLIP_STEP))
+def bootstrap_ci(
+    y, p, threshold: float, n: int = BOOTSTRAP, seed: int = 0, level: float = 0.95
+) -> dict:
+    """Percentile intervals of AUC, sensitivity and specificity, resampling infants (the unit
+    of the study) with replacement; resamples lacking a class are skipped for the metric that
+    needs it."""
+    y, p = np.asarray(y, bool), np.asarray(p, np.float64)
+    rng = np.random.default_rng(seed)
+    vals: dict[str, list[float]] = {"auc": [], "sensitivity": [], "specificity": []}
+    for _ in range(n if len(y) else 0):
+        i = rng.integers(0, len(y), len(y))
+        yy, pp = y[i], p[i]
+        if 0 < yy.sum() < len(yy):
+            vals["auc"].append(_auc(yy, pp))
+        if yy.any():
+            vals["sensitivity"].append(float(np.mean(pp[yy] >= threshold)))
+        if (~yy).any():
+            vals["specificity"].append(float(np.mean(pp[~yy] < threshold)))
+    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+    return {f"{k}_ci": [float(np.percentile(v, lo)), float(np.percentile(v, hi))] if v else None
+            for k, v in vals.items()}  # fmt: skip
+
+
+def evaluate_records(
+    screener: Screener, records: Sequence[TrainRecord], use_info: bool = True
+) -> dict:
+    """Metrics of one model on labelled records: on every infant (what the model says,
+    abstained or not) and on the part it speaks for (in domain, not indeterminate), with the
+    abstention rate and bootstrap intervals; plus the per-infant values behind them."""
+    risk, p_risk, freq, kappas, cats, abstained, in_domain, reasons = ([] for _ in range(8))
+    for rec in records:
+        r = screener.screen_pose(rec.pose(), _infant(rec.info) if use_info else None)
+        risk.append(rec.group == "risk")
+        p_risk.append(r.risk_probability)
+        freq.append(r.fms_frequency)
+        cats.append(rec.fms_category)
+        abstained.append(r.classification.label == "indeterminate")
+        in_domain.append(r.domain.in_domain)
+        reasons.append(r.classification.reasons)
+        kappas.append(
+            _kappa(rec, r.clips, screener.meta.fms_clip_threshold)
+            if rec.fms_intervals_s is not None else None
+        )  # fmt: skip
+    y, p, f = np.array(risk, bool), np.array(p_risk), np.array(freq)
+    kept = ~np.array(abstained, bool)
+    th = screener.meta.risk_threshold
+    res = {"use_info": use_info, "threshold": th, **_metrics(y, p, th, f, cats)}
+    res.update(bootstrap_ci(y, p, th))
+    k_all = [k for k in kappas if k is not None]
+    res["median_kappa"] = float(np.median(k_all)) if k_all else None
+    res["kappa_videos"] = len(k_all)
+    res["abstention_rate"] = float(np.mean(~kept)) if len(kept) else None
+    res["out_of_domain_rate"] = float(1 - np.mean(in_domain)) if in_domain else None
+    inside = _metrics(y[kept], p[kept], th, f[kept], [c for c, k in zip(cats, kept) if k])
+    inside.update(bootstrap_ci(y[kept], p[kept], th))
+    k_in = [k for k, keep in zip(kappas, kept) if keep and k is not None]
+    inside["median_kappa"] = float(np.median(k_in)) if k_in else None
+    res["in_domain"] = inside
+    res["per_infant"] = {
+        "id": [r.infant_id for r in records],
+        "risk": y.tolist(),
+        "risk_probability": p.tolist(),
+        "fms_frequency": f.tolist(),
+        "fms_category": cats,
+        "kappa": kappas,
+        "indeterminate": (~kept).tolist(),
+        "in_domain": in_domain,
+        "reasons": reasons,
+    }
+    return res
+
+
+def evaluate(
+    weights, records: Sequence[TrainRecord], use_info: bool = True, abstain: bool = True
+) -> dict:
+    screener = Screener(weights, ScreeningOptions(clip_step=KAPPA_CLIP_STEP, abstain=abstain))
     res = evaluate_records(screener, records, use_info)
     res["model"] = {"name": screener.meta.name, "version": screener.meta.version}
     return res

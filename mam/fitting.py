@@ -16,9 +16,19 @@ import numpy as np
 import torch
 
 from mam.calibration import category_thresholds, fit_platt, youden_threshold
+from mam.domain import (
+    CLIP_QUANTILE,
+    DomainModel,
+    Gaussian,
+    KindModel,
+    kind_of,
+    lognormal_threshold,
+    motion_statistics,
+)
 from mam.features import build_instances
 from mam.model.network import MAM
 from mam.model.weights import ModelMeta
+from mam.pose.representation import raw_trunk_length
 from mam.screening import bag_log_odds, info_log_odds
 from mam.train import TrainConfig, TrainRecord, train
 
@@ -27,22 +37,26 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Scores:
-    """Per-infant model outputs before calibration."""
+    """Per-infant model outputs before calibration, and what the domain check describes."""
 
     z_bag: np.ndarray  # the bag's normal log-odds
     z_info: np.ndarray  # the Info branch's normal log-odds, NaN where the infant has no data
     fms_frequency: np.ndarray
+    embeddings: list[np.ndarray]  # per infant [N, D] clip representations
+    motion: np.ndarray  # [infants, F] mam.domain.motion_statistics
 
 
 def score_records(model: MAM, meta: ModelMeta, records: Sequence[TrainRecord]) -> Scores:
-    zb, zi, freq = [], [], []
+    zb, zi, freq, emb, motion = [], [], [], [], []
     with torch.inference_mode():
         for r in records:
+            x = r.model_input(meta.representation)
+            motion.append(motion_statistics(x, raw_trunk_length(r.joints)))
             inst = build_instances(
-                r.joints, meta.normalizer, step=meta.clip_step,
-                smoothing_window=meta.smoothing_window,
+                x, meta.normalizer, step=meta.clip_step, smoothing_window=meta.smoothing_window,
             )  # fmt: skip
-            _, logits = model.forward_clips(torch.from_numpy(inst.tensors))
+            feats, logits = model.forward_clips(torch.from_numpy(inst.tensors))
+            emb.append(feats.numpy().astype(np.float64))
             bag, _ = model.forward_bag(logits[None])
             zb.append(float(bag_log_odds(bag.numpy())[0]))
             if r.info is not None:
@@ -53,7 +67,37 @@ def score_records(model: MAM, meta: ModelMeta, records: Sequence[TrainRecord]) -
                 zi.append(np.nan)
             p = torch.softmax(logits, 1)[:, 1].numpy()
             freq.append(float(np.mean(p > meta.fms_clip_threshold)))
-    return Scores(np.array(zb), np.array(zi), np.array(freq))
+    return Scores(np.array(zb), np.array(zi), np.array(freq), emb, np.array(motion))
+
+
+def fit_domain(
+    train: Scores, train_recs: Sequence[TrainRecord], held: Scores,
+    held_recs: Sequence[TrainRecord], representation: str,
+) -> DomainModel:  # fmt: skip
+    """Per kind of source, Gaussians of the training infants' motion statistics and clip
+    embeddings, with thresholds set on the held-out infants (``mam.domain``)."""
+    kinds: dict[str, KindModel] = {}
+    for kind in sorted({kind_of(r.source) for r in train_recs}):
+        tr = [i for i, r in enumerate(train_recs) if kind_of(r.source) == kind]
+        ho = [i for i, r in enumerate(held_recs) if kind_of(r.source) == kind]
+        if len(tr) < 4:
+            logger.warning("only %d training recordings of kind %s: not described", len(tr), kind)
+            continue
+        motion = Gaussian.fit(train.motion[tr])
+        embedding = Gaussian.fit(np.concatenate([train.embeddings[i] for i in tr]))
+        # Held-out infants set the thresholds; with too few, training infants do (optimistic).
+        src, idx = (held, ho) if len(ho) >= 4 else (train, tr)
+        if src is train:
+            logger.warning("domain thresholds of kind %s set on training data", kind)
+        motion.threshold = lognormal_threshold(motion.distance(src.motion[idx]))
+        clip_d = [embedding.distance(src.embeddings[i]) for i in idx]
+        embedding.threshold = lognormal_threshold([d.mean() for d in clip_d])
+        kinds[kind] = KindModel(
+            motion, embedding, float(np.quantile(np.concatenate(clip_d), CLIP_QUANTILE)),
+            recordings=len(tr), backends=sorted({r.source for i, r in enumerate(train_recs)
+                                                  if i in set(tr)}),
+        )  # fmt: skip
+    return DomainModel(kinds, representation)
 
 
 def stratified_split(groups: Sequence[str], fraction: float, seed: int) -> np.ndarray:
@@ -96,12 +140,15 @@ def fit(
         info_mean=pre["info_mean"],
         info_std=pre["info_std"],
         clip_step=cfg.clip_step,
+        representation=cfg.representation,
         provenance={**provenance, "train_config": cfg.to_dict(), "calibration": {}},
     )
+    cal_recs = [r for r, h in zip(records, held) if h]
+    s_train = score_records(model, meta, train_recs)
+    s = score_records(model, meta, cal_recs) if cal_recs else s_train
+    meta.domain = fit_domain(s_train, train_recs, s, cal_recs, cfg.representation)
     if not held.any():
         return model, meta
-    cal_recs = [r for r, h in zip(records, held) if h]
-    s = score_records(model, meta, cal_recs)
     normal = np.array([r.group == "normal" for r in cal_recs])
     meta.calibration_without_info = fit_platt(s.z_bag, normal)
     has = np.isfinite(s.z_info)

@@ -59,6 +59,7 @@ text-align:left;vertical-align:top}th{background:#f0f0f0}td.num{text-align:right
 font-variant-numeric:tabular-nums}
 .risk{color:#fff;background:#b00020;padding:.1rem .5rem;border-radius:3px;font-weight:700}
 .normal{color:#fff;background:#1b6e20;padding:.1rem .5rem;border-radius:3px;font-weight:700}
+.indeterminate{color:#000;background:#f2c94c;padding:.1rem .5rem;border-radius:3px;font-weight:700}
 .failed{color:#fff;background:#555;padding:.1rem .5rem;border-radius:3px;font-weight:700}
 .big{font-size:1.3rem}.muted{color:#555}.note{background:#f5f5f5;padding:.5rem .75rem}
 code,.path{font-family:ui-monospace,Menlo,Consolas,monospace;word-break:break-all}
@@ -269,6 +270,17 @@ def _page_done(rec: _Rec, want_clips: bool) -> str:
         body = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in pairs)
         return f"<table>{body}</table>"
 
+    d = r.domain
+    domain = (
+        f"in domain (score {d.score:.2f}, in domain up to {d.threshold:.2f})" if d.in_domain
+        else "OUT OF DOMAIN" + (f" (score {d.score:.2f} &gt; {d.threshold:.2f})"
+                                if d.score is not None else " (not scored)")
+    )  # fmt: skip
+    why = (
+        '<ul class="warn">' + "".join(f"<li>{_e(x)}</li>" for x in r.classification.reasons)
+        + "</ul><p><b>P(risk) and the FMs frequency below are shown for research only and must "
+        "not be used.</b></p>" if r.classification.reasons else ""
+    )  # fmt: skip
     return f"""
 <h2>Result</h2>
 <p class="big">Screening result: <span class="{label}">{_e(label.upper())}</span>
@@ -278,6 +290,8 @@ P(normal) = {_prob(r.normal_probability)})</span></p>
 <p>FMs frequency: <b>{r.fms_frequency:.2f}</b> ({n_fms} of {len(r.clips)} clips with
 P(FMs) &gt; {FMS_CLIP_THRESHOLD}) &rarr; FMs category: <b>{_e(r.fms_category)}</b>
 <span class="muted">({thresholds})</span></p>
+<p>Training domain: {domain}</p>
+{why}
 <h2>P(FMs) per clip over time</h2>
 <img src="{rec.stem}.png" width="900" height="280"
  alt="Per-clip probability of fidgety movements over the recording; top clips highlighted">

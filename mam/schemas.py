@@ -92,8 +92,41 @@ class Clip(BaseModel):
 
 
 class Classification(BaseModel):
-    label: Literal["normal", "risk"]
+    label: Literal["normal", "risk", "indeterminate"] = Field(
+        description="The paper's two classes for a result the model can speak for; "
+        "'indeterminate' when it cannot (out of its training domain, poor tracking, no "
+        "movement): then see 'reasons', and the probabilities are not to be used."
+    )
     threshold: float = Field(description="risk_probability at or above which the label is risk.")
+    model_label: Literal["normal", "risk"] = Field(
+        description="What risk_probability alone says against the threshold (research use)."
+    )
+    reasons: list[str] = Field(
+        default_factory=list, description="Why the result is indeterminate, in plain words."
+    )
+
+
+class DomainCheck(BaseModel):
+    """How far the recording is from what the weights were trained on (``mam.domain``)."""
+
+    in_domain: bool = Field(description="True when the score is at most the threshold.")
+    score: float | None = Field(
+        None, description="The recording's largest distance over its threshold (None: cannot "
+        "be scored, e.g. weights without domain statistics or a kind of input never trained on)."
+    )  # fmt: skip
+    threshold: float = Field(1.0, description="In domain while score <= threshold.")
+    motion_score: float | None = Field(
+        None, description="Motion statistics' distance over its threshold (None: tensors only)."
+    )
+    embedding_score: float | None = Field(
+        None, description="Clip embeddings' mean distance over its threshold."
+    )
+    clip_scores: list[float] = Field(
+        default_factory=list, description="Per clip, in clip order: the clip embedding's "
+        "distance over the clip threshold (1.0, set at the 99th percentile of held-out clips)."
+    )  # fmt: skip
+    kind: str = Field(description="video (through a pose backend), pose_file or instances.")
+    method: str = ""
 
 
 class Quality(BaseModel):
@@ -132,7 +165,13 @@ class Assessment(BaseModel):
     normal_probability: float = Field(ge=0, le=1)
     classification: Classification
     fms_frequency: float = Field(ge=0, le=1, description="Share of clips with P(FMs) > 0.5.")
-    fms_category: Literal["continuous", "intermittent", "sporadic-or-absent"]
+    fms_category: Literal["continuous", "intermittent", "sporadic-or-absent", "indeterminate"]
+    probabilities_usable: bool = Field(
+        description="False when the model cannot speak for this input (out of domain, poor "
+        "tracking, no movement): the probabilities and the FMs frequency are then returned "
+        "for research and must not be used."
+    )
+    domain: DomainCheck
 
 
 class ScreeningResult(Assessment):

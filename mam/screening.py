@@ -9,15 +9,18 @@ Each stage is timed; nothing of the recording is logged or kept.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from mam.domain import kind_of, motion_statistics, still
+from mam.errors import VideoTooShortError
 from mam.features import Instances, build_instances
 from mam.model.weights import ModelMeta, load_meta
 from mam.pose import (
@@ -30,15 +33,18 @@ from mam.pose import (
     load_pose_file,
 )
 from mam.pose.from_video import estimate_video_pose
+from mam.pose.representation import model_input, raw_trunk_length
 from mam.runtime import InferenceRuntime, create_runtime
 from mam.schemas import (
     Classification,
     Clip,
+    DomainCheck,
     InfantData,
     ModelInfo,
     Quality,
     ScreeningResult,
 )
+from mam.skeleton import FPS
 from mam.video import VideoLimits
 
 logger = logging.getLogger(__name__)
@@ -46,6 +52,14 @@ logger = logging.getLogger(__name__)
 REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_WEIGHTS = REPO_MODELS / "mam_demo.json"
 TOP_CLIPS = 3
+MIN_TRACKED_FOR_RESULT = 0.8
+"""The quality gate: below this share of tracked frames a result is indeterminate (between
+``mam.pose.quality``'s refusal at 50% and this, the pose is too patchy to trust)."""
+NO_DOMAIN = (
+    "these weights carry no record of the data they were trained on, so whether this "
+    "recording resembles it cannot be checked"
+)
+STILL = "there is no movement to assess: the skeleton is the same in every frame"
 _EPS = 1e-6  # as mam.model.network: P(normal) is clipped before taking log-odds
 
 
@@ -67,6 +81,10 @@ class ScreeningOptions:
     runtime: str | None = None  # None: MAM_RUNTIME, else auto (mam.runtime)
     device: str = "auto"
     precision: str = "fp32"
+    # Abstain (classification 'indeterminate') where the model cannot speak for the input;
+    # False (--no-abstain) keeps the model's label for research, still marked not to be used.
+    abstain: bool = True
+    min_tracked_for_result: float = MIN_TRACKED_FOR_RESULT
 
 
 @dataclass
@@ -77,6 +95,7 @@ class ClipScores:
     attention: np.ndarray  # [N]
     normal_probability: float
     used_info: bool
+    embeddings: np.ndarray | None = None  # [N, D] clip representations (the domain check)
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -155,13 +174,16 @@ class Screener:
     # -- model ------------------------------------------------------------------------------------
     def score_instances(self, tensors: np.ndarray, infant: InfantData | None = None) -> ClipScores:
         """Instances ``[N, 240, 3, 17, 17]`` (already smoothed and normalised) -> scores."""
-        _, logits = self.engine.clip(tensors)
-        return self.score_logits(logits, infant)
+        embeddings, logits = self.engine.clip(tensors)
+        return self.score_logits(logits, infant, embeddings)
 
-    def score_logits(self, logits: np.ndarray, infant: InfantData | None = None) -> ClipScores:
-        """Clip logits ``[N, 2]`` -> scores: bag head, Info branch and fusion. Split from the
-        clip network so that a service can run that network elsewhere (batched across
-        requests) and finish here."""
+    def score_logits(
+        self, logits: np.ndarray, infant: InfantData | None = None,
+        embeddings: np.ndarray | None = None,
+    ) -> ClipScores:  # fmt: skip
+        """Clip logits ``[N, 2]`` (and the clip embeddings, for the domain check) -> scores:
+        bag head, Info branch and fusion. Split from the clip network so that a service can
+        run that network elsewhere (batched across requests) and finish here."""
         meta = self.meta
         bag, attention = self.engine.bag(np.asarray(logits, np.float32)[None])
         info_logits = None
@@ -174,6 +196,7 @@ class Screener:
             attention=attention[0].astype(float),
             normal_probability=float(p_normal[0]),
             used_info=info_logits is not None,
+            embeddings=None if embeddings is None else np.asarray(embeddings, np.float64),
         )
 
     # -- pipeline ---------------------------------------------------------------------------------
@@ -213,8 +236,24 @@ class Screener:
         seq = fill_gaps(seq, self.options.max_gap_s)
         quality = assess_quality(seq)
         check_trackable(quality, self.options.min_tracked_fraction)
+        need = self.meta.config.clip_frames
+        if seq.num_frames < need:
+            raise VideoTooShortError(
+                f"recording has {seq.duration_s:.1f} s of pose; at least {need / FPS:.1f} s are "
+                "needed"
+            )
+        x = model_input(seq, self.meta.representation)
+        motion = motion_statistics(x, raw_trunk_length(seq.joints))
+        gates = []
+        if still(x):
+            gates.append(STILL)
+        if quality.tracked_fraction < self.options.min_tracked_for_result:
+            gates.append(
+                f"the infant was tracked in only {quality.tracked_fraction:.0%} of the frames "
+                f"(at least {self.options.min_tracked_for_result:.0%} are needed for a result)"
+            )
         inst = build_instances(
-            seq.joints,
+            x,
             self.meta.normalizer,
             step=self.options.clip_step or self.meta.clip_step,
             smoothing_window=self.meta.smoothing_window,
@@ -223,12 +262,49 @@ class Screener:
         t = time.perf_counter()
         scores = self.score_instances(inst.tensors, infant)
         timings["model"] = time.perf_counter() - t
-        return self._result(inst, scores, seq, quality, infant, timings)
+        fields = self.summarize(scores, kind_of(seq.source), motion, gates)
+        return self._result(inst, scores, fields, seq, quality, infant, timings)
 
-    def summarize(self, s: ClipScores) -> dict:
+    def check_domain(
+        self, s: ClipScores, kind: str, motion: np.ndarray | None = None,
+        gates: Sequence[str] = (),
+    ) -> tuple[DomainCheck, list[str]]:  # fmt: skip
+        """The domain check of one bag and every reason the model cannot speak for it."""
+        reasons = list(gates)
+        d = self.meta.domain
+        if d is None or s.embeddings is None:
+            check = DomainCheck(in_domain=False, kind=kind, method="none")
+            reasons.append(NO_DOMAIN if d is None else "no clip embeddings were computed")
+            return check, reasons
+        v = d.check(kind, s.embeddings, motion)
+        finite = math.isfinite(v.score)
+        check = DomainCheck(
+            in_domain=v.in_domain,
+            score=round(v.score, 3) if finite else None,
+            motion_score=None if v.motion_score is None else round(v.motion_score, 3),
+            embedding_score=round(v.embedding_score, 3) if finite else None,
+            clip_scores=[round(c, 3) for c in v.clip_scores],
+            kind=kind,
+            method=d.method,
+        )
+        if not v.in_domain:
+            reasons += v.reasons
+        return check, reasons
+
+    def summarize(
+        self, s: ClipScores, kind: str = "instances", motion: np.ndarray | None = None,
+        gates: Sequence[str] = (),
+    ) -> dict:  # fmt: skip
         """The assessment fields every result shares (``mam.schemas.Assessment``): P(risk) and
-        its classification, FMs frequency and its category."""
+        its classification, FMs frequency and its category, the domain check, and whether the
+        numbers may be used. ``kind`` is the source (``mam.domain.kind_of``) or ``instances``
+        for bare tensors, whose motion cannot be described (their embeddings are compared with
+        every kind the weights know, the nearest counting)."""
         meta = self.meta
+        if kind == "instances" and meta.domain is not None and s.embeddings is not None:
+            kind = min(meta.domain.kinds, key=lambda k: meta.domain.check(
+                k, s.embeddings, None).score, default="instances")  # fmt: skip
+        domain, reasons = self.check_domain(s, kind, motion, gates)
         freq = float(np.mean(s.fms_probability > meta.fms_clip_threshold))
         th = meta.fms_category_thresholds
         category = (
@@ -239,14 +315,42 @@ class Screener:
             else "sporadic-or-absent"
         )
         p_risk = 1.0 - s.normal_probability
-        label = "risk" if p_risk >= meta.risk_threshold else "normal"
+        model_label = "risk" if p_risk >= meta.risk_threshold else "normal"
+        abstain = bool(reasons) and self.options.abstain
         return {
             "risk_probability": round(p_risk, 4),
             "normal_probability": round(s.normal_probability, 4),
-            "classification": Classification(label=label, threshold=meta.risk_threshold),
+            "classification": Classification(
+                label="indeterminate" if abstain else model_label,
+                threshold=meta.risk_threshold,
+                model_label=model_label,
+                reasons=reasons,
+            ),
             "fms_frequency": round(freq, 4),
-            "fms_category": category,
+            "fms_category": "indeterminate" if abstain else category,
+            "probabilities_usable": not reasons,
+            "domain": domain,
         }
+
+    def result_warnings(self, fields: dict, infant: InfantData | None) -> list[str]:
+        """Warnings every result carries: why it is indeterminate (first), infant data."""
+        c: Classification = fields["classification"]
+        out = []
+        if c.reasons:
+            what = (
+                "Result indeterminate" if c.label == "indeterminate"
+                else "Abstention is off (research use): this result is not to be used"
+            )  # fmt: skip
+            out.append(f"{what}: " + "; ".join(c.reasons) + ". P(risk) and the FMs frequency "
+                       "are shown for research only and must not be used.")  # fmt: skip
+        return out + self.infant_warnings(infant)
+
+    @staticmethod
+    def instance_gates(tensors: np.ndarray) -> list[str]:
+        """Reasons bare instance tensors cannot be assessed: positions relative to joint 0
+        (``d[..., 0]``) that never change mean a still skeleton."""
+        rel = np.asarray(tensors[..., 0], np.float64)  # [N, T, 3, V]
+        return [STILL] if still(rel.transpose(0, 1, 3, 2).reshape(-1, rel.shape[-1], 3)) else []
 
     @staticmethod
     def infant_warnings(infant: InfantData | None) -> list[str]:
@@ -269,7 +373,7 @@ class Screener:
             calibration=(meta.calibration if used_info else meta.calibration_without_info).method,
         )
 
-    def _result(self, inst: Instances, s: ClipScores, seq, quality, infant, timings):
+    def _result(self, inst: Instances, s: ClipScores, fields: dict, seq, quality, infant, timings):
         meta: ModelMeta = self.meta
         clips = [
             Clip(
@@ -283,7 +387,7 @@ class Screener:
                 zip(inst.start_s, inst.end_s, s.fms_probability, s.attention)
             )
         ]
-        warnings = list(quality.warnings) + self.infant_warnings(infant)
+        warnings = self.result_warnings(fields, infant) + list(quality.warnings)
         q = Quality(
             duration_s=round(seq.duration_s, 2),
             frames_total=quality.frames_total,
@@ -296,7 +400,7 @@ class Screener:
             warnings=list(quality.warnings),
         )
         return ScreeningResult(
-            **self.summarize(s),
+            **fields,
             fms_category_thresholds=meta.fms_category_thresholds,
             clips=clips,
             top_fms_clips=sorted(clips, key=lambda c: -c.fms_probability)[:TOP_CLIPS],

@@ -34,13 +34,16 @@ from mam.features import (
 )
 from mam.model.config import MAMConfig
 from mam.model.network import MAM
+from mam.pose.base import PoseSequence
+from mam.pose.representation import model_input
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class TrainRecord:
-    """One infant's recording for training: pose ``[T, 17, 3]`` (NaN where untracked)."""
+    """One infant's recording for training: pose ``[T, 17, 3]`` (NaN where untracked), and
+    for a recording the pose backend's 2D image joints ``[T, 17, 2]`` and name (``source``)."""
 
     infant_id: str
     joints: np.ndarray
@@ -48,6 +51,17 @@ class TrainRecord:
     fms_intervals_s: list[tuple[float, float]] | None = None
     info: np.ndarray | None = None  # raw [sex_male, GA weeks, BW g, corrected age weeks]
     fms_category: str | None = None  # continuous / intermittent / sporadic / absent, if known
+    image_joints: np.ndarray | None = None
+    source: str = "precomputed"
+
+    def pose(self) -> PoseSequence:
+        meta = {} if self.image_joints is None else {"image_joints": self.image_joints}
+        conf = np.isfinite(self.joints).all(axis=-1).astype(np.float32)
+        return PoseSequence(self.joints, conf, source=self.source, meta=meta)
+
+    def model_input(self, representation: str) -> np.ndarray:
+        """What the model sees of this recording (``mam.pose.representation``)."""
+        return model_input(self.pose(), representation)
 
 
 @dataclass
@@ -70,6 +84,7 @@ class TrainConfig:
     info_dropout: float = 0.5
     use_reference: bool = True  # ablation: False trains from bag labels alone (no Ref Branch)
     use_closeness: bool = True  # ablation: False drops the closeness loss
+    representation: str = "image2d"  # the pose coordinates the model sees (issue 14, item 4)
     seed: int = 0
     threads: int | None = None
 
@@ -136,8 +151,11 @@ def closeness_loss(
 class _Prepared:
     """Smoothed, normalised sequences with their instance windows and reference clips."""
 
-    def __init__(self, records: Sequence[TrainRecord], normalizer: Normalizer, cfg: TrainConfig):
-        self.seqs = [prepare_sequence(r.joints, normalizer) for r in records]
+    def __init__(
+        self, inputs: Sequence[np.ndarray], records: Sequence[TrainRecord], normalizer: Normalizer,
+        cfg: TrainConfig,
+    ):  # fmt: skip
+        self.seqs = [prepare_sequence(x, normalizer) for x in inputs]
         self.groups = np.array([r.group == "normal" for r in records])
         self.windows: list[list[int]] = []
         self.ref: list[tuple[int, int, int]] = []  # (record, start, label)
@@ -188,8 +206,9 @@ def train(
     risk = [i for i, r in enumerate(records) if r.group == "risk"]
     if not normal or not risk:
         raise ValueError("training needs at least one normal and one risk infant")
-    normalizer = Normalizer.fit([r.joints - r.joints[:, :1] for r in records])
-    data = _Prepared(records, normalizer, cfg)
+    inputs = [r.model_input(cfg.representation) for r in records]
+    normalizer = Normalizer.fit(inputs)
+    data = _Prepared(inputs, records, normalizer, cfg)
     info_z, info_mean, info_std = _info_vectors(records)
     ref_pos = np.flatnonzero(data.ref_arr[:, 2] == 1)
     ref_neg = np.flatnonzero(data.ref_arr[:, 2] == 0)
@@ -261,7 +280,7 @@ def train(
                 if half:
                     xr, yr = ref_batch()
                 else:
-                    xr, yr = torch.zeros(0, CLIP_FRAMES, *records[0].joints.shape[1:]), None
+                    xr, yr = torch.zeros(0, CLIP_FRAMES, *inputs[0].shape[1:]), None
                 parts = [xr]
                 if not pretrain:
                     bn, br = bag(kn), bag(kr)

@@ -97,17 +97,18 @@ class ClipModel:
     def clip(self, relative: np.ndarray) -> np.ndarray:
         """Instances as positions relative to joint 0, ``[N, 240, 3, 17]`` (``d[..., 0]`` of the
         difference matrices: 17x less to send between processes, expanded here exactly) ->
-        ``[N, 3]``: the two clip logits and, in column 2, the executed batch's compute seconds
+        ``[N, 3 + D]``: the two clip logits; in column 2 the executed batch's compute seconds
         (so that callers can split their wait into queue and compute without a second
-        channel)."""
+        channel); then the clip embeddings, which the domain check needs."""
         t = time.perf_counter()
-        _, logits = self.engine.clip(expand_differences(relative))
+        features, logits = self.engine.clip(expand_differences(relative))
         dt = time.perf_counter() - t
         self.metrics.batch_rows.observe(len(relative))
         self.metrics.compute_seconds.observe(dt)
-        out = np.empty((len(logits), 3), np.float32)
+        out = np.empty((len(logits), 3 + features.shape[1]), np.float32)
         out[:, :2] = logits
         out[:, 2] = dt
+        out[:, 3:] = features
         return out
 
     @bentoml.api
@@ -122,12 +123,13 @@ class _SharedBatcherRuntime:
     """The Screener's runtime inside the service: the clip network through the shared batcher,
     the bag head and Info branch (microseconds) on a local ONNX Runtime CPU session."""
 
-    def __init__(self, local, clip_logits) -> None:
-        self.local, self._clip_logits = local, clip_logits
+    def __init__(self, local, clip_outputs) -> None:
+        self.local, self._clip_outputs = local, clip_outputs
         self.backend, self.device, self.precision = local.backend, local.device, local.precision
 
     def clip(self, instances: np.ndarray):
-        return None, self._clip_logits(instances)
+        logits, features = self._clip_outputs(instances)
+        return features, logits
 
     def bag(self, logits: np.ndarray):
         return self.local.bag(logits)
@@ -245,7 +247,7 @@ class Screening:
     def __init__(self) -> None:
         self.metrics = get_metrics()
         local = create_runtime(S.weights, "onnxruntime", device="cpu", threads=1)
-        self.runtime = _SharedBatcherRuntime(local, self._clip_logits_from_thread)
+        self.runtime = _SharedBatcherRuntime(local, self._clip_outputs_from_thread)
         options = ScreeningOptions(limits=S.video_limits(), pose_backend=S.pose_backend)
         self.screener = Screener(S.weights, options=options, runtime=self.runtime)
         self.progress = _Progress()
@@ -275,9 +277,10 @@ class Screening:
         s.runtime, s.device, s.precision = info.backend, info.device, info.precision
         self._described = True
 
-    async def clip_logits(self, instances: np.ndarray) -> np.ndarray:
-        """Instances -> clip logits ``[N, 2]`` through the shared batcher. A long bag is sent as
-        several calls of at most one batch, so other requests' instances can ride along."""
+    async def clip_outputs(self, instances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Instances -> clip logits ``[N, 2]`` and embeddings ``[N, D]`` through the shared
+        batcher. A long bag is sent as several calls of at most one batch, so other requests'
+        instances can ride along."""
         await self._describe_clip_model()
         b = S.max_batch_size
         m = self.metrics
@@ -291,7 +294,8 @@ class Screening:
         finally:
             m.queue_rows.dec(len(instances))
             self._queued_rows -= len(instances)
-        return np.concatenate([o[:, :2] for o in outs])
+        out = np.concatenate(outs)
+        return out[:, :2], out[:, 3:]
 
     async def _one_call(self, chunk: np.ndarray) -> np.ndarray:
         import aiohttp
@@ -330,24 +334,26 @@ class Screening:
                 "retry with back-off",
             )
 
-    def _clip_logits_from_thread(self, instances: np.ndarray) -> np.ndarray:
+    def _clip_outputs_from_thread(self, instances: np.ndarray):
         assert self._loop is not None
-        return asyncio.run_coroutine_threadsafe(self.clip_logits(instances), self._loop).result()
+        return asyncio.run_coroutine_threadsafe(self.clip_outputs(instances), self._loop).result()
 
     async def score(self, tensors: np.ndarray, infant: InfantData | None) -> InstancesResult:
         """Validated instance tensors -> result; REST and gRPC both come here."""
         x = validate_instances(tensors, max_instances=S.max_instances)
         self.admit()
         async with asyncio.timeout(S.tensor_timeout_s):
-            logits = await self.clip_logits(x)
-        s: ClipScores = self.screener.score_logits(logits, infant)
+            logits, embeddings = await self.clip_outputs(x)
+        sc = self.screener
+        s: ClipScores = sc.score_logits(logits, infant, embeddings)
+        fields = sc.summarize(s, "instances", None, sc.instance_gates(x))
         return InstancesResult(
-            **self.screener.summarize(s),
+            **fields,
             fms_probability=[round(float(p), 4) for p in softmax(logits)[:, 1]],
             attention_weight=[round(float(a), 4) for a in s.attention],
             infant=infant,
-            model=self.screener.model_info(INSTANCES_POSE_BACKEND, s.used_info),
-            warnings=self.screener.infant_warnings(infant),
+            model=sc.model_info(INSTANCES_POSE_BACKEND, s.used_info),
+            warnings=sc.result_warnings(fields, infant),
         )
 
     # -- recordings -------------------------------------------------------------------------------

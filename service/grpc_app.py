@@ -8,7 +8,11 @@ Model ``mam``:
   inputs  ``instances`` FP32 ``[N, 240, 3, 17, 17]``; optional ``infant`` FP32 ``[1, 4]`` =
           sex (1 male, 0 female), gestational age (weeks), birth weight (g), corrected age (weeks)
   outputs ``normal_probability`` / ``risk_probability`` / ``fms_frequency`` FP32 ``[1]``,
-          ``fms_probability`` / ``attention_weight`` FP32 ``[N]``
+          ``fms_probability`` / ``attention_weight`` FP32 ``[N]``, ``classification`` INT32
+          ``[1]`` (0 normal, 1 risk, 2 indeterminate), ``probabilities_usable`` and
+          ``in_domain`` BOOL ``[1]``, ``domain_score`` FP32 ``[1]`` (NaN: not scored). v2 has
+          no enum type, and BYTES is not served here, so the label travels as its index in
+          ``CLASSIFICATION_LABELS``; the reasons are REST's (``/screen_instances``).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from service.settings import get_settings
 logger = logging.getLogger("mam.service.grpc")
 
 MODEL_NAME = "mam"
+CLASSIFICATION_LABELS = ("normal", "risk", "indeterminate")
 # Health RPCs answer without a key, as /livez and /readyz do.
 _OPEN_METHODS = frozenset({"ServerLive", "ServerReady", "ModelReady"})
 _INSTANCE_BYTES = CLIP_FRAMES * 3 * 17 * 17 * 4
@@ -58,6 +63,10 @@ class V2Model:
         TensorSpec("fms_frequency", "FP32", [1]),
         TensorSpec("fms_probability", "FP32", [-1]),
         TensorSpec("attention_weight", "FP32", [-1]),
+        TensorSpec("classification", "INT32", [1]),
+        TensorSpec("probabilities_usable", "BOOL", [1]),
+        TensorSpec("in_domain", "BOOL", [1]),
+        TensorSpec("domain_score", "FP32", [1]),
     ]
 
     def __init__(self, screening) -> None:
@@ -94,6 +103,12 @@ class V2Model:
             "fms_frequency": np.array([r.fms_frequency], f32),
             "fms_probability": np.array(r.fms_probability, f32),
             "attention_weight": np.array(r.attention_weight, f32),
+            "classification": np.array(
+                [CLASSIFICATION_LABELS.index(r.classification.label)], np.int32
+            ),
+            "probabilities_usable": np.array([r.probabilities_usable]),
+            "in_domain": np.array([r.domain.in_domain]),
+            "domain_score": np.array([np.nan if r.domain.score is None else r.domain.score], f32),
         }
 
 

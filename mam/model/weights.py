@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mam.domain import DomainModel
 from mam.errors import ModelLoadError
 from mam.features import CLIP_STEP, SMOOTHING_WINDOW, Normalizer
 from mam.model.config import MAMConfig
@@ -62,6 +63,11 @@ class ModelMeta:
     )
     clip_step: int = CLIP_STEP
     smoothing_window: int = SMOOTHING_WINDOW
+    # The pose coordinates the model sees (mam.pose.representation); weights from before the
+    # choice was recorded saw the 3D joints.
+    representation: str = "world3d"
+    # What the weights have seen (mam.domain); None: unknown, so no result can be in domain.
+    domain: DomainModel | None = None
     provenance: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
 
@@ -85,6 +91,8 @@ class ModelMeta:
             "risk_threshold": self.risk_threshold,
             "fms_clip_threshold": self.fms_clip_threshold,
             "fms_category_thresholds": self.fms_category_thresholds,
+            "representation": self.representation,
+            "domain": self.domain.to_dict() if self.domain is not None else None,
             "provenance": self.provenance,
             "metrics": self.metrics,
         }
@@ -109,6 +117,8 @@ class ModelMeta:
             fms_category_thresholds=dict(d["fms_category_thresholds"]),
             clip_step=int(d["clip_step"]),
             smoothing_window=int(d["smoothing_window"]),
+            representation=d.get("representation", "world3d"),
+            domain=DomainModel.from_dict(d["domain"]) if d.get("domain") else None,
             provenance=d.get("provenance", {}),
             metrics=d.get("metrics", {}),
         )
