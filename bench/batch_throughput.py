@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         outputs = time.perf_counter() - t
         reports = float("nan")
         try:
-            from mam.report import write_reports
+            from mam.batch.report import write_reports
 
             t = time.perf_counter()
             write_reports(out, rows)

@@ -21,13 +21,13 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mam.synth import demo
-from mam.synth.real_motion import DEMO_GROUP, load_demo_motion
+from mam.synth.real_motion import DEMO_GROUP, default_data_path, load_demo_motion
 from mam.synth.render import make_camera, project, render_video, run_blazepose, tracking_report
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", default=demo.default_data_path())
+    ap.add_argument("--data", default=default_data_path())
     ap.add_argument("--group", default=DEMO_GROUP)
     ap.add_argument("--video", help="measure this video (rendered with the same settings)")
     ap.add_argument("--seconds", type=float, default=demo.DEMO_SECONDS)

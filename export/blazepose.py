@@ -29,7 +29,7 @@ def tflite_parity(model: convert.ConvertedModel, batch: int = 3, seed: int = 0) 
     except ImportError:
         logger.warning("ai-edge-litert not installed: %s not checked against TFLite", model.network)
         return {}
-    import onnxruntime as ort
+    from mam.runtime.sessions import ort_session
 
     interp = Interpreter(model_path=str(model.tflite_path))
     interp.allocate_tensors()
@@ -38,7 +38,7 @@ def tflite_parity(model: convert.ConvertedModel, batch: int = 3, seed: int = 0) 
     lo = -1.0 if model.network == convert.DETECTOR else 0.0  # the networks' input ranges
     x = np.random.default_rng(seed).uniform(lo, 1.0, size=(batch, *inp["shape"][1:]))
     x = x.astype(np.float32)
-    sess = ort.InferenceSession(str(model.onnx_path), providers=["CPUExecutionProvider"])
+    sess = ort_session(model.onnx_path, device="cpu")
     got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"input": x})))
     worst: dict[str, float] = {}
     for b in range(batch):

@@ -294,15 +294,9 @@ def check_parity(
 ) -> dict[str, float]:
     """Largest absolute ONNX Runtime (CPU) vs PyTorch difference per output over ``batches``;
     ``ValueError`` when any exceeds ``atol``."""
-    import onnxruntime as ort
+    from mam.runtime.sessions import ort_session
 
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-    sess = {
-        role: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
-        for role, p in files.items()
-    }
+    sess = {role: ort_session(p, device="cpu", threads=threads) for role, p in files.items()}
     worst: dict[str, float] = {}
 
     def record(name: str, a: np.ndarray, b: torch.Tensor) -> None:

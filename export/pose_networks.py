@@ -3,13 +3,13 @@
 * ``NAME.onnx`` for HRNet: ``images`` ``[N, 3, 256, 192]`` (ImageNet-normalised RGB) ->
   ``heatmaps`` ``[N, 17, 64, 48]``; N (frames) is dynamic.
 * ``NAME.onnx`` for the VideoPose3D lifter: ``keypoints_2d`` ``[N, T, 17, 2]`` (H36M order,
-  after ``mam.pose.videopose3d.normalize_2d``: root-relative, divided by the sequence's RMS
+  after ``mam.pose.paper.videopose3d.normalize_2d``: root-relative, divided by the sequence's RMS
   joint-to-root distance) -> ``joints_3d`` ``[N, T - receptive_field + 1, 17, 3]``; N and T are
   dynamic.
 
 Each export gets ``NAME.onnx.json``: the weights' sha256 (a stale export is detectable), the network
 config, the IO names and shapes, the opset and the ONNX Runtime vs PyTorch parity on two input
-shapes. The export and parity functions are ``mam.pose.paper_backend``'s, the same the backend uses
+shapes. The export and parity functions are ``mam.pose.paper.backend``'s, the same the backend uses
 for its cache, so a graph exported here and one exported on first use are made the same way.
 Layout after ``export/onnx.py`` (timm ``timm/utils/onnx.py``).
 """
@@ -24,8 +24,7 @@ import numpy as np
 import torch
 
 from mam.model.weights import sha256_of
-from mam.pose.lifter_train import load_lifter
-from mam.pose.paper_backend import (
+from mam.pose.paper.backend import (
     INPUT_H,
     INPUT_W,
     ONNX_OPSET,
@@ -35,6 +34,7 @@ from mam.pose.paper_backend import (
     export_onnx,
     load_hrnet,
 )
+from mam.pose.paper.lifter_train import load_lifter
 from mam.skeleton import NUM_JOINTS
 
 logger = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def export_hrnet(weights: str | Path, out_dir: str | Path, *, parity: bool = Tru
 
 
 def export_lifter(weights: str | Path, out_dir: str | Path, *, parity: bool = True) -> Path:
-    """A lifter saved by ``mam.pose.lifter_train`` -> ``out_dir/<stem>.onnx`` + manifest."""
+    """A lifter saved by ``mam.pose.paper.lifter_train`` -> ``out_dir/<stem>.onnx`` + manifest."""
     weights = Path(weights)
     model, meta = load_lifter(weights)
     rf = model.receptive_field()
@@ -111,8 +111,8 @@ def export_lifter(weights: str | Path, out_dir: str | Path, *, parity: bool = Tr
         "inputs": [{"name": "keypoints_2d", "shape": ["N", "T", NUM_JOINTS, 2]}],
         "outputs": [{"name": "joints_3d", "shape": ["N", f"T-{rf - 1}", NUM_JOINTS, 3]}],
         "receptive_field": rf,
-        "preprocessing": "COCO -> H36M (mam.pose.videopose3d.coco_to_h36m), then "
-        "mam.pose.videopose3d.normalize_2d (root-relative, divided by the sequence's RMS "
+        "preprocessing": "COCO -> H36M (mam.pose.paper.videopose3d.coco_to_h36m), then "
+        "mam.pose.paper.videopose3d.normalize_2d (root-relative, divided by the sequence's RMS "
         "joint-to-root distance: not VideoPose3D's screen coordinates), then edge padding of "
         "(receptive_field - 1) / 2 frames",
         "input_units": meta.get("input", {}),

@@ -65,7 +65,8 @@ class Config:
     video_timeout_s: float = 3600.0
     allow_remote: bool = os.environ.get("LOADTEST_ALLOW_REMOTE") == "1"
     # After a 503 a user waits Retry-After (1 s if absent) x uniform(0.5, 1.5), as the service
-    # asks and mam.service_client does; LOADTEST_NO_BACKOFF=1 resends at once (a hammering client).
+    # asks and mam.batch.service_client does; LOADTEST_NO_BACKOFF=1 resends at once (a
+    # hammering client).
     backoff: bool = os.environ.get("LOADTEST_NO_BACKOFF") != "1"
 
 

@@ -1,8 +1,8 @@
 """What the weights have seen, and how far a recording is from it (issue 14).
 
 A screening result is only as good as the likeness between the recording and the training data.
-At training time (``mam.fitting``) two descriptions of the training recordings are stored with
-the weights, one per kind of source (``video``: a recording through a pose backend;
+At training time (``mam.training.fitting``) two descriptions of the training recordings are
+stored with the weights, one per kind of source (``video``: a recording through a pose backend;
 ``pose_file``: 3D poses given by the caller), because a pose model's output and a clean pose
 file differ in jitter and scale even when the movement is the same:
 

@@ -165,7 +165,10 @@ class Assessment(BaseModel):
     normal_probability: float = Field(ge=0, le=1)
     classification: Classification
     fms_frequency: float = Field(ge=0, le=1, description="Share of clips with P(FMs) > 0.5.")
-    fms_category: Literal["continuous", "intermittent", "sporadic-or-absent", "indeterminate"]
+    fms_category: Literal["continuous", "intermittent", "sporadic", "absent", "indeterminate"] = (
+        Field(description="Prechtl's FMs category from the FMs frequency (mam.gma), or "
+              "'indeterminate' when the model cannot speak for the recording.")
+    )  # fmt: skip
     probabilities_usable: bool = Field(
         description="False when the model cannot speak for this input (out of domain, poor "
         "tracking, no movement): the probabilities and the FMs frequency are then returned "

@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_WEIGHTS = REPO_MODELS / "mam_demo.json"
 TOP_CLIPS = 3
+SPORADIC_DEFAULT = 1e-6  # without a fitted cut-off: one FMs clip is sporadic, none is absent
 MIN_TRACKED_FOR_RESULT = 0.8
 """The quality gate: below this share of tracked frames a result is indeterminate (between
 ``mam.pose.quality``'s refusal at 50% and this, the pose is too patchy to trust)."""
@@ -63,6 +64,15 @@ STILL = "there is no movement to assess: the skeleton is the same in every frame
 _EPS = 1e-6  # as mam.model.network: P(normal) is clipped before taking log-odds
 
 
+DEFAULT_POSE_BACKEND = "mediapipe"
+ENV_POSE_BACKEND = "MAM_POSE_BACKEND"
+
+
+def default_pose_backend() -> str:
+    """``MAM_POSE_BACKEND`` if set, else the default backend."""
+    return os.environ.get(ENV_POSE_BACKEND) or DEFAULT_POSE_BACKEND
+
+
 def default_weights() -> Path:
     """``MAM_WEIGHTS`` if set, else the demo weights shipped in ``models/``."""
     return Path(os.environ.get("MAM_WEIGHTS", DEFAULT_WEIGHTS))
@@ -72,7 +82,7 @@ def default_weights() -> Path:
 class ScreeningOptions:
     """Knobs of one screening run; defaults follow the paper and DESIGN.md."""
 
-    pose_backend: str = "mediapipe"
+    pose_backend: str = field(default_factory=default_pose_backend)
     limits: VideoLimits = field(default_factory=VideoLimits)
     max_side: int | None = 1280  # BlazePose works on 256 px crops; full 4K decode buys nothing
     max_gap_s: float = 0.5
@@ -137,6 +147,16 @@ def fuse_normal_probability(
     if info_logits is None:
         return meta.calibration_without_info.apply(bag_log_odds(bag_probs))
     return meta.calibration.apply(bag_log_odds(bag_probs), info_log_odds(info_logits))
+
+
+def fms_category(frequency: float, thresholds: dict[str, float]) -> str:
+    """Prechtl's category (``mam.gma``) from the FMs frequency: at or above each cut-off in turn
+    (continuous, intermittent, sporadic), else absent. Weights from before the sporadic cut-off
+    was fitted call any FMs clip sporadic."""
+    for name in ("continuous", "intermittent"):
+        if frequency >= thresholds[name]:
+            return name
+    return "sporadic" if frequency >= thresholds.get("sporadic", SPORADIC_DEFAULT) else "absent"
 
 
 class Screener:
@@ -218,7 +238,7 @@ class Screener:
         """Screen one recording. ``progress(done, total)`` is called per frame."""
         o = self.options
         seq, timings = estimate_video_pose(
-            path, self.pose_estimator(), o.limits, o.max_side, progress
+            path, self.pose_estimator, o.limits, o.max_side, progress
         )
         return self.screen_pose(seq, infant, timings=timings)
 
@@ -306,14 +326,7 @@ class Screener:
                 k, s.embeddings, None).score, default="instances")  # fmt: skip
         domain, reasons = self.check_domain(s, kind, motion, gates)
         freq = float(np.mean(s.fms_probability > meta.fms_clip_threshold))
-        th = meta.fms_category_thresholds
-        category = (
-            "continuous"
-            if freq >= th["continuous"]
-            else "intermittent"
-            if freq >= th["intermittent"]
-            else "sporadic-or-absent"
-        )
+        category = fms_category(freq, meta.fms_category_thresholds)
         p_risk = 1.0 - s.normal_probability
         model_label = "risk" if p_risk >= meta.risk_threshold else "normal"
         abstain = bool(reasons) and self.options.abstain

@@ -426,28 +426,40 @@ def iter_frames(
     limits: VideoLimits = VideoLimits(),
     fps: float = FPS,
     max_side: int | None = None,
+    start_s: float = 0.0,
+    end_s: float | None = None,
 ) -> Iterator[np.ndarray]:
     """Yield upright RGB ``uint8 [H, W, 3]`` frames at exactly ``fps``.
 
     ``probe`` runs first (here, not at the first ``next``), so input errors surface at the call.
     Yields ``num_output_frames(info.duration_s, fps)`` frames; frame ``k`` is the last source frame
     with presentation time ``<= k / fps`` (first frame = 0 s). ``max_side`` downscales in
-    FFmpeg's swscale so that ``max(H, W) <= max_side``. Decoding errors raise
-    ``CorruptVideoError``; so does a video that ends clearly before its declared duration.
+    FFmpeg's swscale so that ``max(H, W) <= max_side``. ``start_s``/``end_s`` yield only frames
+    ``round(start_s * fps) .. round(end_s * fps) - 1`` of that same stream, seeking to the start
+    instead of decoding from the beginning (a review clip near the end of a long recording).
+    Decoding errors raise ``CorruptVideoError``; so does a video that ends clearly before its
+    declared duration.
     """
     rate = Fraction(fps).limit_denominator(1_000_000)
     if not rate > 0:
         raise ValueError(f"fps must be positive, got {fps}")
     if max_side is not None and max_side < 1:
         raise ValueError(f"max_side must be >= 1, got {max_side}")
+    k0 = round(start_s * rate)
+    k1 = None if end_s is None else round(end_s * rate)
+    if k0 < 0 or (k1 is not None and k1 <= k0):
+        raise ValueError(f"need 0 <= start_s < end_s, got {start_s}..{end_s}")
     info, plan = _probe(path, limits)
-    return _frames(Path(os.fspath(path)), info, plan, rate, max_side)
+    return _frames(Path(os.fspath(path)), info, plan, rate, max_side, k0, k1)
 
 
 def _frames(
-    path: Path, info: VideoInfo, plan: _Plan, rate: Fraction, max_side: int | None
-) -> Iterator[np.ndarray]:
+    path: Path, info: VideoInfo, plan: _Plan, rate: Fraction, max_side: int | None,
+    k0: int = 0, k1: int | None = None,
+) -> Iterator[np.ndarray]:  # fmt: skip
     n_out = num_output_frames(plan.declared_s, rate)
+    if k1 is not None:
+        n_out = min(n_out, k1)
     out_w, out_h = _target_size(info.width, info.height, max_side)
     # swscale works on the stored (pre-rotation) picture; rotation is a cheap numpy view after.
     scale_w, scale_h = (out_h, out_w) if plan.op in _SWAPS_AXES else (out_w, out_h)
@@ -458,7 +470,7 @@ def _frames(
         rgb = reformatter.reformat(frame, width=scale_w, height=scale_h, format="rgb24")
         return np.ascontiguousarray(orient(rgb.to_ndarray()))
 
-    k = 0
+    k = k0
     prev: av.VideoFrame | None = None
     prev_ticks = 0
     prev_end = Fraction(0)
@@ -470,6 +482,11 @@ def _frames(
         nominal = round(1 / (info.source_fps * tb)) if info.source_fps > 0 else 0
         pts0: int | None = None
         try:
+            if k0:  # time 0 is the first frame's timestamp; then seek to the keyframe before
+                first = next(container.decode(stream), None)
+                pts0 = (first.pts or 0) if first is not None else 0
+                target = pts0 + math.floor(Fraction(k0) / rate / tb)
+                container.seek(target, stream=stream, backward=True, any_frame=False)
             for frame in container.decode(stream):
                 if pts0 is None:
                     pts0 = frame.pts if frame.pts is not None else 0

@@ -1,4 +1,5 @@
-"""The training layout (``mam synth`` writes it, ``mam.dataset`` checks it) and ``mam evaluate``."""
+"""The training layout (``mam synth`` writes it, ``mam.training.dataset`` checks it) and
+``mam evaluate``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import pytest
 
 from mam.cli import main
-from mam.dataset import DatasetError, load_dataset
+from mam.training.dataset import DatasetError, load_dataset
 
 
 @pytest.fixture

@@ -5,18 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mam.calibration import (
+from mam.model.weights import save_weights
+from mam.synth import SimParams, write_dataset
+from mam.training.calibration import (
     category_thresholds,
     expected_calibration_error,
     fit_platt,
     youden_threshold,
 )
-from mam.dataset import DatasetError, load_dataset
-from mam.evaluate import cross_validate, evaluate, write_report
-from mam.fitting import fit
-from mam.model.weights import save_weights
-from mam.synth import SimParams, write_dataset
-from mam.train import TrainConfig, compact_model_config
+from mam.training.dataset import DatasetError, load_dataset
+from mam.training.evaluate import cross_validate, evaluate, write_report
+from mam.training.fitting import fit
+from mam.training.train import TrainConfig, compact_model_config
 
 
 def _cfg(**kw) -> TrainConfig:

@@ -158,7 +158,8 @@ def _needs_tensorrt():
 @pytest.mark.gpu
 def test_tensorrt_engine_build_cache_and_parity(tmp_path):
     _needs_tensorrt()
-    from mam.runtime import TensorRTBackend, manifest_path
+    from mam.runtime import manifest_path
+    from mam.runtime.tensorrt_backend import TensorRTBackend
 
     engines = build_engines(manifest_path(DEFAULT_WEIGHTS), cache_dir=tmp_path, max_batch=16)
     engine = engines["clip"]

@@ -330,8 +330,9 @@ def test_volumes_are_declared_and_only_scratch_is_writable(docs):
 @pytest.mark.parametrize("overlay", SERVICE_OVERLAYS)
 def test_service_environment(docs, overlay):
     pytest.importorskip("pydantic_settings")
-    from mam import runtime
     from mam.pose.blazepose import convert as pose_convert
+    from mam.runtime import sessions
+    from mam.runtime import tensorrt_engines as engines
     from service.settings import Settings
 
     objs = docs[overlay]
@@ -344,7 +345,7 @@ def test_service_environment(docs, overlay):
     # Every MAM_* name is a real setting (a typo would be ignored silently), and the values
     # pass the service's own validation.
     known = {"MAM_" + f.upper() for f in Settings.model_fields}
-    known |= {runtime.ENV_THREADS, runtime.ENV_ENGINE_CACHE}  # read by mam.runtime itself
+    known |= {sessions.ENV_THREADS, engines.ENV_ENGINE_CACHE}  # read by mam.runtime itself
     known.add(pose_convert.ENV_CACHE)  # read by the onnx pose backend's converter
     mam_env = {k: v for k, v in env.items() if k.startswith("MAM_")}
     assert set(mam_env) <= known, set(mam_env) - known
@@ -428,7 +429,7 @@ def test_batch_job_shards_and_merges(docs):
     outs = set()
     for i in range(n):
         argv = [a.replace("$(JOB_COMPLETION_INDEX)", str(i)) for a in c["args"]]
-        args = cli.build_parser().parse_args(argv)
+        args = cli.parse(argv)
         assert args.shard == (i, n)
         assert args.workers == quantity(c["resources"]["limits"]["cpu"])
         assert str(args.input).startswith("/archive/") and str(args.out).startswith("/results/")
@@ -443,7 +444,7 @@ def test_batch_job_shards_and_merges(docs):
     pattern = words[6]
     shards = [p for p in map(str, sorted(outs)) if re.fullmatch(pattern.replace("*", ".*"), p)]
     assert len(shards) == n
-    margs = cli._merge_parser().parse_args(shards + words[7:])
+    margs = cli.parse(["batch", "merge", *shards, *words[7:]])
     assert str(margs.out).startswith("/results/") and str(margs.out) not in shards
 
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from mam.dataset import load_dataset
 from mam.features import Normalizer
 from mam.model.network import MAM
 from mam.model.weights import ModelMeta, save_weights
@@ -16,7 +15,8 @@ from mam.pose import PoseSequence
 from mam.screening import Screener
 from mam.synth import write_dataset
 from mam.synth.motion import CATEGORIES, simulate_infant
-from mam.train import TrainConfig, compact_model_config, train
+from mam.training.dataset import load_dataset
+from mam.training.train import TrainConfig, compact_model_config, train
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +76,7 @@ def test_untrained_model_does_not(trained, held_out):
 
 def test_training_is_reproducible_with_a_seed(tmp_path):
     rng = np.random.default_rng(0)
-    from mam.train import TrainRecord
+    from mam.training.train import TrainRecord
 
     recs = []
     for i, cat in enumerate(CATEGORIES):

@@ -61,11 +61,10 @@ def photo() -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def mp_static():
-    from mam.pose.mediapipe_backend import _import_mediapipe_pose, _native_stderr_silenced
+    from mam.pose.mediapipe_backend import _import_mediapipe_pose
 
     mp_pose = _import_mediapipe_pose()
-    with _native_stderr_silenced(True):
-        pose = mp_pose.Pose(static_image_mode=True, model_complexity=1)
+    pose = mp_pose.Pose(static_image_mode=True, model_complexity=1)
     yield pose
     pose.close()
 

@@ -20,13 +20,20 @@ ort = pytest.importorskip("onnxruntime")
 
 from mam.errors import ModelLoadError  # noqa: E402
 from mam.pose.base import available_backends, create_backend  # noqa: E402
-from mam.pose.hrnet import (  # noqa: E402
+from mam.pose.paper.backend import (  # noqa: E402
+    DEFAULT_LIFTER,
+    ENV_HRNET_WEIGHTS,
+    SiteWeightsRequiredError,
+    fit_aspect,
+    load_hrnet,
+)
+from mam.pose.paper.hrnet import (  # noqa: E402
     PoseHighResolutionNet,
     checkpoint_filter_fn,
     decode_heatmaps,
     hrnet_w32,
 )
-from mam.pose.lifter_train import (  # noqa: E402
+from mam.pose.paper.lifter_train import (  # noqa: E402
     TrainConfig,
     evaluate_lifter,
     load_lifter,
@@ -36,14 +43,7 @@ from mam.pose.lifter_train import (  # noqa: E402
     split_by_group,
     train_lifter,
 )
-from mam.pose.paper_backend import (  # noqa: E402
-    DEFAULT_LIFTER,
-    ENV_HRNET_WEIGHTS,
-    SiteWeightsRequiredError,
-    fit_aspect,
-    load_hrnet,
-)
-from mam.pose.videopose3d import (  # noqa: E402
+from mam.pose.paper.videopose3d import (  # noqa: E402
     TemporalModel,
     coco_to_h36m,
     coco_to_h36m_confidence,
@@ -307,7 +307,7 @@ def test_command_lines_reach_the_lifter_trainer_and_its_export(tmp_path, capsys)
 
 @pytest.mark.parametrize("content", [b"not a checkpoint", b"PK\x03\x04 truncated zip", b""])
 def test_a_corrupt_site_checkpoint_is_a_model_load_error(tmp_path, content):
-    from mam.pose.paper_backend import load_hrnet
+    from mam.pose.paper.backend import load_hrnet
 
     bad = tmp_path / "site_hrnet.pth"
     bad.write_bytes(content)

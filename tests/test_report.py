@@ -1,4 +1,5 @@
-"""HTML reports of a batch (``mam.report``); review clips with the skeleton (``mam.review_clips``).
+"""HTML reports of a batch (``mam.batch.report``); review clips with the skeleton
+(``mam.batch.review_clips``).
 
 Rows come from a real ledger (``mam.batch.Ledger``) holding real screening results of simulated
 poses; the clip test cuts the shipped demo recording.
@@ -19,9 +20,9 @@ import pytest
 
 from mam import DISCLAIMER
 from mam.batch import Item, Ledger
+from mam.batch.report import CLIPS_DIR, REPORTS_DIR, mmss, write_reports
+from mam.batch.review_clips import LEFT_RGB
 from mam.pose.precomputed import validate_pose_array
-from mam.report import CLIPS_DIR, REPORTS_DIR, mmss, write_reports
-from mam.review_clips import LEFT_RGB
 from mam.screening import Screener
 from mam.synth.motion import simulate_infant
 from mam.video import iter_frames

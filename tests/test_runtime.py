@@ -16,13 +16,8 @@ from mam import errors
 from mam.model.network import MAM
 from mam.model.weights import Calibration, load_weights
 from mam.pose.base import PoseSequence
-from mam.runtime import (
-    ENV_BACKEND,
-    InferenceRuntime,
-    RuntimeUnavailable,
-    create_runtime,
-    load_manifest,
-)
+from mam.runtime import InferenceRuntime, RuntimeUnavailable, create_runtime, load_manifest
+from mam.runtime.base import ENV_BACKEND
 from mam.schemas import InfantData
 from mam.screening import (
     DEFAULT_WEIGHTS,
@@ -127,9 +122,9 @@ def test_unknown_backend_and_nothing_starting(monkeypatch):
         def __init__(self, weights, **kw):
             raise RuntimeUnavailable("broken on purpose")
 
-    import mam.runtime as runtime
+    from mam.runtime import base
 
-    monkeypatch.setitem(runtime._BACKENDS, "pytorch", Broken)
+    monkeypatch.setitem(base._BACKENDS, "pytorch", Broken)
     with pytest.raises(errors.ModelLoadError, match="broken on purpose"):
         create_runtime(DEFAULT_WEIGHTS, "pytorch")
 

@@ -232,7 +232,7 @@ def test_batch_through_the_service_matches_in_process(server, tmp_path):
     import csv
 
     from mam.batch import run_batch
-    from mam.service_client import ServiceClient
+    from mam.batch.service_client import ServiceClient
     from mam.synth.motion import simulate_infant
 
     archive = tmp_path / "archive"

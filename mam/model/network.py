@@ -142,7 +142,8 @@ class ClipEncoder(nn.Module):
 
 class MAM(nn.Module):
     """Main Branch (clip network + bag head) and Info Branch. The Ref Branch is a training-time
-    use of the same clip network on labelled clips (``mam.train``), so it has no weights of its own.
+    use of the same clip network on labelled clips (``mam.training.train``), so it has no weights
+    of its own.
 
     Args:
         cfg: hyper-parameters; saved with the weights.

@@ -59,7 +59,7 @@ class ModelMeta:
     fms_clip_threshold: float = 0.5
     # FMs-frequency cut-offs: >= continuous -> continuous, >= intermittent -> intermittent.
     fms_category_thresholds: dict = field(
-        default_factory=lambda: {"continuous": 0.75, "intermittent": 0.325}
+        default_factory=lambda: {"continuous": 0.75, "intermittent": 0.325, "sporadic": 1e-6}
     )
     clip_step: int = CLIP_STEP
     smoothing_window: int = SMOOTHING_WINDOW

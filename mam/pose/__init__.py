@@ -9,9 +9,9 @@ tracking-quality check are shared by all sources.
 """
 
 from mam.pose import mediapipe_backend  # noqa: F401  (registers "mediapipe"; imports it lazily)
-from mam.pose import paper_backend as _paper_backend  # noqa: F401  ("hrnet-videopose3d"; lazy)
 from mam.pose.base import PoseBackend, PoseSequence, available_backends, create_backend
 from mam.pose.blazepose import backend as _onnx_backend  # noqa: F401  (registers "onnx"; lazy)
+from mam.pose.paper import backend as _paper_backend  # noqa: F401  ("hrnet-videopose3d"; lazy)
 from mam.pose.precomputed import load_pose_file
 from mam.pose.quality import PoseQuality, assess_quality, check_trackable, fill_gaps
 

@@ -48,7 +48,7 @@ class _TimedIter:
 
 def estimate_video_pose(
     path: str | Path,
-    backend: str | PoseBackend = "mediapipe",
+    backend: str | PoseBackend | Callable[[], PoseBackend] = "mediapipe",
     limits: VideoLimits | None = None,
     max_side: int | None = 1280,
     progress: Callable[[int, int], None] | None = None,
@@ -59,10 +59,14 @@ def estimate_video_pose(
     (``onnx``) ``decode`` overlaps ``pose`` (which then equals ``pose_total``) instead of adding to
     it. ``progress(done, total)`` is called as frames go through pose."""
     limits = limits or VideoLimits()
-    total = probe(path, limits).num_frames_25fps
+    total = probe(path, limits).num_frames_25fps  # a bad file fails before any backend starts
     frames = _TimedIter(iter_frames(path, limits, max_side=max_side))
-    # A name makes a backend for this recording only; an instance is the caller's to keep.
-    estimator = create_backend(backend) if isinstance(backend, str) else backend
+    # A name makes a backend for this recording only; an instance (or a function that gives
+    # one, called once the file is known to be good) is the caller's to keep.
+    estimator = (
+        create_backend(backend) if isinstance(backend, str)
+        else backend() if callable(backend) and not hasattr(backend, "estimate") else backend
+    )  # fmt: skip
     t0 = time.perf_counter()
     try:
         cb = (lambda n: progress(n, total)) if progress else None

@@ -26,12 +26,14 @@ model is decided downstream; both are returned.
 
 from __future__ import annotations
 
-import contextlib
+import atexit
 import logging
 import os
+import re
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Literal, Self
 
@@ -67,33 +69,68 @@ def _import_mediapipe_pose():
     return mp_pose
 
 
-@contextlib.contextmanager
-def _native_stderr_silenced(enabled: bool) -> Iterator[None]:
-    """Point file descriptor 2 at /dev/null for the duration (no-op when ``enabled`` is False).
+# absl/glog lines ("W0000 00:00:1796299508.065473  4739 file.cc:114] ...") and TF-Lite's.
+_NATIVE_LOG = re.compile(
+    rb"^(?:[IWEF]\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ [\w.-]+:\d+\]"
+    rb"|INFO: Created TensorFlow Lite|WARNING: All log messages before absl::InitializeLog)"
+)
 
-    MediaPipe's C++ side (absl, TF-Lite) writes INFO/WARNING lines straight to fd 2 when its
-    graph starts, and neither GLOG_minloglevel nor TF_CPP_MIN_LOG_LEVEL reaches them. NOTE: the
-    redirect is process-wide, so anything another thread writes to stderr in that window is lost
-    too; it is used only around graph creation/reset and the first frame of each run (tens of
-    milliseconds).
+
+_DRAINED = b"\x00mam: stderr filter drained\x00"
+_filter_lock = threading.Lock()
+_filter_installed = False
+
+
+def install_native_log_filter() -> None:
+    """Drop MediaPipe's native log lines from stderr, for the rest of the process; idempotent.
+
+    MediaPipe's C++ side (absl, TF-Lite) writes INFO/WARNING lines straight to file descriptor
+    2, some from its graph threads after a call has returned, some through duplicates of fd 2 it
+    takes itself (the XNNPACK delegate line), and neither GLOG_minloglevel nor
+    TF_CPP_MIN_LOG_LEVEL reaches them; a redirect around calls cannot catch them all. So fd 2
+    becomes a pipe once, before the graph exists, and a thread forwards every line to the real
+    stderr except those that look like native log lines (``_NATIVE_LOG``).
     """
-    if not enabled:
-        yield
-        return
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-    except (OSError, AttributeError, ValueError):
-        yield
-        return
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+    global _filter_installed
+    with _filter_lock:
+        if _filter_installed:
+            return
+        try:
+            sys.stderr.flush()
+            real = os.dup(2)
+            read_end, write_end = os.pipe()
+        except (OSError, AttributeError, ValueError):
+            return
+
+        drained = threading.Event()
+
+        def pump() -> None:
+            with os.fdopen(read_end, "rb", buffering=0) as src:
+                pending = b""
+                while chunk := src.read(65536):
+                    pending += chunk
+                    *lines, pending = pending.split(b"\n")
+                    drained.set() if _DRAINED in lines else None
+                    out = b"".join(
+                        x + b"\n" for x in lines if x != _DRAINED and not _NATIVE_LOG.match(x)
+                    )
+                    if out:
+                        os.write(real, out)
+
+        def drain() -> None:  # at exit: what is still in the pipe reaches the terminal first
+            sys.stderr.flush()
+            if os.fstat(2).st_ino != pipe_inode:  # fd 2 was pointed elsewhere meanwhile
+                return
+            os.write(2, _DRAINED + b"\n")
+            drained.wait(timeout=2.0)
+            # fd 2 stays on the pipe: graph threads still starting or stopping keep writing.
+
+        threading.Thread(target=pump, name="mediapipe-stderr", daemon=True).start()
+        pipe_inode = os.fstat(write_end).st_ino
+        os.dup2(write_end, 2)
+        os.close(write_end)
+        atexit.register(drain)
+        _filter_installed = True
 
 
 def _landmarks_array(landmark_list) -> np.ndarray:
@@ -117,7 +154,7 @@ class MediaPipePoseBackend:
             0 (lite) and 2 (heavy) work only where their ``.tflite`` file has been put next to it.
         smooth_landmarks: MediaPipe's temporal landmark filter.
         repair_swaps: relabel arms / legs whose left-right labels disagree with the face's.
-        quiet: silence MediaPipe's native start-up log lines (see ``_native_stderr_silenced``).
+        quiet: drop MediaPipe's native log lines from stderr (``install_native_log_filter``).
     """
 
     name = NAME
@@ -139,6 +176,8 @@ class MediaPipePoseBackend:
                 raise ValueError(f"{label} must be in [0, 1], got {value}")
         if model_complexity not in _MODEL_FILES:
             raise ValueError(f"model_complexity must be 0, 1 or 2, got {model_complexity}")
+        if quiet:
+            install_native_log_filter()  # before the library loads and dups fd 2
         mp_pose = _import_mediapipe_pose()
         model_file = (
             Path(mp_pose.__file__).resolve().parents[2]
@@ -162,15 +201,14 @@ class MediaPipePoseBackend:
             "min_tracking_confidence": min_tracking_confidence,
             "smooth_landmarks": smooth_landmarks,
         }
-        with _native_stderr_silenced(quiet):
-            self._pose = mp_pose.Pose(
-                static_image_mode=False,
-                model_complexity=model_complexity,
-                smooth_landmarks=smooth_landmarks,
-                enable_segmentation=False,
-                min_detection_confidence=min_detection_confidence,
-                min_tracking_confidence=min_tracking_confidence,
-            )
+        self._pose = mp_pose.Pose(
+            static_image_mode=False,
+            model_complexity=model_complexity,
+            smooth_landmarks=smooth_landmarks,
+            enable_segmentation=False,
+            min_detection_confidence=min_detection_confidence,
+            min_tracking_confidence=min_tracking_confidence,
+        )
         self._used = False
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -197,8 +235,7 @@ class MediaPipePoseBackend:
         if self._pose is None:
             raise RuntimeError("MediaPipePoseBackend is closed")
         if self._used:
-            with _native_stderr_silenced(self.quiet):
-                self._pose.reset()  # a new video: drop the previous track and smoothing state
+            self._pose.reset()  # a new video: drop the previous track and smoothing state
         self._used = True
 
         image: list[np.ndarray] = []  # [33, 4] normalised x, y, z, visibility
@@ -209,8 +246,7 @@ class MediaPipePoseBackend:
         for t, frame in enumerate(frames):
             frame = check_frame(frame, size)
             size = size or (frame.shape[1], frame.shape[0])
-            with _native_stderr_silenced(self.quiet and t == 0):
-                result = self._pose.process(frame)
+            result = self._pose.process(frame)
             if result.pose_landmarks is not None and result.pose_world_landmarks is not None:
                 image.append(_landmarks_array(result.pose_landmarks))
                 world.append(_landmarks_array(result.pose_world_landmarks))

@@ -57,8 +57,8 @@ def lift(image: np.ndarray) -> np.ndarray:
     """2D ``[T, 17, 2]`` -> 3D ``[T, 17, 3]`` by the shipped lifter; untracked frames stay NaN
     (they are interpolated for the lifter, which needs a continuous sequence)."""
     global _lifter
-    from mam.pose.paper_backend import interpolate_missing, load_lifter_network
-    from mam.pose.videopose3d import normalize_2d, pad_edges
+    from mam.pose.paper.backend import interpolate_missing, load_lifter_network
+    from mam.pose.paper.videopose3d import normalize_2d, pad_edges
 
     tracked = np.isfinite(image).all(axis=(1, 2))
     out = np.full(image.shape[:2] + (3,), np.nan, np.float32)

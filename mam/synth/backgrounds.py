@@ -17,7 +17,6 @@ training set never showed.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
@@ -28,6 +27,7 @@ from mam.skeleton import LEFT_RIGHT_PAIRS, NUM_JOINTS, PARENTS
 from mam.synth.real_motion import (
     OVERLAP,
     continuous_runs,
+    default_data_path,
     load_clips,
     retarget,
     to_camera_frame,
@@ -41,14 +41,6 @@ EXTERNAL_INFANTS = (
     "prepared_data/Data_derivation/FM-/0006",
     "prepared_data/Data_validation/FM-/0004",
 )
-
-
-def default_motion_path() -> str:
-    """``$MAM_DEMO_POSES``, else ``shared/data/mam_demo_poses.npz`` beside the repository."""
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return os.environ.get("MAM_DEMO_POSES") or os.path.join(
-        os.path.dirname(repo), "shared", "data", "mam_demo_poses.npz"
-    )
 
 
 def clip_chains(clips: np.ndarray, groups: dict[str, np.ndarray]) -> list[list[int]]:
@@ -140,7 +132,7 @@ class BackgroundLibrary:
 @lru_cache(maxsize=4)
 def load_library(pool: Pool = "train", path: str | None = None) -> BackgroundLibrary:
     """The chains of ``pool`` from the shared real motion, in the camera-aligned frame."""
-    clips, groups = load_clips(path or default_motion_path())
+    clips, groups = load_clips(path or default_data_path())
     stretches = tuple(
         bone_directions(retarget(to_camera_frame(stitch_chain(clips, ch)))).astype(np.float32)
         for ch in pool_chains(clips, groups, pool)

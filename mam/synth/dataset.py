@@ -1,4 +1,4 @@
-"""Write simulated infants in the training layout that a site produces (``mam.dataset``).
+"""Write simulated infants in the training layout that a site produces (``mam.training.dataset``).
 
 Pose files by default; with ``render`` every infant becomes a recording (``mam.synth.render``)
 whose pose the pipeline estimates like any other video, so weights can learn what the pose model

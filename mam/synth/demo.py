@@ -13,21 +13,14 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
-from mam.synth.real_motion import DEMO_GROUP, load_demo_motion
+from mam.synth.real_motion import DEMO_GROUP, default_data_path, load_demo_motion
 from mam.synth.render import render_video
 
 DEMO_SECONDS = 60.0
 DEMO_SEED = 1  # seeds camera placement and appearance
 DEMO_CRF = 28
 DEMO_SIZE = (1280, 720)
-
-
-def default_data_path() -> str:
-    """``$MAM_DEMO_POSES``, else ``shared/data/mam_demo_poses.npz`` beside the repository."""
-    repo = Path(__file__).resolve().parents[2]
-    return os.environ.get("MAM_DEMO_POSES") or str(repo.parent / "shared/data/mam_demo_poses.npz")
 
 
 def main(argv: list[str] | None = None) -> int:

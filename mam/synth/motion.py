@@ -32,19 +32,14 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from mam.gma import FMS_CATEGORIES, GROUP_OF, FmsCategory
 from mam.skeleton import FPS, NUM_JOINTS, PARENTS
 
 if TYPE_CHECKING:
     from mam.synth.backgrounds import BackgroundLibrary
 
-Category = Literal["continuous", "intermittent", "sporadic", "absent"]
-CATEGORIES: tuple[Category, ...] = ("continuous", "intermittent", "sporadic", "absent")
-GROUP_OF: dict[str, str] = {
-    "continuous": "normal",
-    "intermittent": "normal",
-    "sporadic": "risk",
-    "absent": "risk",
-}
+Category = FmsCategory
+CATEGORIES = FMS_CATEGORIES  # in rotation when a dataset is written, so every group is present
 
 # Rest pose of a supine infant seen from above: per joint, (bone length m, direction from parent).
 # Left (the infant's) is image right (+x); anterior is toward the camera (-z).

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -51,6 +52,12 @@ _BONE_CM = {
 INFANT_BONES_M: dict[tuple[int, int], float] = {b: cm / 100.0 for b, cm in _BONE_CM.items()}
 """Bone (parent, child) -> length in metres, for a young infant (pelvis to head about 0.3 m)."""
 assert set(INFANT_BONES_M) == set(BONES)
+
+
+def default_data_path() -> str:
+    """``$MAM_DEMO_POSES``, else ``shared/data/mam_demo_poses.npz`` beside the repository."""
+    repo = Path(__file__).resolve().parents[2]
+    return os.environ.get("MAM_DEMO_POSES") or str(repo.parent / "shared/data/mam_demo_poses.npz")
 
 
 def load_clips(npz_path: str | os.PathLike) -> tuple[np.ndarray, dict[str, np.ndarray]]:

@@ -40,26 +40,19 @@ def _threads(threads: int | None) -> int:
 
 
 class _OrtRunner:
-    """One ONNX Runtime session; ``device='cuda'`` uses the CUDA provider when it exists."""
+    """One ONNX Runtime session (``mam.runtime.sessions``); ``device='cuda'`` uses the CUDA
+    provider when this build has it."""
 
     def __init__(self, path: Path, threads: int, device: str) -> None:
+        from mam.runtime.sessions import RuntimeUnavailable, ort_session
+
         try:
-            import onnxruntime as ort
-        except ImportError as exc:
+            self.session = ort_session(path, device="auto" if device != "cpu" else "cpu",
+                                       threads=threads)  # fmt: skip
+        except RuntimeUnavailable as exc:
             from mam.errors import DependencyMissingError
 
-            raise DependencyMissingError("the onnx pose backend needs onnxruntime") from exc
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # NOTE: spinning worker threads halved throughput on 2 shared cores (measured: 2 threads
-        # 48-64 crops/s spinning, 101-125 without; 1 thread 100-126).
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers = ["CPUExecutionProvider"]
-        if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        self.session = ort.InferenceSession(str(path), so, providers=providers)
+            raise DependencyMissingError(f"the onnx pose backend: {exc}") from exc
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.providers = self.session.get_providers()
 
@@ -71,40 +64,17 @@ class _TrtRunner:
     """A TensorRT engine with a frame-batch profile, built on first use and cached."""
 
     def __init__(self, path: Path, max_batch: int, precision: str) -> None:
-        import json
+        from mam.runtime import RuntimeUnavailable, TensorRTEngine, cached_engine, import_tensorrt
 
-        from mam.model.weights import sha256_of
-        from mam.runtime import (
-            RuntimeUnavailable,
-            TensorRTEngine,
-            _import_tensorrt,
-            build_engine,
-            engine_cache_dir,
-            engine_cache_key,
-            gpu_name,
-        )
-
-        trt = _import_tensorrt()
+        import_tensorrt()
         import torch
 
         if not torch.cuda.is_available():
             raise RuntimeUnavailable("no CUDA device visible")
         shape = [1, CROP_SIZE, CROP_SIZE, 3]  # NHWC, as converted; axis 0 is the frame batch
-        profile = (1, max_batch, max_batch)
-        key = engine_cache_key(
-            trt_version=trt.__version__,
-            gpu_name=gpu_name(),
-            onnx_sha256=sha256_of(path),
-            precision=precision,
-            profile=profile,
-        )
-        engine = engine_cache_dir() / f"{path.name.split('.')[0]}.{key}.engine"
-        if not engine.is_file():
-            built = build_engine(
-                path, engine, input_name="input", input_shape=shape, profile=profile,
-                precision=precision,
-            )  # fmt: skip
-            engine.with_suffix(".json").write_text(json.dumps({"precision_built": built}))
+        engine, _ = cached_engine(path, path.name.split(".")[0], input_name="input",
+                                  input_shape=shape, profile=(1, max_batch, max_batch),
+                                  precision=precision)  # fmt: skip
         self._torch = torch
         self.engine = TensorRTEngine(engine)
         self.max_batch = max_batch

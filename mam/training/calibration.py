@@ -67,7 +67,8 @@ def expected_calibration_error(p: Sequence[float], y: Sequence[bool], bins: int 
 
 
 def category_thresholds(freq: Sequence[float], categories: Sequence[str]) -> dict[str, float]:
-    """FMs-frequency cut-offs: continuous vs intermittent, intermittent vs sporadic/absent."""
+    """FMs-frequency cut-offs between adjacent categories (``mam.gma``): continuous vs
+    intermittent, intermittent vs sporadic or absent, sporadic vs absent."""
     f = np.asarray(freq, np.float64)
     c = np.asarray(categories)
     out = {}
@@ -79,4 +80,8 @@ def category_thresholds(freq: Sequence[float], categories: Sequence[str]) -> dic
     if inter.any() and low.any():
         m = inter | low
         out["intermittent"] = youden_threshold(f[m], inter[m])
+    spor, absent = c == "sporadic", c == "absent"
+    if spor.any() and absent.any():
+        m = spor | absent
+        out["sporadic"] = youden_threshold(f[m], spor[m])
     return out

@@ -112,7 +112,7 @@ class TemporalModel(nn.Module):
         causal: use only past frames (real-time); off as in the paper's offline use.
         dropout: dropout after every block.
         channels: convolution channels (VideoPose3D: 1024; a few hundred suffice for one pose
-            representation, see ``mam.pose.lifter_train``).
+            representation, see ``mam.pose.paper.lifter_train``).
     """
 
     def __init__(

@@ -4,7 +4,7 @@
 ``out/index.html`` and ``out/reports/rec-<hash>.html`` with a PNG of per-clip P(FMs) over time, the
 top FMs clips to review (the paper shows that reviewing them lifts beginners' accuracy by 11 %),
 quality and warnings, the model, and the decision-support disclaimer. With ``clips=True`` the top
-clips are also cut into MP4 files with the skeleton drawn (:mod:`mam.review_clips`).
+clips are also cut into MP4 files with the skeleton drawn (:mod:`mam.batch.review_clips`).
 
 Rules, and why:
 
@@ -368,31 +368,32 @@ def _index(recs: list[_Rec]) -> bytes:
 
 # -- clips ----------------------------------------------------------------------------------------
 class _PoseHolder:
-    """One MediaPipe graph for all clips of a run, created on first use (~1 s)."""
+    """One pose backend per name for all clips of a run, each made on first use (~1 s): the
+    skeleton is drawn by the backend that scored the recording (``model.pose_backend``)."""
 
     def __init__(self) -> None:
-        self.pose = None
-        self.error: str | None = None
+        self.poses: dict[str, object] = {}
+        self.errors: dict[str, str] = {}
 
-    def get(self):
-        if self.pose is None and self.error is None:
+    def get(self, name: str):
+        if name not in self.poses and name not in self.errors:
             from mam.errors import MamError
             from mam.pose import create_backend
 
             try:
-                self.pose = create_backend("mediapipe")
-            except MamError as e:
-                self.error = f"{e.code}: {e}"
-        return self.pose
+                self.poses[name] = create_backend(name)
+            except (MamError, ValueError) as e:
+                self.errors[name] = f"{getattr(e, 'code', 'invalid')}: {e}"
+        return self.poses.get(name)
 
     def close(self) -> None:
-        if self.pose is not None:
-            self.pose.close()
+        for pose in self.poses.values():
+            pose.close()
 
 
 def _cut_clips(rec: _Rec, video: Path | None, clips_dir: Path, holder: _PoseHolder) -> int:
     """Cut a done recording's top clips; notes instead of errors. Returns clips cut anew."""
-    from mam.review_clips import cut_review_clips
+    from mam.batch.review_clips import cut_review_clips
 
     r = rec.result
     if not r.top_fms_clips:
@@ -403,9 +404,10 @@ def _cut_clips(rec: _Rec, video: Path | None, clips_dir: Path, holder: _PoseHold
     if not Path(video).is_file():
         rec.clips_note = "the recording is no longer at its path"
         return 0
-    pose = holder.get()
+    backend = r.model.pose_backend
+    pose = holder.get(backend)
     if pose is None:
-        rec.clips_note = f"the pose estimator is not available ({holder.error})"
+        rec.clips_note = f"the pose estimator is not available ({holder.errors[backend]})"
         return 0
     spans = [(c.start_s, c.end_s) for c in r.top_fms_clips]
     names = [clip_name(rec.row, a, b) for a, b in spans]

@@ -23,45 +23,24 @@ Infant data are health data: log lines carry counts only, never paths, ids or re
 from __future__ import annotations
 
 import concurrent.futures as cf
-import csv
 import hashlib
-import json
 import logging
 import multiprocessing
 import os
 import shutil
-import sqlite3
-import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from mam.batch.archive import Item, UnreadableFileError, collect, parse_infant
+from mam.batch.ledger import LEDGER, Ledger, job_key
+from mam.batch.outputs import write_outputs
 from mam.errors import FileNotFoundInputError, InputError, MamError
 from mam.model.weights import sha256_of
 
 logger = logging.getLogger(__name__)
 
-VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v"})
-POSE_SUFFIXES = frozenset({".npy"})
-INFANT_FIELDS = ("sex", "gestational_age_weeks", "birth_weight_g", "corrected_age_weeks")
 MIN_FREE_BYTES = 50 * 1024 * 1024
-LEDGER = "ledger.sqlite"
-RESULTS_CSV = "results.csv"
-RESULTS_JSONL = "results.jsonl"
-CSV_COLUMNS = (
-    "id",
-    "path",
-    "risk_probability",
-    "classification",
-    "fms_frequency",
-    "fms_category",
-    "probabilities_usable",
-    "in_domain",
-    "domain_score",
-    "indeterminate_reason",
-    "tracked_fraction",
-    "error_code",
-)
 
 
 class OutputNotWritableError(InputError):
@@ -74,181 +53,6 @@ class DiskFullError(InputError):
     """Too little free space under the output folder to keep a ledger and results."""
 
     code = "disk_full"
-
-
-class InvalidManifestError(InputError):
-    code = "invalid_manifest"
-
-
-class UnreadableFileError(InputError):
-    """The file exists but cannot be read (permissions, I/O error)."""
-
-    code = "unreadable_file"
-
-
-# -- input ----------------------------------------------------------------------------------------
-@dataclass
-class Item:
-    """One recording to report: where it is, how the report names it, and its infant data."""
-
-    file: Path  # resolved location
-    path: str  # as reported (relative to the input folder, or as written in the manifest)
-    id: str
-    infant: dict[str, str] = field(default_factory=dict)  # raw manifest fields; empty: none
-
-    @property
-    def kind(self) -> str:
-        return "pose" if self.file.suffix.lower() in POSE_SUFFIXES else "video"
-
-
-def collect(input_path: str | Path) -> list[Item]:
-    """The recordings of a folder (recursive, sorted) or of a manifest CSV."""
-    src = Path(input_path)
-    if src.is_dir():
-        suffixes = VIDEO_SUFFIXES | POSE_SUFFIXES
-        files = sorted(p for p in src.rglob("*") if p.suffix.lower() in suffixes and not p.is_dir())
-        items = []
-        for p in files:
-            rel = p.relative_to(src).as_posix()
-            items.append(Item(p, rel, rel.rsplit(".", 1)[0]))
-        return items
-    if src.is_file() and src.suffix.lower() == ".csv":
-        return _read_manifest(src)
-    if not src.exists():
-        raise FileNotFoundInputError(f"batch input not found: {src}")
-    raise InputError(f"batch input must be a folder or a manifest .csv: {src}")
-
-
-def _read_manifest(csv_path: Path) -> list[Item]:
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            header = reader.fieldnames or []
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise InvalidManifestError(f"cannot read the manifest: {type(e).__name__}") from None
-    if "file" not in header:
-        raise InvalidManifestError("the manifest needs a 'file' column")
-    items, seen = [], set()
-    for line, row in enumerate(rows, start=2):
-        name = (row.get("file") or "").strip()
-        if not name:
-            raise InvalidManifestError(f"manifest line {line}: empty 'file'")
-        ident = (row.get("id") or "").strip() or Path(name).stem
-        if ident in seen:
-            raise InvalidManifestError(f"manifest line {line}: duplicate id")
-        seen.add(ident)
-        p = Path(name)
-        file = p if p.is_absolute() else csv_path.parent / p
-        infant = {k: (row.get(k) or "").strip() for k in INFANT_FIELDS}
-        infant = {k: v for k, v in infant.items() if v}
-        items.append(Item(file, name, ident, infant))
-    return items
-
-
-def _parse_infant(raw: dict[str, str]):
-    from mam.errors import InvalidInfantDataError
-    from mam.schemas import InfantData
-
-    if not raw:
-        return None
-    fields: dict[str, object] = {k: raw.get(k) for k in INFANT_FIELDS}
-    for k in INFANT_FIELDS[1:]:
-        v = fields[k]
-        if v is not None:
-            try:
-                fields[k] = float(v)
-            except ValueError:
-                raise InvalidInfantDataError(f"invalid infant data: {k} is not a number") from None
-    return InfantData.parse(**fields)
-
-
-def job_key(sha256: str, infant: dict[str, str]) -> str:
-    """Ledger key: the content hash, plus a digest of the infant data when there are any (the same
-    recording with other infant data is another result)."""
-    if not infant:
-        return sha256
-    blob = json.dumps(infant, sort_keys=True).encode()
-    return f"{sha256}+{hashlib.sha256(blob).hexdigest()[:16]}"
-
-
-# -- ledger ---------------------------------------------------------------------------------------
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    key TEXT PRIMARY KEY,
-    sha256 TEXT,
-    kind TEXT,
-    status TEXT NOT NULL CHECK (status IN ('done', 'failed')),
-    error_code TEXT,
-    error TEXT,
-    result TEXT,
-    finished_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS paths (
-    path TEXT NOT NULL,
-    id TEXT NOT NULL,
-    key TEXT NOT NULL,
-    sha256 TEXT,
-    size INTEGER,
-    mtime_ns INTEGER,
-    PRIMARY KEY (path, id)
-);
-"""
-
-
-class Ledger:
-    """``DIR/ledger.sqlite``: jobs (one per content hash and infant data) and the paths that
-    point at them. Every write is its own committed transaction."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(_SCHEMA)
-
-    def close(self) -> None:
-        self.db.close()
-
-    def status(self, key: str) -> str | None:
-        row = self.db.execute("SELECT status FROM jobs WHERE key = ?", (key,)).fetchone()
-        return row[0] if row else None
-
-    def cached_hash(self, path: str, size: int, mtime_ns: int) -> str | None:
-        row = self.db.execute(
-            "SELECT sha256 FROM paths WHERE path = ? AND size = ? AND mtime_ns = ?"
-            " AND sha256 IS NOT NULL LIMIT 1",
-            (path, size, mtime_ns),
-        ).fetchone()
-        return row[0] if row else None
-
-    def set_path(self, item: Item, key: str, sha256=None, size=None, mtime_ns=None) -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO paths (path, id, key, sha256, size, mtime_ns)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (item.path, item.id, key, sha256, size, mtime_ns),
-        )
-
-    def finish(self, key, sha256, kind, status, error_code=None, error=None, result=None) -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO jobs (key, sha256, kind, status, error_code, error, result,"
-            " finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (key, sha256, kind, status, error_code, error, result, time.time()),
-        )
-
-    def rows(self, paths: Iterable[str] | None = None) -> list[dict]:
-        """Joined path + job rows (one per path and id), in path order (all, or the given paths)."""
-        q = (
-            "SELECT p.path, p.id, p.key, p.sha256, j.status, j.error_code, j.error, j.result,"
-            " j.finished_at FROM paths p LEFT JOIN jobs j ON j.key = p.key"
-        )
-        cols = ("path", "id", "key", "sha256", "status", "error_code", "error", "result",
-                "finished_at")  # fmt: skip
-        rows = [dict(zip(cols, r)) for r in self.db.execute(q + " ORDER BY p.path, p.id")]
-        if paths is not None:
-            wanted = set(paths)
-            rows = [r for r in rows if r["path"] in wanted]
-        return rows
 
 
 # -- workers --------------------------------------------------------------------------------------
@@ -265,7 +69,7 @@ def _init_worker(weights: str | None, pose_backend: str) -> None:
 def _screen_one(file: str, kind: str, infant: dict[str, str]) -> tuple[str, str | None, str, str]:
     """-> (status, error_code, error, result JSON). Never raises for a bad recording."""
     try:
-        parsed = _parse_infant(infant)
+        parsed = parse_infant(infant)
         if kind == "pose":
             r = _SCREENER.screen_pose_file(file, parsed)
         else:
@@ -329,7 +133,7 @@ def run_batch(
 
     ``shard=(i, n)`` keeps the recordings whose position in the input is ``i`` modulo ``n`` (one
     pod of a Kubernetes Indexed Job each; ``merge_shards`` joins their outputs). ``service``, a
-    :class:`mam.service_client.ServiceClient`, screens through a running service instead of
+    :class:`mam.batch.service_client.ServiceClient`, screens through a running service instead of
     worker processes, ``workers`` requests at a time. Reports (``index.html``, a page per
     recording) are always written; ``clips`` also cuts the top FMs clips with the skeleton."""
     out = check_output_dir(out, min_free_bytes)
@@ -372,7 +176,7 @@ def run_batch(
         paths = [i.path for i in items]
         write_outputs(out, ledger, paths)
         rows = ledger.rows(paths)
-        from mam.report import write_reports  # lazy: matplotlib only when reports are written
+        from mam.batch.report import write_reports  # lazy: matplotlib only when reports are written
 
         videos = {(i.path, i.id): i.file for i in items if i.kind == "video"}
         write_reports(out, rows, recording_of=lambda r: videos.get((r["path"], r["id"])),
@@ -470,7 +274,7 @@ def _run_service_jobs(ledger, todo, workers, service, progress) -> None:
 
     def one(item: Item):
         try:
-            parsed = _parse_infant(item.infant)
+            parsed = parse_infant(item.infant)
         except MamError as e:
             return "failed", e.code, str(e), ""
         infant = parsed.model_dump() if parsed is not None else None
@@ -512,58 +316,10 @@ def merge_shards(shards: Iterable[str | Path], out: str | Path) -> BatchSummary:
                 ledger.db.execute("DETACH DATABASE shard")
         write_outputs(out, ledger)
         rows = ledger.rows()
-        from mam.report import write_reports
+        from mam.batch.report import write_reports
 
         write_reports(out, rows)  # pages without clips: the pods' video paths are not here
     finally:
         ledger.close()
     done = sum(r["status"] == "done" for r in rows)
     return BatchSummary(recordings=len(rows), done=done, failed=len(rows) - done)
-
-
-# -- outputs --------------------------------------------------------------------------------------
-def write_outputs(
-    out: str | Path, ledger: Ledger | None = None, paths: Iterable[str] | None = None
-) -> tuple[Path, Path]:
-    """``results.csv`` and ``results.jsonl`` from the ledger (all paths, or the given ones),
-    written atomically; safe to run again at any time."""
-    out = Path(out)
-    own = ledger is None
-    ledger = ledger or Ledger(out / LEDGER)
-    try:
-        rows = ledger.rows(paths)
-    finally:
-        if own:
-            ledger.close()
-    csv_path, jsonl_path = out / RESULTS_CSV, out / RESULTS_JSONL
-    tmp_csv, tmp_jsonl = csv_path.with_suffix(".csv.tmp"), jsonl_path.with_suffix(".jsonl.tmp")
-    with open(tmp_csv, "w", newline="") as fc, open(tmp_jsonl, "w") as fj:
-        w = csv.DictWriter(fc, CSV_COLUMNS)
-        w.writeheader()
-        for r in rows:
-            base = {"path": r["path"], "id": r["id"]}
-            if r["status"] == "done":
-                res = json.loads(r["result"])
-                w.writerow(
-                    base
-                    | {
-                        "risk_probability": res["risk_probability"],
-                        "classification": res["classification"]["label"],
-                        "fms_frequency": res["fms_frequency"],
-                        "fms_category": res["fms_category"],
-                        "probabilities_usable": res["probabilities_usable"],
-                        "in_domain": res["domain"]["in_domain"],
-                        "domain_score": res["domain"]["score"],
-                        "indeterminate_reason": "; ".join(res["classification"]["reasons"]),
-                        "tracked_fraction": res["quality"]["tracked_fraction"],
-                        "error_code": "",
-                    }
-                )
-                fj.write(json.dumps(base | {"sha256": r["sha256"]} | res) + "\n")
-            else:
-                code = r["error_code"] or "not_screened"  # not_screened: killed before its turn
-                w.writerow(base | {"error_code": code})
-                fj.write(json.dumps(base | {"error_code": code, "error": r["error"] or ""}) + "\n")
-    tmp_csv.replace(csv_path)
-    tmp_jsonl.replace(jsonl_path)
-    return csv_path, jsonl_path

@@ -16,13 +16,12 @@ from pathlib import Path
 import numpy as np
 
 from mam.errors import InputError
+from mam.gma import FMS_CATEGORIES, GROUPS
 from mam.pose import fill_gaps, load_pose_file
 from mam.pose.from_video import cached_video_pose
 from mam.schemas import InfantData
-from mam.train import TrainRecord
+from mam.training.train import TrainRecord
 
-GROUPS = ("normal", "risk")
-FMS_CATEGORIES = ("continuous", "intermittent", "sporadic", "absent")
 POSE_SUFFIXES = (".npy", ".npz")
 POSE_CACHE = ".pose_cache"
 
@@ -101,4 +100,13 @@ def load_dataset(
     unknown = set(intervals) - seen
     if unknown:
         raise DatasetError(f"fms_intervals.csv names unknown ids: {sorted(unknown)[:5]}")
+    return records
+
+
+def load_datasets(folders, pose_backend: str = "mediapipe", max_gap_s: float = 0.5):
+    """Records of one or more dataset folders (ids must differ across them)."""
+    records = [r for d in folders for r in load_dataset(d, max_gap_s, pose_backend)]
+    ids = [r.infant_id for r in records]
+    if len(set(ids)) != len(ids):
+        raise DatasetError("the same infant id appears in more than one dataset folder")
     return records

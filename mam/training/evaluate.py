@@ -1,4 +1,5 @@
-"""Evaluate MAM the way the paper does, on a dataset folder with known labels (``mam.dataset``).
+"""Evaluate MAM the way the paper does, on a dataset folder with known labels
+(``mam.training.dataset``).
 
 Metrics (risk is the positive class): AUC, PR-AUC (average precision), accuracy, sensitivity,
 specificity, PPV, NPV at the model's threshold, with 95% bootstrap intervals over infants for AUC,
@@ -20,13 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from mam.calibration import expected_calibration_error
-from mam.dataset import DatasetError
 from mam.features import intervals_to_mask
+from mam.gma import FMS_CATEGORIES
 from mam.schemas import InfantData
 from mam.screening import Screener, ScreeningOptions
 from mam.skeleton import FPS
-from mam.train import TrainConfig, TrainRecord
+from mam.training.calibration import expected_calibration_error
+from mam.training.dataset import DatasetError
+from mam.training.train import TrainConfig, TrainRecord
 
 KAPPA_CLIP_STEP = 150  # 6 s at 25 fps (paper, Cohort 2 concordance)
 BOOTSTRAP = 1000  # resamples of infants for the 95% intervals
@@ -201,8 +203,8 @@ def cross_validate(
     """Stratified k-fold: train + calibrate on k-1 folds, evaluate on the held-out one."""
     from sklearn.model_selection import StratifiedKFold
 
-    from mam.fitting import fit
     from mam.model.weights import save_weights
+    from mam.training.fitting import fit
 
     groups = np.array([r.group for r in records])
     for g in ("normal", "risk"):
@@ -272,9 +274,7 @@ def write_report(result: dict, out: str | Path, title: str = "evaluation") -> li
     plt.close(fig)
     freq = [f for r in runs for f in r["per_infant"]["fms_frequency"]]
     cats = [c or "unknown" for r in runs for c in r["per_infant"]["fms_category"]]
-    labels = [
-        c for c in ("continuous", "intermittent", "sporadic", "absent", "unknown") if c in cats
-    ]
+    labels = [c for c in (*FMS_CATEGORIES, "unknown") if c in cats]
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.boxplot([[f for f, c in zip(freq, cats) if c == lab] for lab in labels])
     ax.set_xticks(range(1, len(labels) + 1), labels)

@@ -2,8 +2,8 @@
 
 A stratified share of the infants (``calibration_fraction``) is kept out of training; the trained
 model scores them, and Platt scaling, the Youden risk threshold and the FMs-frequency category
-cut-offs are fitted on those scores (``mam.calibration``). Used by ``mam train`` and by each fold
-of ``mam evaluate``.
+cut-offs are fitted on those scores (``mam.training.calibration``). Used by ``mam train`` and by
+each fold of ``mam evaluate``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mam.calibration import category_thresholds, fit_platt, youden_threshold
 from mam.domain import (
     CLIP_QUANTILE,
     DomainModel,
@@ -30,7 +29,8 @@ from mam.model.network import MAM
 from mam.model.weights import ModelMeta
 from mam.pose.representation import raw_trunk_length
 from mam.screening import bag_log_odds, info_log_odds
-from mam.train import TrainConfig, TrainRecord, train
+from mam.training.calibration import category_thresholds, fit_platt, youden_threshold
+from mam.training.train import TrainConfig, TrainRecord, train
 
 logger = logging.getLogger(__name__)
 

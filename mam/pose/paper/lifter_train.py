@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from mam.model.weights import sha256_of
-from mam.pose.videopose3d import TemporalModel, normalize_2d, pad_edges
+from mam.pose.paper.videopose3d import TemporalModel, normalize_2d, pad_edges
 from mam.skeleton import JOINT_INDEX, JOINT_NAMES, LEFT_RIGHT_PAIRS, NUM_JOINTS
 
 logger = logging.getLogger(__name__)
@@ -374,7 +374,7 @@ def save_lifter_weights(model: TemporalModel, out: str | Path, **meta) -> Path:
     sidecar = {
         "format_version": SIDECAR_FORMAT,
         "name": out.stem,
-        "network": "VideoPose3D TemporalModel (mam.pose.videopose3d)",
+        "network": "VideoPose3D TemporalModel (mam.pose.paper.videopose3d)",
         "config": model.config,
         "receptive_field": model.receptive_field(),
         "weights_sha256": sha256_of(out),

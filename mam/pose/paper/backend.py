@@ -9,7 +9,7 @@ videos and used it as the 2D kernel of VideoPose3D, giving the 17 Human3.6M join
    to 3:4 around its centre; ``box_fn(frame_index, frame) -> (x, y, w, h)`` supplies a detector's
    box instead (widened to 3:4 about its centre);
 2. runs HRNet batched over frames, decodes the heatmaps (argmax + quarter-pixel shift) and maps the
-   17 COCO keypoints to the 17 Human3.6M joints (``mam.pose.videopose3d.COCO_TO_H36M``);
+   17 COCO keypoints to the 17 Human3.6M joints (``mam.pose.paper.videopose3d.COCO_TO_H36M``);
 3. marks frames whose mean joint confidence (heatmap maximum) is below ``min_confidence`` as
    untracked, interpolates their 2D from the tracked frames so the lifter sees a continuous
    sequence, lifts the whole sequence (edge-padded, 243-frame receptive field), and returns NaN for
@@ -17,10 +17,10 @@ videos and used it as the 2D kernel of VideoPose3D, giving the 17 Human3.6M join
 
 Weights. No infant HRNet weights were published; a site provides its fine-tuned checkpoint
 (``hrnet_weights=`` or ``MAM_HRNET_WEIGHTS``, any HRNet width and depth in the official key layout,
-see ``mam.pose.hrnet.checkpoint_filter_fn``). Without one the backend refuses to start
+see ``mam.pose.paper.hrnet.checkpoint_filter_fn``). Without one the backend refuses to start
 (:class:`SiteWeightsRequiredError`): random or adult-only weights are never run silently. The
 lifter defaults to ``models/lifter_infant.pt``, trained here on real infant motion
-(``mam.pose.lifter_train``; its sidecar records data, split and held-out MPJPE).
+(``mam.pose.paper.lifter_train``; its sidecar records data, split and held-out MPJPE).
 
 Runtimes (``runtime=``): ``onnxruntime`` exports both networks once to ONNX in a cache folder keyed
 by the weights' sha256 (``MAM_POSE_CACHE``, default ``~/.cache/mam/pose``), checks ONNX Runtime
@@ -64,8 +64,8 @@ logger = logging.getLogger(__name__)
 NAME = "hrnet-videopose3d"
 ENV_HRNET_WEIGHTS = "MAM_HRNET_WEIGHTS"
 ENV_LIFTER_WEIGHTS = "MAM_LIFTER_WEIGHTS"
-DEFAULT_LIFTER = Path(__file__).resolve().parents[2] / "models" / "lifter_infant.pt"
-INPUT_H, INPUT_W = 256, 192  # HRNet-W32 256x192 (mam.pose.hrnet.INPUT_SIZE, without torch)
+DEFAULT_LIFTER = Path(__file__).resolve().parents[3] / "models" / "lifter_infant.pt"
+INPUT_H, INPUT_W = 256, 192  # HRNet-W32 256x192 (mam.pose.paper.hrnet.INPUT_SIZE, without torch)
 STRIDE = 4
 ONNX_OPSET = 18
 PARITY_RTOL = 1e-3  # of the largest reference value, plus
@@ -166,10 +166,11 @@ def check_onnx_parity(
 ) -> float:
     """Largest ONNX Runtime (CPU) vs PyTorch difference relative to ``atol + rtol * max|torch|``
     over ``examples`` (give two shapes); ``ValueError`` when it exceeds 1."""
-    import onnxruntime as ort
     import torch
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    from mam.runtime.sessions import ort_session
+
+    sess = ort_session(path, device="cpu")
     name = sess.get_inputs()[0].name
     worst = 0.0
     for x in examples:
@@ -211,7 +212,7 @@ def load_hrnet(weights: Path):
     try:
         import torch
 
-        from mam.pose.hrnet import PoseHighResolutionNet, checkpoint_filter_fn
+        from mam.pose.paper.hrnet import PoseHighResolutionNet, checkpoint_filter_fn
     except ImportError as e:
         raise DependencyMissingError(
             "loading HRNet weights needs PyTorch (pip install 'mam[train]'); once exported to "
@@ -261,19 +262,12 @@ def _torch_network(model, device: str) -> _Network:
 
 
 def _ort_network(path: Path, threads: int | None, device: str) -> _Network:
+    from mam.runtime.sessions import RuntimeUnavailable, ort_session
+
     try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise DependencyMissingError(
-            "onnxruntime is not installed (pip install onnxruntime)"
-        ) from e
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-    providers = ["CPUExecutionProvider"]
-    if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    sess = ort.InferenceSession(str(path), so, providers=providers)
+        sess = ort_session(path, device="cpu" if device == "cpu" else "auto", threads=threads)
+    except RuntimeUnavailable as e:
+        raise DependencyMissingError(str(e)) from e
     name = sess.get_inputs()[0].name
 
     def run(x: np.ndarray) -> np.ndarray:
@@ -351,7 +345,7 @@ def load_lifter_network(
                               ["receptive_field"])  # fmt: skip
 
     def build():
-        from mam.pose.lifter_train import load_lifter
+        from mam.pose.paper.lifter_train import load_lifter
 
         model, meta = load_lifter(lifter_path)
         return model, meta["config"]
@@ -385,7 +379,7 @@ class HRNetVideoPose3DBackend:
 
     Args:
         hrnet_weights: the site's fine-tuned HRNet checkpoint (default: ``MAM_HRNET_WEIGHTS``).
-        lifter_weights: a lifter saved by ``mam.pose.lifter_train`` (default:
+        lifter_weights: a lifter saved by ``mam.pose.paper.lifter_train`` (default:
             ``MAM_LIFTER_WEIGHTS`` or the shipped ``models/lifter_infant.pt``).
         runtime: ``auto``, ``onnxruntime``, ``pytorch`` or ``tensorrt`` (HRNet only; GPU);
             default ``MAM_POSE_RUNTIME``, else ``auto``.
@@ -500,22 +494,20 @@ class HRNetVideoPose3DBackend:
         return net
 
     def _tensorrt_hrnet(self) -> _Network:
-        from mam.runtime import TensorRTEngine, _import_tensorrt, build_engine, gpu_name
+        from mam.runtime import TensorRTEngine, cached_engine, import_tensorrt
 
-        trt = _import_tensorrt()
+        import_tensorrt()
         import torch
 
         if not torch.cuda.is_available():
             raise RuntimeError("no CUDA device visible")
         onnx_path, info = self._hrnet_onnx()
         profile = (1, self.batch_size, max(self.batch_size, 64))
-        settings = {"trt": trt.__version__, "gpu": gpu_name(), "profile": list(profile)}
-        key = _key(info["onnx_sha256"], {**settings, "precision": "fp16"})
-        engine_path = self.cache / f"hrnet-{key}.engine"
-        if not engine_path.is_file():
-            build_engine(onnx_path, engine_path, input_name="images",
-                         input_shape=["N", 3, INPUT_H, INPUT_W], profile=profile,
-                         precision="fp16")  # fmt: skip
+        engine_path, _ = cached_engine(
+            onnx_path, "hrnet", input_name="images", input_shape=["N", 3, INPUT_H, INPUT_W],
+            profile=profile, precision="fp16", cache_dir=self.cache,
+            onnx_sha256=info["onnx_sha256"],
+        )  # fmt: skip
         engine = TensorRTEngine(engine_path)
 
         def run(x: np.ndarray) -> np.ndarray:
@@ -548,7 +540,7 @@ class HRNetVideoPose3DBackend:
         self, frames: Iterable[np.ndarray], progress: Callable[[int], None] | None = None
     ) -> tuple[np.ndarray, np.ndarray, tuple[int, int] | None]:
         """COCO keypoints in image pixels ``[T, 17, 2]``, heatmap maxima ``[T, 17]``, image size."""
-        from mam.pose.hrnet import decode_heatmaps, normalize_images
+        from mam.pose.paper.hrnet import decode_heatmaps, normalize_images
 
         points, scores = [], []
         size: tuple[int, int] | None = None
@@ -581,7 +573,7 @@ class HRNetVideoPose3DBackend:
         self, frames: Iterable[np.ndarray], progress: Callable[[int], None] | None = None
     ) -> PoseSequence:
         """Pose of the infant through ``frames`` (RGB uint8 ``[H, W, 3]``, 25 fps, in order)."""
-        from mam.pose.videopose3d import (
+        from mam.pose.paper.videopose3d import (
             coco_to_h36m,
             coco_to_h36m_confidence,
             normalize_2d,

@@ -190,49 +190,60 @@ def _info_vectors(records: Sequence[TrainRecord]) -> tuple[np.ndarray, np.ndarra
     return (info - mean) / std, mean, std
 
 
-def train(
-    records: Sequence[TrainRecord],
-    cfg: TrainConfig,
-    log_csv: str | Path | None = None,
-    progress: bool | None = None,
-) -> tuple[MAM, dict]:
-    """Train on ``records``; returns the model (eval mode) and the preprocessing metadata
-    (normaliser, Info-branch statistics) that must be saved with it."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    rng = np.random.default_rng(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    normal = [i for i, r in enumerate(records) if r.group == "normal"]
-    risk = [i for i, r in enumerate(records) if r.group == "risk"]
-    if not normal or not risk:
-        raise ValueError("training needs at least one normal and one risk infant")
-    inputs = [r.model_input(cfg.representation) for r in records]
-    normalizer = Normalizer.fit(inputs)
-    data = _Prepared(inputs, records, normalizer, cfg)
-    info_z, info_mean, info_std = _info_vectors(records)
-    ref_pos = np.flatnonzero(data.ref_arr[:, 2] == 1)
-    ref_neg = np.flatnonzero(data.ref_arr[:, 2] == 0)
-    if cfg.pretrain_epochs and not cfg.use_reference:
-        raise ValueError("pre-training the clip encoder needs the reference clips")
-    if cfg.use_reference and (len(ref_pos) == 0 or len(ref_neg) == 0):
-        raise ValueError("training needs FMs and non-FMs reference clips (fms_intervals)")
-    logger.info(
-        "training on %d normal + %d risk infants, %d FMs / %d non-FMs reference clips",
-        len(normal),
-        len(risk),
-        len(ref_pos),
-        len(ref_neg),
-    )
+@dataclass
+class Losses:
+    """The paper's four terms of one step (Methods, eq. 8), with their names spelled out."""
 
-    model = MAM(cfg.model)
+    triplet: torch.Tensor  # L_t: reference clips, FMs vs non-FMs, margin 0.4
+    closeness: torch.Tensor  # L_c: instances pulled toward the centre they are predicted in
+    clip_ce: torch.Tensor  # L_c1: cross-entropy of the reference clips' FMs labels
+    bag_ce: torch.Tensor  # L_c2: cross-entropy of the bags' normal/risk labels (+ Info)
+
+    @property
+    def total(self) -> torch.Tensor:
+        return self.triplet + self.closeness + self.clip_ce + self.bag_ce
+
+    def values(self) -> list[float]:
+        return [self.total.item(), self.triplet.item(), self.closeness.item(),
+                self.clip_ce.item(), self.bag_ce.item()]  # fmt: skip
+
+
+LOG_COLUMNS = ("epoch", "phase", "loss", "triplet", "closeness", "clip_ce", "bag_ce", "lr",
+               "seconds")  # fmt: skip
+
+
+class _Sampler:
+    """What one step sees: reference clips (half FMs, half non-FMs) and a bag of instances of
+    one infant, drawn from the prepared data with the run's generator."""
+
+    def __init__(self, data: _Prepared, cfg: TrainConfig, rng: np.random.Generator) -> None:
+        self.data, self.cfg, self.rng = data, cfg, rng
+        self.ref_fms = np.flatnonzero(data.ref_arr[:, 2] == 1)
+        self.ref_non = np.flatnonzero(data.ref_arr[:, 2] == 0)
+        self.half = cfg.ref_clips_per_step // 2 if cfg.use_reference else 0
+
+    def reference(self) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = np.concatenate(
+            [self.rng.choice(self.ref_fms, self.half), self.rng.choice(self.ref_non, self.half)]
+        )
+        rows = self.data.ref_arr[idx]
+        x = np.stack([self.data.window(k, s) for k, s, _ in rows])
+        return torch.from_numpy(x), torch.from_numpy(rows[:, 2])
+
+    def bag(self, k: int) -> torch.Tensor:
+        w = self.data.windows[k]
+        n = min(len(w), self.cfg.instances_per_bag)
+        take = sorted(self.rng.choice(len(w), n, replace=False))
+        return torch.from_numpy(np.stack([self.data.window(k, w[i]) for i in take]))
+
+
+def _optimiser(model: MAM, cfg: TrainConfig, steps_per_epoch: int):
     if cfg.optimizer == "sgd":  # the paper's choice
         opt = torch.optim.SGD(
             model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
     else:  # converges in far fewer epochs than the paper's 300; used for CPU-sized runs
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(len(normal), len(risk))
-    total_epochs = cfg.pretrain_epochs + cfg.epochs
     sched = torch.optim.lr_scheduler.CyclicLR(
         opt,
         base_lr=cfg.lr,
@@ -241,27 +252,104 @@ def train(
         mode="triangular2",
         cycle_momentum=False,
     )
-    half = cfg.ref_clips_per_step // 2 if cfg.use_reference else 0
+    return opt, sched
 
-    def ref_batch():
-        idx = np.concatenate([rng.choice(ref_pos, half), rng.choice(ref_neg, half)])
-        rows = data.ref_arr[idx]
-        x = np.stack([data.window(k, s) for k, s, _ in rows])
-        return torch.from_numpy(x), torch.from_numpy(rows[:, 2])
 
-    def bag(k: int):
-        w = data.windows[k]
-        take = sorted(rng.choice(len(w), min(len(w), cfg.instances_per_bag), replace=False))
-        return np.stack([data.window(k, w[i]) for i in take])
+def _step_losses(
+    model: MAM,
+    sampler: _Sampler,
+    bags: tuple[int, int],
+    info_z: np.ndarray,
+    cfg: TrainConfig,
+    pretrain: bool,
+) -> Losses:
+    """One step's forward pass: reference clips and the normal and risk bags go through the
+    clip network together; the losses are the paper's."""
+    zero = torch.zeros(())
+    parts = []
+    if sampler.half:
+        x_ref, y_ref = sampler.reference()
+        parts.append(x_ref)
+    bag_x = [] if pretrain else [sampler.bag(k) for k in bags]
+    parts += bag_x
+    feats, logits = model.forward_clips(difference_tensor(torch.cat(parts)))
+    n_ref = len(parts[0]) if sampler.half else 0
+    triplet = clip_ce = closeness = bag_ce = zero
+    if sampler.half:
+        triplet = triplet_loss(feats[:n_ref], y_ref, cfg.triplet_margin)
+        clip_ce = F.cross_entropy(logits[:n_ref], y_ref)
+    if not pretrain:
+        inst_feats, inst_logits = feats[n_ref:], logits[n_ref:]
+        if sampler.half and cfg.use_closeness:
+            fms_centre = feats[:n_ref][y_ref == 1].mean(0)
+            non_centre = feats[:n_ref][y_ref == 0].mean(0)
+            alpha = torch.softmax(inst_logits, 1)[:, 1]
+            closeness = closeness_loss(inst_feats, alpha, fms_centre, non_centre)
+        z, offset = [], 0
+        for k, x in zip(bags, bag_x):
+            bag_p, _ = model.forward_bag(inst_logits[offset : offset + len(x)].unsqueeze(0))
+            offset += len(x)
+            info = info_z[k]
+            # Info dropout: the bag log-odds alone must stay meaningful (requests without data).
+            use_info = np.isfinite(info).all() and sampler.rng.random() >= cfg.info_dropout
+            info_logits = (
+                model.forward_info(torch.tensor(info, dtype=torch.float32)[None])
+                if use_info else None
+            )  # fmt: skip
+            z.append(model.normal_logit(bag_p, info_logits))
+        bag_ce = F.binary_cross_entropy_with_logits(torch.cat(z), torch.tensor([1.0, 0.0]))
+    return Losses(triplet, closeness, clip_ce, bag_ce)
 
-    writer = None
+
+def _check_groups(records: Sequence[TrainRecord], data: _Prepared, cfg: TrainConfig):
+    normal = [i for i, r in enumerate(records) if r.group == "normal"]
+    risk = [i for i, r in enumerate(records) if r.group == "risk"]
+    if not normal or not risk:
+        raise ValueError("training needs at least one normal and one risk infant")
+    if cfg.pretrain_epochs and not cfg.use_reference:
+        raise ValueError("pre-training the clip encoder needs the reference clips")
+    labels = data.ref_arr[:, 2]
+    if cfg.use_reference and (not (labels == 1).any() or not (labels == 0).any()):
+        raise ValueError("training needs FMs and non-FMs reference clips (fms_intervals)")
+    n_fms, n_non = int((labels == 1).sum()), int((labels == 0).sum())
+    logger.info("training on %d normal + %d risk infants, %d FMs / %d non-FMs reference clips",
+                len(normal), len(risk), n_fms, n_non)  # fmt: skip
+    return normal, risk
+
+
+def train(
+    records: Sequence[TrainRecord],
+    cfg: TrainConfig,
+    log_csv: str | Path | None = None,
+    progress: bool | None = None,
+) -> tuple[MAM, dict]:
+    """Train on ``records``; returns the model (eval mode) and the preprocessing metadata
+    (normaliser, Info-branch statistics) that must be saved with it.
+
+    Steps: the model's input of every record (``mam.pose.representation``), a normaliser fitted
+    on it, windows and reference clips (``_Prepared``); then epochs of steps that each hold one
+    normal and one risk bag (each infant seen once an epoch in the larger group), optionally
+    after ``pretrain_epochs`` of reference clips alone."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    inputs = [r.model_input(cfg.representation) for r in records]
+    normalizer = Normalizer.fit(inputs)
+    data = _Prepared(inputs, records, normalizer, cfg)
+    normal, risk = _check_groups(records, data, cfg)
+    info_z, info_mean, info_std = _info_vectors(records)
+    model = MAM(cfg.model)
+    steps_per_epoch = max(len(normal), len(risk))
+    opt, sched = _optimiser(model, cfg, steps_per_epoch)
+    sampler = _Sampler(data, cfg, rng)
+    total_epochs = cfg.pretrain_epochs + cfg.epochs
     if log_csv is not None:
         Path(log_csv).parent.mkdir(parents=True, exist_ok=True)
-        fh = open(log_csv, "w", newline="")
-        writer = csv.writer(fh)
-        writer.writerow(
-            ["epoch", "phase", "loss", "triplet", "closeness", "clip_ce", "bag_ce", "lr", "seconds"]
-        )
+    log = open(log_csv, "w", newline="") if log_csv is not None else None  # noqa: SIM115
+    writer = csv.writer(log) if log else None
+    if writer:
+        writer.writerow(LOG_COLUMNS)
     show = sys.stderr.isatty() if progress is None else progress
     bar = None
     if show:
@@ -277,68 +365,25 @@ def train(
             order_n = rng.permutation(np.resize(normal, steps_per_epoch))
             order_r = rng.permutation(np.resize(risk, steps_per_epoch))
             for kn, kr in zip(order_n, order_r):
-                if half:
-                    xr, yr = ref_batch()
-                else:
-                    xr, yr = torch.zeros(0, CLIP_FRAMES, *inputs[0].shape[1:]), None
-                parts = [xr]
-                if not pretrain:
-                    bn, br = bag(kn), bag(kr)
-                    parts += [torch.from_numpy(bn), torch.from_numpy(br)]
-                feats, logits = model.forward_clips(difference_tensor(torch.cat(parts)))
-                n_ref = len(xr)
-                l_t = l_c1 = l_c = l_c2 = torch.zeros(())
-                if half:
-                    l_t = triplet_loss(feats[:n_ref], yr, cfg.triplet_margin)
-                    l_c1 = F.cross_entropy(logits[:n_ref], yr)
-                loss = l_t + l_c1
-                if not pretrain:
-                    inst_f, inst_l = feats[n_ref:], logits[n_ref:]
-                    if half and cfg.use_closeness:
-                        alpha = torch.softmax(inst_l, 1)[:, 1]
-                        fms_c = feats[:n_ref][yr == 1].mean(0)
-                        non_c = feats[:n_ref][yr == 0].mean(0)
-                        l_c = closeness_loss(inst_f, alpha, fms_c, non_c)
-                    z = []
-                    offset = 0
-                    for k, n_inst in ((kn, len(bn)), (kr, len(br))):
-                        bag_p, _ = model.forward_bag(inst_l[offset : offset + n_inst].unsqueeze(0))
-                        offset += n_inst
-                        info = info_z[k]
-                        use_info = np.isfinite(info).all() and rng.random() >= cfg.info_dropout
-                        info_l = (
-                            model.forward_info(torch.tensor(info, dtype=torch.float32)[None])
-                            if use_info
-                            else None
-                        )
-                        z.append(model.normal_logit(bag_p, info_l))
-                    l_c2 = F.binary_cross_entropy_with_logits(
-                        torch.cat(z), torch.tensor([1.0, 0.0])
-                    )
-                    loss = loss + l_c + l_c2
+                losses = _step_losses(model, sampler, (kn, kr), info_z, cfg, pretrain)
                 opt.zero_grad()
-                loss.backward()
+                losses.total.backward()
                 opt.step()
                 sched.step()
-                sums += [loss.item(), l_t.item(), l_c.item(), l_c1.item(), l_c2.item()]
+                sums += losses.values()
                 if bar:
                     bar.update()
             means = sums / steps_per_epoch
-            row = [
-                epoch,
-                "pretrain" if pretrain else "joint",
-                *np.round(means, 5),
-                sched.get_last_lr()[0],
-                round(time.perf_counter() - t0, 2),
-            ]
-            logger.info("epoch %d %s loss %.4f", epoch, row[1], means[0])
+            phase = "pretrain" if pretrain else "joint"
+            logger.info("epoch %d %s loss %.4f", epoch, phase, means[0])
             if writer:
-                writer.writerow(row)
+                writer.writerow([epoch, phase, *np.round(means, 5), sched.get_last_lr()[0],
+                                 round(time.perf_counter() - t0, 2)])  # fmt: skip
     finally:
         if bar:
             bar.close()
-        if writer:
-            fh.close()
+        if log:
+            log.close()
     model.eval()
     return model, {
         "normalizer": normalizer,

@@ -2,21 +2,20 @@
 
 Reviewing the clips most likely to show fidgety movements lifts beginners' GMA accuracy (paper:
 +11 %); a skeleton overlay shows what the pose estimator followed. The 2D landmarks come from
-running the pose backend (MediaPipe BlazePose by default; its ``meta["image_joints"]``) again on
-the clip's own frames: the screening result keeps no pose, and re-estimating ~10 s of video costs
+running the pose backend that scored the recording (its ``meta["image_joints"]``) again on the
+clip's own frames: the screening result keeps no pose, and re-estimating ~10 s of video costs
 a few seconds, only when clips are asked for. The overlay is for orientation, not a measurement.
 
-Decoding seeks to the clip (a clip near the end of a 15-minute recording must not cost a decode
-of the whole file) and resamples to 25 fps by timestamps with the same rule, orientation and
-square-pixel handling as :mod:`mam.video`, so output frame ``k`` of the clip is frame
-``round(start_s * 25) + k`` of the pipeline's frame stream. Frames are decoded twice (once for the
-pose, once to draw and encode) to keep memory bounded instead of holding ~240 frames.
+Frames come from :func:`mam.video.iter_frames` with ``start_s``/``end_s``: it seeks to the clip
+(a clip near the end of a 15-minute recording must not cost a decode of the whole file), so
+output frame ``k`` of the clip is frame ``round(start_s * 25) + k`` of the pipeline's stream.
+Frames are decoded twice (once for the pose, once to draw and encode) to keep memory bounded
+instead of holding ~240 frames.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Iterator
@@ -27,9 +26,9 @@ from pathlib import Path
 import av
 import numpy as np
 
-from mam.errors import CorruptVideoError, MamError
+from mam.errors import MamError
 from mam.skeleton import BONES, FPS, JOINT_NAMES
-from mam.video import _OPS, _SWAPS_AXES, VideoLimits, _open, _probe, _target_size
+from mam.video import VideoLimits, iter_frames
 
 logger = logging.getLogger(__name__)
 
@@ -60,61 +59,12 @@ class ReviewClip:
 def clip_frames(
     video: str | os.PathLike, start_s: float, end_s: float, max_side: int | None = MAX_SIDE
 ) -> Iterator[np.ndarray]:
-    """Upright RGB frames ``round(start_s*25) .. round(end_s*25) - 1`` of the 25-fps stream,
-    downscaled to ``max_side`` (even sizes, as H.264 4:2:0 needs). Seeks instead of decoding from
-    the start; the end of the file holds the last frame."""
-    info, plan = _probe(video, _LIMITS)
-    k0, k1 = round(start_s * FPS), round(end_s * FPS)
-    if k1 <= k0:
-        raise ValueError(f"empty clip: {start_s}..{end_s} s")
-    w, h = _target_size(info.width, info.height, max_side)
-    w, h = max(2, w - w % 2), max(2, h - h % 2)
-    scale_w, scale_h = (h, w) if plan.op in _SWAPS_AXES else (w, h)
-    orient = _OPS[plan.op]
-    rate = Fraction(FPS).limit_denominator(1_000_000)
-    return _clip_frames(Path(video), plan.stream_index, k0, k1, rate, scale_w, scale_h, orient)
-
-
-def _clip_frames(path, stream_index, k0, k1, rate, scale_w, scale_h, orient):
-    from av.video.reformatter import VideoReformatter
-
-    reformatter = VideoReformatter()
-
-    def to_rgb(frame: av.VideoFrame) -> np.ndarray:
-        rgb = reformatter.reformat(frame, width=scale_w, height=scale_h, format="rgb24")
-        return np.ascontiguousarray(orient(rgb.to_ndarray()))
-
-    with _open(path) as container:
-        stream = container.streams[stream_index]
-        stream.codec_context.thread_type = "AUTO"
-        tb = stream.time_base or Fraction(1, 1_000_000)
-        try:
-            # The first frame's timestamp is time 0, as in mam.video.
-            first = next(container.decode(stream), None)
-            if first is None:
-                raise CorruptVideoError("the video stream holds no decodable frames")
-            pts0 = first.pts if first.pts is not None else 0
-            start_ticks = pts0 + math.floor(Fraction(k0) / rate / tb)
-            container.seek(start_ticks, stream=stream, backward=True, any_frame=False)
-            k, prev = k0, None
-            for frame in container.decode(stream):
-                if frame.pts is None:
-                    continue
-                ticks = frame.pts - pts0
-                # Output k shows the last frame with time <= k / rate (exact fractions).
-                while prev is not None and k < k1 and Fraction(k) / rate < ticks * tb:
-                    yield to_rgb(prev)
-                    k += 1
-                if k >= k1:
-                    return
-                prev = frame
-        except av.FFmpegError as e:
-            raise CorruptVideoError(f"decoding the clip failed: {e}") from e
-    if prev is None:
-        raise CorruptVideoError("no frames could be decoded at the clip's times")
-    while k < k1:
-        yield to_rgb(prev)
-        k += 1
+    """Frames ``round(start_s*25) .. round(end_s*25) - 1`` of the pipeline's own 25-fps stream
+    (``mam.video.iter_frames``, which seeks), downscaled to ``max_side`` and cropped to even
+    sizes, as H.264 4:2:0 needs."""
+    for frame in iter_frames(video, _LIMITS, max_side=max_side, start_s=start_s, end_s=end_s):
+        h, w = frame.shape[:2]
+        yield frame[: h - h % 2, : w - w % 2]
 
 
 def _mmss(seconds: float) -> str:
@@ -164,19 +114,19 @@ def cut_clip(
     start_s: float,
     end_s: float,
     dest: str | os.PathLike,
-    pose=None,
+    pose,
     max_side: int | None = MAX_SIDE,
 ) -> Path:
     """Write ``video[start_s:end_s]`` to ``dest`` (H.264 MP4, 25 fps) with the skeleton drawn.
 
-    ``pose`` is a pose backend (``mam.pose.create_backend``) whose result carries
-    ``meta["image_joints"]``; None creates (and closes) a MediaPipe one. Written to a temporary
-    file first, so ``dest`` is either complete or absent."""
+    ``pose`` is the pose backend that scored the recording (an instance, kept by the caller, or
+    its name: made and closed here); its result carries ``meta["image_joints"]``. Written to a
+    temporary file first, so ``dest`` is either complete or absent."""
     from mam.pose import create_backend
 
     dest = Path(dest)
-    own = pose is None
-    pose = pose or create_backend("mediapipe")
+    own = isinstance(pose, str)
+    pose = create_backend(pose) if own else pose
     try:
         seq = pose.estimate(clip_frames(video, start_s, end_s, max_side))
     finally:
@@ -214,7 +164,7 @@ def cut_review_clips(
     spans: list[tuple[float, float]],
     dest_dir: str | os.PathLike,
     names: list[str],
-    pose=None,
+    pose,
     reuse: bool = True,
 ) -> list[ReviewClip]:
     """Cut each ``(start_s, end_s)`` span to ``dest_dir/names[i]``; never raises for one clip

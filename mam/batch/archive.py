@@ -1,0 +1,104 @@
+"""What a batch run screens: the recordings of a folder or of a manifest CSV, with infant data.
+
+A folder is walked recursively for recordings and ``.npy`` pose files; a manifest has a ``file``
+column (relative paths resolve against the CSV's folder), optional ``id`` and the four infant
+fields.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mam.errors import FileNotFoundInputError, InputError
+
+VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v"})
+POSE_SUFFIXES = frozenset({".npy"})
+INFANT_FIELDS = ("sex", "gestational_age_weeks", "birth_weight_g", "corrected_age_weeks")
+
+
+class InvalidManifestError(InputError):
+    code = "invalid_manifest"
+
+
+class UnreadableFileError(InputError):
+    """The file exists but cannot be read (permissions, I/O error)."""
+
+    code = "unreadable_file"
+
+
+@dataclass
+class Item:
+    """One recording to report: where it is, how the report names it, and its infant data."""
+
+    file: Path  # resolved location
+    path: str  # as reported (relative to the input folder, or as written in the manifest)
+    id: str
+    infant: dict[str, str] = field(default_factory=dict)  # raw manifest fields; empty: none
+
+    @property
+    def kind(self) -> str:
+        return "pose" if self.file.suffix.lower() in POSE_SUFFIXES else "video"
+
+
+def collect(input_path: str | Path) -> list[Item]:
+    """The recordings of a folder (recursive, sorted) or of a manifest CSV."""
+    src = Path(input_path)
+    if src.is_dir():
+        suffixes = VIDEO_SUFFIXES | POSE_SUFFIXES
+        files = sorted(p for p in src.rglob("*") if p.suffix.lower() in suffixes and not p.is_dir())
+        items = []
+        for p in files:
+            rel = p.relative_to(src).as_posix()
+            items.append(Item(p, rel, rel.rsplit(".", 1)[0]))
+        return items
+    if src.is_file() and src.suffix.lower() == ".csv":
+        return _read_manifest(src)
+    if not src.exists():
+        raise FileNotFoundInputError(f"batch input not found: {src}")
+    raise InputError(f"batch input must be a folder or a manifest .csv: {src}")
+
+
+def _read_manifest(csv_path: Path) -> list[Item]:
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            header = reader.fieldnames or []
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InvalidManifestError(f"cannot read the manifest: {type(e).__name__}") from None
+    if "file" not in header:
+        raise InvalidManifestError("the manifest needs a 'file' column")
+    items, seen = [], set()
+    for line, row in enumerate(rows, start=2):
+        name = (row.get("file") or "").strip()
+        if not name:
+            raise InvalidManifestError(f"manifest line {line}: empty 'file'")
+        ident = (row.get("id") or "").strip() or Path(name).stem
+        if ident in seen:
+            raise InvalidManifestError(f"manifest line {line}: duplicate id")
+        seen.add(ident)
+        p = Path(name)
+        file = p if p.is_absolute() else csv_path.parent / p
+        infant = {k: (row.get(k) or "").strip() for k in INFANT_FIELDS}
+        infant = {k: v for k, v in infant.items() if v}
+        items.append(Item(file, name, ident, infant))
+    return items
+
+
+def parse_infant(raw: dict[str, str]):
+    from mam.errors import InvalidInfantDataError
+    from mam.schemas import InfantData
+
+    if not raw:
+        return None
+    fields: dict[str, object] = {k: raw.get(k) for k in INFANT_FIELDS}
+    for k in INFANT_FIELDS[1:]:
+        v = fields[k]
+        if v is not None:
+            try:
+                fields[k] = float(v)
+            except ValueError:
+                raise InvalidInfantDataError(f"invalid infant data: {k} is not a number") from None
+    return InfantData.parse(**fields)

@@ -1,0 +1,5 @@
+import sys
+
+from mam.cli import main
+
+sys.exit(main())

@@ -1,0 +1,36 @@
+"""Every error code the pipeline raises, mapped to a one-line fix (one table, as the messages are
+one line too): the CLI prints ``error [code]: message`` and then ``fix: ...``."""
+
+from __future__ import annotations
+
+HINTS: dict[str, str] = {
+    "file_not_found": "check the path (relative paths start from the current folder)",
+    "empty_file": "the file is empty: copy it again from where it was recorded",
+    "unreadable_file": "check the file's permissions, or copy it somewhere readable",
+    "not_a_video": "give a video (mp4, mov, avi, mkv, webm) or a pose file with --pose",
+    "file_too_large": "cut or re-encode the recording (ffmpeg -i IN -c:v libx264 -crf 28 OUT.mp4)",
+    "unsupported_codec": "re-encode it to H.264: ffmpeg -i IN -c:v libx264 OUT.mp4",
+    "corrupt_video": "the file is truncated or damaged: copy it again, or re-encode what plays",
+    "video_too_short": "record at least 9.6 s (GMA recordings are usually 3-5 minutes)",
+    "video_too_long": "cut the recording: ffmpeg -ss START -t SECONDS -i IN -c copy OUT.mp4",
+    "resolution_too_large": "scale it down: ffmpeg -i IN -vf scale=1920:-2 OUT.mp4",
+    "no_infant_detected": "film the whole infant from above, well lit, nothing covering the body",
+    "insufficient_tracking": "keep the whole infant in view and unobstructed for the recording",
+    "invalid_pose": "pose files are float [T, 17, 3] arrays, Human3.6M order, 25 fps (README)",
+    "invalid_tensor": "instances are float32 [N, 240, 3, 17, 17] joint differences (README)",
+    "invalid_infant_data": "give all four or none: --sex --gestational-age-weeks "
+    "--birth-weight-g --corrected-age-weeks",
+    "invalid_dataset": "fix the line named; the layout is in the README (Training data layout)",
+    "invalid_manifest": "the manifest is a CSV with a 'file' column (README, mam batch)",
+    "output_not_writable": "choose an --out folder you can write to",
+    "disk_full": "free some space under --out, or write the results elsewhere",
+    "model_load_error": "check --weights / MAM_WEIGHTS (NAME.json beside its NAME.pt); after "
+    "changing weights run python -m export onnx",
+    "dependency_missing": "install what the message names (e.g. pip install -e '.[train]')",
+    "invalid_input": "see the message",
+    "mam_error": "see the message; run again with -v for the log",
+}
+
+
+def hint(code: str) -> str:
+    return HINTS.get(code, HINTS["mam_error"])

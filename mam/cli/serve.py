@@ -1,0 +1,62 @@
+"""``mam serve``: the BentoML service (REST) with the KServe v2 gRPC server beside it.
+
+The process becomes ``bentoml serve`` (``os.execvpe``) rather than starting it as a child: in
+Kubernetes ``mam serve`` is the pod's first process, and a SIGTERM (rolling update, a supervisor,
+a test's cleanup) must reach the server itself, which then stops taking requests, finishes the
+ones in flight and exits with its workers. A child behind ``subprocess.call`` kept running and
+holding the ports when ``mam serve`` was killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from mam.cli import options as O
+
+
+def register(sub) -> None:
+    s = sub.add_parser("serve", help="start the screening service (REST + KServe v2 gRPC)")
+    O.add_verbose(s)
+    s.add_argument("--port", type=int, default=3000, help="REST port (default 3000)")
+    s.add_argument("--host", default="127.0.0.1", help="REST bind address (default loopback)")
+    s.add_argument("--grpc-port", type=int, default=O.env_int("MAM_GRPC_PORT", 8001),
+                   help="KServe v2 gRPC port (default MAM_GRPC_PORT or 8001; 0: off)")  # fmt: skip
+    O.add_weights(s)
+    O.add_pose_backend(s)
+    s.add_argument("--no-auth", action="store_true", help="no API keys (local development)")
+    s.add_argument("--hash-key", metavar="KEY", help="print the MAM_API_KEY_HASHES entry for KEY")
+    s.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "service" / "app.py").is_file():
+        raise O.UsageError("the service/ folder is not beside mam/ (run from a checkout)")
+    sys.path.insert(0, str(root))
+    from service.process import REPO, private_task_store, serve_command
+    from service.settings import hash_key
+
+    if args.hash_key is not None:
+        others = args.given - {"hash_key", "verbose"}
+        O.reject(args, sorted(others), "--hash-key only prints a digest; nothing is served")
+        print(hash_key(args.hash_key))
+        return 0
+    env = dict(os.environ)
+    env["MAM_GRPC_PORT"] = str(args.grpc_port)
+    if args.weights:
+        env["MAM_WEIGHTS"] = str(args.weights.resolve())
+    env["MAM_POSE_BACKEND"] = args.pose_backend
+    if args.no_auth:
+        env["MAM_AUTH_DISABLED"] = "1"
+        print("mam serve: API-key authentication is OFF (--no-auth); local use only",
+              file=sys.stderr)  # fmt: skip
+    env.setdefault("BENTOML_RESULT_STORE", private_task_store())
+    cmd = serve_command(args.port, args.host)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.chdir(REPO)
+    os.execvpe(cmd[0], cmd, env)  # never returns: this process is now the server
+    return 0  # pragma: no cover

@@ -1,0 +1,57 @@
+"""``mam synth``: simulated infants with known truth, as pose files or rendered recordings."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mam.cli import options as O
+
+
+def register(sub) -> None:
+    s = sub.add_parser("synth", help="write a simulated training set (ground truth known)")
+    O.add_verbose(s)
+    s.add_argument("--out", type=Path, required=True, help="output folder")
+    s.add_argument("--infants", type=int, required=True, help="number of infants")
+    s.add_argument("--seed", type=int, default=0, help="random seed")
+    s.add_argument("--min-s", type=float, default=60.0, help="shortest recording, seconds")
+    s.add_argument("--max-s", type=float, default=120.0, help="longest recording, seconds")
+    s.add_argument("--widened", action="store_true", help="wider simulator ranges (external set)")
+    s.add_argument("--backgrounds", choices=["simulated", "real"], default="simulated",
+                   help="movement background: the simulator's rest pose, or real infant motion "
+                        "(../shared/data) with the simulated movement on top")  # fmt: skip
+    s.add_argument(
+        "--pool",
+        choices=["train", "external"],
+        default="train",
+        help="real-motion pool (external: infants the shipped weights never saw)",
+    )
+    s.add_argument(
+        "--render",
+        metavar="WxH[,WxH...]",
+        help="write recordings rendered at these sizes instead of pose files",
+    )
+    s.add_argument("--crf", type=int, default=28, help="H.264 quality of --render (lower: better)")
+    s.add_argument("--workers", type=int, default=1, help="rendering processes")
+    s.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mam.synth import SimParams, write_dataset
+    from mam.synth.dataset import RenderSpec
+
+    if args.backgrounds != "real":
+        O.reject(args, ["pool"], "only with --backgrounds real")
+    if not args.render:
+        O.reject(args, ["crf", "workers"], "only with --render")
+    try:
+        render = RenderSpec.parse(args.render, args.crf) if args.render else None
+    except ValueError as e:
+        raise O.UsageError(str(e)) from None
+    params = SimParams().widened() if args.widened else SimParams()
+    out = write_dataset(args.out, args.infants, args.seed, (args.min_s, args.max_s), params,
+                        background=args.backgrounds, pool=args.pool, render=render,
+                        workers=args.workers)  # fmt: skip
+    what = "recordings" if render else "pose files"
+    print(f"wrote {args.infants} simulated infants ({what}) to {out} (simulation, not physiology)")
+    return 0
