@@ -14,24 +14,18 @@ Serve with ``mam serve`` or ``bentoml serve service.app:Screening``.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import sqlite3
 import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
 from pathlib import Path
 from typing import Annotated, Literal
 
 import bentoml
 import numpy as np
-from _bentoml_impl.serde import ALL_SERDE, MultipartSerde
-from bentoml.exceptions import BadInput
 from bentoml.validators import ContentType
 from pydantic import BaseModel, Field
-from starlette.datastructures import UploadFile
 
 from mam.errors import InvalidPoseError, MamError
 from mam.features import CLIP_FRAMES, expand_differences, validate_instances
@@ -41,15 +35,15 @@ from mam.pose.from_video import estimate_video_pose
 from mam.runtime import create_runtime
 from mam.schemas import InfantData, InstancesResult, ScreeningResult
 from mam.screening import ClipScores, Screener, ScreeningOptions, softmax
+from service import bentoml_compat as compat
 from service import errors as E
-from service.bentoml_fixes import fix_timeout_middleware
 from service.metrics import get_metrics
 from service.middleware import ServiceMiddleware
 from service.settings import get_settings
 
 logger = logging.getLogger("mam.service")
 S = get_settings()
-fix_timeout_middleware()  # BentoML 1.4.40 kept every request alive for the whole timeout
+compat.apply()  # the BentoML internals this service depends on, version-gated, in one place
 
 INSTANCES_POSE_BACKEND = "none (instances given)"
 
@@ -187,15 +181,6 @@ def _fail(ctx: bentoml.Context, response):
     return response
 
 
-class _NoTracebacks(logging.Filter):
-    """BentoML logs input-validation failures with the pydantic error, whose text includes the
-    submitted values (infant data). Keep the line (path and method), drop the exception."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.exc_info, record.exc_text = None, None
-        return True
-
-
 def _configure_logging() -> None:
     """BentoML configures only its own loggers; give the service's (request ids, no data) a
     handler in the same shape."""
@@ -206,13 +191,6 @@ def _configure_logging() -> None:
         lg.addHandler(h)
         lg.setLevel(logging.INFO)
         lg.propagate = False
-
-
-def _quiet_bentoml_request_errors() -> None:
-    for name in ("bentoml._internal.server.http_app", "bentoml.access"):
-        lg = logging.getLogger(name)
-        if not any(isinstance(f, _NoTracebacks) for f in lg.filters):
-            lg.addFilter(_NoTracebacks())
 
 
 def _failure(ctx: bentoml.Context, rid, exc: Exception, where: str, upload: Path | None = None):
@@ -269,9 +247,14 @@ class Screening:
     # -- the shared batcher -----------------------------------------------------------------------
     async def _describe_clip_model(self) -> None:
         """Results name the runtime that ran the clip network, which lives in ClipModel."""
+        import aiohttp
+
         if self._described:
             return
-        info = await self.clip_model.to_async.describe()
+        try:
+            info = await self.clip_model.to_async.describe()
+        except aiohttp.ClientConnectionError:
+            return  # ClipModel is gone (shutting down): _one_call runs the network here
         info = info if isinstance(info, RuntimeInfo) else RuntimeInfo(**info)
         s = self.screener
         s.runtime, s.device, s.precision = info.backend, info.device, info.precision
@@ -311,13 +294,29 @@ class Screening:
                     # ClipModel's server has just closed (ServerDisconnectedError). The call is
                     # a pure function of its input, so sending it again is safe.
                     if attempt == 2:
-                        raise
+                        return await self._clip_here(chunk)
         except bentoml.exceptions.BentoMLException as e:
             # The batcher sheds calls it predicts will exceed MAM_MAX_LATENCY_MS with a 503.
             if getattr(e, "error_code", None) == 503:
                 raise E.ServiceError(E.OVERLOADED, "the model is at capacity; retry later") from e
             raise
         self.metrics.queue_wait_seconds.observe(max(time.perf_counter() - t - float(out[0, 2]), 0))
+        return out
+
+    async def _clip_here(self, relative: np.ndarray) -> np.ndarray:
+        """The clip network in this process, when ClipModel cannot be reached. On a SIGTERM
+        (rolling update) BentoML stops ClipModel while this service drains its requests in
+        flight; a recording in its last second must still get its answer. Same network and
+        ONNX files, only without batching across requests; counted in
+        ``mam_clip_fallback_total``."""
+        logger.warning("ClipModel unreachable; running the clip network in this worker")
+        self.metrics.clip_fallback.inc()
+        t = time.perf_counter()
+        features, logits = await asyncio.to_thread(
+            self.runtime.local.clip, expand_differences(relative)
+        )
+        out = np.empty((len(logits), 3 + features.shape[1]), np.float32)
+        out[:, :2], out[:, 2], out[:, 3:] = logits, time.perf_counter() - t, features
         return out
 
     def admit(self) -> None:
@@ -448,7 +447,7 @@ class Screening:
                 p.unlink(missing_ok=True)
             if task_id:
                 # SQLite I/O (and its busy wait) off the event loop.
-                await asyncio.to_thread(_forget_task_input, task_id)
+                await asyncio.to_thread(compat.forget_task_input, task_id)
 
     @bentoml.api(route="/screen/progress")
     def progress_of(self, task_id: str) -> TaskProgress:
@@ -512,8 +511,8 @@ class Screening:
     @bentoml.on_startup
     async def _start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        _quiet_bentoml_request_errors()
         _configure_logging()
+        compat.quiet_request_error_logs()  # BentoML has configured its loggers by now
         if S.grpc_port:
             from service.grpc_app import start_grpc
 
@@ -526,52 +525,6 @@ class Screening:
 
             await stop_server(self._grpc, grace=5.0)
         self._video_pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _forget_task_input(task_id: str) -> None:
-    """BentoML's task store keeps each task's request (here: the recording, and the API key
-    header) for retries. Recordings are not kept after processing, so overwrite it with an
-    empty request (retry is refused by the middleware) and truncate the write-ahead log."""
-    from bentoml._internal.configuration.containers import BentoMLContainer
-
-    empty = {"scope": {"type": "http", "method": "POST", "path": "/screen", "headers": []}}
-    empty["content"] = ""
-    try:
-        # One connection, closed here (sqlite3's context manager only commits); the checkpoint
-        # has to run outside the UPDATE's transaction.
-        with closing(sqlite3.connect(BentoMLContainer.result_store_file.get(), timeout=30)) as db:
-            db.execute("PRAGMA secure_delete=ON")
-            with db:
-                db.execute(
-                    "UPDATE result SET input = ? WHERE task_id = ?", (json.dumps(empty), task_id)
-                )
-            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    except sqlite3.Error:
-        logger.exception("could not clear a finished task's stored input")
-
-
-class _UploadsOnlyMultipart(MultipartSerde):
-    """BentoML's multipart parsing, with two holes closed: a file field given as a string is
-    fetched as a URL (the service must never fetch on a client's behalf), and a binary part under
-    an unexpected name crashes JSON decoding (500 instead of 400)."""
-
-    @staticmethod
-    async def ensure_file(obj):
-        if isinstance(obj, UploadFile):
-            return obj
-        raise BadInput("file fields must be uploaded files (multipart parts with a filename)")
-
-    async def parse_request(self, request, cls):
-        try:
-            return await super().parse_request(request, cls)
-        except UnicodeDecodeError:
-            raise BadInput(
-                "a binary part was sent under an unexpected name; expected "
-                f"{sorted(cls.model_fields)}"
-            ) from None
-
-
-ALL_SERDE[MultipartSerde.media_type] = _UploadsOnlyMultipart
 
 
 def _middleware_kwargs() -> dict:

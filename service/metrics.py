@@ -80,6 +80,11 @@ class Metrics:
             PREFIX + "video_seconds_total", "Seconds of recording screened."
         )
         self.pose_frames = pc.Counter(PREFIX + "pose_frames_total", "Frames through pose.")
+        self.clip_fallback = pc.Counter(
+            PREFIX + "clip_fallback_total",
+            "Clip-network calls run in the entry worker because ClipModel was unreachable "
+            "(it stops first on shutdown).",
+        )
         self.pose_fps = pc.Histogram(
             PREFIX + "pose_frames_per_second",
             "Pose throughput per recording.",

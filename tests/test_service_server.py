@@ -262,3 +262,57 @@ def test_batch_through_the_service_matches_in_process(server, tmp_path):
 
     with pytest.raises(ConnectionError):
         ServiceClient(f"http://127.0.0.1:{free_port()}").check()
+
+
+def test_sigterm_to_mam_serve_drains_the_request_in_flight_then_everything_exits(tmp_path):
+    """``mam serve`` becomes the server (exec): a SIGTERM to it (a rolling update, a supervisor)
+    lets the recording in flight finish with its answer, then the server and all its workers
+    exit and free the port. Before, ``subprocess.call`` left the server running; and BentoML
+    stops ClipModel while the entry worker drains, which failed the request (500) until the
+    clip network could run in the entry worker (``mam_clip_fallback_total``)."""
+    import signal
+    import socket
+
+    from mam.video import iter_frames
+    from tests.media import write_video
+
+    clip = tmp_path / "demo15.mp4"  # 15 s of the demo: a few seconds of pose
+    frames = list(iter_frames(DEMO, max_side=640, end_s=15.0))
+    write_video(clip, iter(frames), size=(frames[0].shape[1], frames[0].shape[0]))
+    port = free_port()
+    env = os.environ | {"BENTOML_HOME": str(tmp_path / "home")}
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mam", "serve", "--no-auth", "--port", str(port),
+         "--grpc-port", "0"], env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if httpx.get(base + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "not ready"
+            time.sleep(0.5)
+        with cf.ThreadPoolExecutor(1) as ex:
+            files = {"video": ("clip.mp4", clip.read_bytes(), "video/mp4")}
+            fut = ex.submit(httpx.post, base + "/screen", files=files, timeout=300)
+            time.sleep(1.5)  # posing the recording
+            proc.send_signal(signal.SIGTERM)
+            r = fut.result()
+        assert r.status_code == 200, r.text
+        assert r.json()["quality"]["frames_total"] == 375
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    with socket.socket() as s:  # nothing listens on the port any more
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # closed connections linger
+        s.bind(("127.0.0.1", port))
+    workers = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(tmp_path / "home") not in workers and f"--port {port}" not in workers
