@@ -32,6 +32,7 @@ from mam.pose import (
     fill_gaps,
     load_pose_file,
 )
+from mam.pose.base import default_pose_backend
 from mam.pose.from_video import estimate_video_pose
 from mam.pose.representation import model_input, raw_trunk_length
 from mam.runtime import InferenceRuntime, create_runtime
@@ -62,15 +63,6 @@ NO_DOMAIN = (
 )
 STILL = "there is no movement to assess: the skeleton is the same in every frame"
 _EPS = 1e-6  # as mam.model.network: P(normal) is clipped before taking log-odds
-
-
-DEFAULT_POSE_BACKEND = "mediapipe"
-ENV_POSE_BACKEND = "MAM_POSE_BACKEND"
-
-
-def default_pose_backend() -> str:
-    """``MAM_POSE_BACKEND`` if set, else the default backend."""
-    return os.environ.get(ENV_POSE_BACKEND) or DEFAULT_POSE_BACKEND
 
 
 def default_weights() -> Path:

@@ -15,6 +15,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from mam.pose.base import DEFAULT_POSE_BACKEND
 from mam.screening import default_weights
 from mam.video import VideoLimits
 
@@ -27,7 +28,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MAM_", extra="ignore", protected_namespaces=())
 
     weights: Path = Field(default_factory=default_weights, description="NAME.json of the weights.")
-    pose_backend: str = Field("mediapipe", description="Pose estimator for recordings.")
+    pose_backend: str = Field(
+        default_factory=lambda: DEFAULT_POSE_BACKEND, description="Pose estimator for recordings."
+    )
     runtime: str | None = Field(None, description="tensorrt | onnxruntime | pytorch; None: auto.")
     device: str = "auto"
     precision: str = "fp32"

@@ -10,6 +10,8 @@ import numpy as np
 
 from mam.features import build_instances
 from mam.model.weights import load_meta
+from mam.pose.base import PoseSequence
+from mam.pose.representation import model_input
 from mam.screening import default_weights
 from mam.synth.motion import simulate_infant
 
@@ -45,7 +47,9 @@ def simulated(category: str, seed: int, duration_s: float = 30.0):
     infant = simulate_infant(np.random.default_rng(seed), f"t{seed}", category, duration_s)
     meta, _, _ = load_meta(default_weights())
     joints = np.nan_to_num(infant.clean_joints)
-    inst = build_instances(joints, meta.normalizer, step=meta.clip_step)
+    seq = PoseSequence(joints, np.ones(joints.shape[:2], np.float32), source="precomputed")
+    x = model_input(seq, meta.representation)  # what the model sees of a pose file
+    inst = build_instances(x, meta.normalizer, step=meta.clip_step)
     return infant, joints.astype(np.float32), inst.tensors
 
 

@@ -165,10 +165,23 @@ def test_survives_every_bad_request(server, bags):
             422,
         ),  # fmt: skip
         (httpx.post(base + "/screen/retry?task_id=abc", headers=AUTH), 409),
-    ]
+        # Found by a probe of the running service: coordinates around 1e30 overflowed inside the
+        # network (500 internal_error); they are an invalid pose.
+        (post("/screen_pose", "pose", npy_bytes(np.full((300, 17, 3), 1e30, np.float32)), "x"),
+         422),
+    ]  # fmt: skip
     for r, status in cases:
         assert r.status_code == status, r.text
         assert r.json()["error"]["code"] == r.headers["x-mam-error-code"]
+    assert cases[-1][0].json()["error"]["code"] == "invalid_pose"
+    # A motionless skeleton (the same pose in every frame) has no movement to assess: the
+    # answer says so instead of a confident classification.
+    still = np.repeat(simulated("continuous", 12)[1][:1], 300, axis=0)
+    r = post("/screen_pose", "pose", npy_bytes(still), "x")
+    assert r.status_code == 200, r.text
+    res = r.json()
+    assert res["classification"]["label"] == "indeterminate" and not res["probabilities_usable"]
+    assert any("no movement" in why for why in res["classification"]["reasons"])
     assert rest_instances(base, good).status_code == 200
 
 

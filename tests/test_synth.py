@@ -246,3 +246,40 @@ def test_simulator_speed_and_spread_close_to_real(real_clips: np.ndarray, sim_in
         sim = _sim_stats(sim_infants, which)
         ratio = sim / real
         assert np.all((ratio > 1 / 3) & (ratio < 3)), (which, sim, real)
+
+
+def test_background_pools_share_no_clip_and_chain_real_overlaps(demo_npz):
+    from mam.synth.backgrounds import EXTERNAL_INFANTS, load_library, pool_chains
+    from mam.synth.real_motion import CLIP_STRIDE, OVERLAP, load_clips
+
+    clips, groups = load_clips(demo_npz)
+    train = {c for ch in pool_chains(clips, groups, "train") for c in ch}
+    external = {c for ch in pool_chains(clips, groups, "external") for c in ch}
+    assert not train & external and len(train | external) == len(clips)
+    for g in EXTERNAL_INFANTS:  # whole infants, never split across pools
+        assert {int(c) for c in groups["group:" + g]} <= external
+    for ch in pool_chains(clips, groups, "train"):
+        for a, b in zip(ch, ch[1:]):
+            assert np.abs(clips[a][CLIP_STRIDE:] - clips[b][:OVERLAP]).max() <= 1e-3
+    lib = load_library("external", str(demo_npz))
+    d = lib.sample(np.random.default_rng(0), 3000)  # longer than any stretch: played back
+    assert d.shape == (3000, 17, 3) and np.allclose(np.linalg.norm(d[:, 1:], axis=-1), 1, atol=1e-4)
+    assert np.abs(np.diff(d, axis=0)).max() < 0.5  # continuous: no jump between frames
+
+
+def test_real_background_carries_the_simulated_fms_truth(demo_npz):
+    from mam.synth.backgrounds import load_library
+
+    lib = load_library("train", str(demo_npz))
+    rng = np.random.default_rng(1)
+    on = simulate_infant(rng, "a", "continuous", 60.0, background=lib)
+    off = simulate_infant(rng, "b", "absent", 60.0, background=lib)
+    assert on.fms_mask.mean() > 0.75 and not off.fms_mask.any()
+
+    def fms_band(j):  # 0.8-3 Hz power of the hands and feet, in trunk lengths
+        x = j[:, [13, 16, 3, 6]] - j[:, [13, 16, 3, 6]].mean(0)
+        f = np.fft.rfftfreq(len(x), 1 / 25)
+        p = (np.abs(np.fft.rfft(x.reshape(len(x), -1), axis=0)) ** 2).sum(1)
+        return p[(f > 0.8) & (f < 3)].sum() / p[(f > 0.05) & (f < 0.8)].sum()
+
+    assert fms_band(on.clean_joints) > 1.3 * fms_band(off.clean_joints)

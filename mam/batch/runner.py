@@ -59,11 +59,13 @@ class DiskFullError(InputError):
 _SCREENER = None
 
 
-def _init_worker(weights: str | None, pose_backend: str) -> None:
+def _init_worker(weights: str | None, pose_backend: str | None) -> None:
     global _SCREENER
+    from mam.pose.base import default_pose_backend
     from mam.screening import Screener, ScreeningOptions
 
-    _SCREENER = Screener(weights, ScreeningOptions(pose_backend=pose_backend))
+    options = ScreeningOptions(pose_backend=pose_backend or default_pose_backend())
+    _SCREENER = Screener(weights, options)
 
 
 def _screen_one(file: str, kind: str, infant: dict[str, str]) -> tuple[str, str | None, str, str]:
@@ -122,7 +124,7 @@ def run_batch(
     workers: int | None = None,
     retry_failed: bool = False,
     weights: str | Path | None = None,
-    pose_backend: str = "mediapipe",
+    pose_backend: str | None = None,
     progress: Progress | None = None,
     min_free_bytes: int = MIN_FREE_BYTES,
     shard: tuple[int, int] | None = None,

@@ -18,6 +18,17 @@ import numpy as np
 from mam.skeleton import FPS, NUM_JOINTS
 
 ENV_POSE_CACHE = "MAM_POSE_CACHE"
+ENV_POSE_BACKEND = "MAM_POSE_BACKEND"
+DEFAULT_POSE_BACKEND = "onnx"
+"""BlazePose in ONNX (``mam.pose.blazepose``): the mediapipe wheel's own networks, about 3x the
+frames/s of the mediapipe package on CPU, with the same screening results (README)."""
+
+
+def default_pose_backend() -> str:
+    """``MAM_POSE_BACKEND`` if set, else ``DEFAULT_POSE_BACKEND``."""
+    return os.environ.get(ENV_POSE_BACKEND) or DEFAULT_POSE_BACKEND
+
+
 # Where a backend runs its networks, by configuration (the service and the CLI create backends
 # by name only): MAM_POSE_RUNTIME (onnxruntime, tensorrt, ...) and MAM_POSE_DEVICE (cpu, cuda).
 ENV_POSE_RUNTIME = "MAM_POSE_RUNTIME"

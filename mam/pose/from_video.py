@@ -17,7 +17,7 @@ import numpy as np
 
 from mam.files import write_atomic
 from mam.model.weights import sha256_of
-from mam.pose.base import PoseBackend, PoseSequence, create_backend
+from mam.pose.base import DEFAULT_POSE_BACKEND, PoseBackend, PoseSequence, create_backend
 from mam.pose.precomputed import load_pose_file
 from mam.video import VideoLimits, iter_frames, probe
 
@@ -48,7 +48,7 @@ class _TimedIter:
 
 def estimate_video_pose(
     path: str | Path,
-    backend: str | PoseBackend | Callable[[], PoseBackend] = "mediapipe",
+    backend: str | PoseBackend | Callable[[], PoseBackend] = DEFAULT_POSE_BACKEND,
     limits: VideoLimits | None = None,
     max_side: int | None = 1280,
     progress: Callable[[int, int], None] | None = None,
@@ -82,7 +82,7 @@ def estimate_video_pose(
 CACHE_FORMAT = 2  # 2: image joints and size kept, so every pose representation can be built
 
 
-def cached_video_pose(path: str | Path, cache_dir: str | Path, backend: str = "mediapipe"):
+def cached_video_pose(path: str | Path, cache_dir: str | Path, backend: str = DEFAULT_POSE_BACKEND):
     """Pose of a recording, from ``cache_dir/<backend>-v<format>-<sha256>.npz`` when it was done
     before. Keyed by content, not name, so a renamed or copied recording is not estimated
     again. The 2D image joints are kept with the 3D ones (``meta["image_joints"]``)."""

@@ -18,6 +18,7 @@ import numpy as np
 from mam.errors import InputError
 from mam.gma import FMS_CATEGORIES, GROUPS
 from mam.pose import fill_gaps, load_pose_file
+from mam.pose.base import default_pose_backend
 from mam.pose.from_video import cached_video_pose
 from mam.schemas import InfantData
 from mam.training.train import TrainRecord
@@ -31,8 +32,9 @@ class DatasetError(InputError):
 
 
 def load_dataset(
-    root: str | Path, max_gap_s: float = 0.5, pose_backend: str = "mediapipe"
+    root: str | Path, max_gap_s: float = 0.5, pose_backend: str | None = None
 ) -> list[TrainRecord]:
+    pose_backend = pose_backend or default_pose_backend()
     root = Path(root)
     table = root / "infants.csv"
     if not table.is_file():
@@ -103,7 +105,7 @@ def load_dataset(
     return records
 
 
-def load_datasets(folders, pose_backend: str = "mediapipe", max_gap_s: float = 0.5):
+def load_datasets(folders, pose_backend: str | None = None, max_gap_s: float = 0.5):
     """Records of one or more dataset folders (ids must differ across them)."""
     records = [r for d in folders for r in load_dataset(d, max_gap_s, pose_backend)]
     ids = [r.infant_id for r in records]

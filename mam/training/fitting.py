@@ -100,6 +100,21 @@ def fit_domain(
     return DomainModel(kinds, representation)
 
 
+def domain_record(domain: DomainModel, held: Scores, held_recs: Sequence[TrainRecord]) -> dict:
+    """What the domain check does on the held-out infants: their number and the share flagged,
+    per kind (the thresholds aim at about 1-2%)."""
+    flagged: dict[str, list[bool]] = {}
+    for i, r in enumerate(held_recs):
+        kind = kind_of(r.source)
+        v = domain.check(kind, held.embeddings[i], held.motion[i])
+        flagged.setdefault(kind, []).append(not v.in_domain)
+    return {
+        "method": domain.method,
+        "heldout": {k: len(v) for k, v in flagged.items()},
+        "heldout_flagged": {k: float(np.mean(v)) for k, v in flagged.items()},
+    }
+
+
 def stratified_split(groups: Sequence[str], fraction: float, seed: int) -> np.ndarray:
     """Boolean mask of held-out infants, the same share of each group."""
     rng = np.random.default_rng(seed)
@@ -147,6 +162,7 @@ def fit(
     s_train = score_records(model, meta, train_recs)
     s = score_records(model, meta, cal_recs) if cal_recs else s_train
     meta.domain = fit_domain(s_train, train_recs, s, cal_recs, cfg.representation)
+    meta.provenance["domain"] = domain_record(meta.domain, s, cal_recs)
     if not held.any():
         return model, meta
     normal = np.array([r.group == "normal" for r in cal_recs])

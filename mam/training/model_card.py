@@ -7,6 +7,7 @@ from mam.model.weights import ModelMeta
 
 ROWS = (
     ("auc", "AUC (risk)"),
+    ("pr_auc", "PR-AUC (risk; average precision)"),
     ("accuracy", "accuracy"),
     ("sensitivity", "sensitivity"),
     ("specificity", "specificity"),
@@ -19,23 +20,54 @@ ROWS = (
         "FMs-frequency AUC, continuous vs intermittent",
     ),
     ("median_kappa", "median per-video kappa, FMs clips"),
+    ("abstention_rate", "indeterminate (abstained)"),
 )
+IN_DOMAIN_ROWS = (("auc", "AUC"), ("sensitivity", "sensitivity"), ("specificity", "specificity"),
+                  ("ece", "ECE"), ("median_kappa", "median kappa"))  # fmt: skip
 
 
 def _cell(res: dict, key: str) -> str:
     v = res.get(key)
     if v is None:
         return "n/a"
-    sd = res.get(f"{key}_sd")
-    return f"{v:.3f} +- {sd:.3f}" if sd is not None else f"{v:.3f}"
+    sd, ci = res.get(f"{key}_sd"), res.get(f"{key}_ci")
+    if sd is not None:
+        return f"{v:.3f} +- {sd:.3f}"
+    return f"{v:.3f} ({ci[0]:.3f}-{ci[1]:.3f})" if ci else f"{v:.3f}"
 
 
-def render(meta: ModelMeta, evaluations: dict[str, dict], simulated: bool = True) -> str:
-    """``evaluations``: column title -> result of ``evaluate``/``cross_validate``."""
+def _infants(r: dict) -> str:
+    n = r.get("infants", sum(f["infants"] for f in r.get("folds", [])))
+    k = r.get("risk_infants", sum(f["risk_infants"] for f in r.get("folds", [])))
+    return f"{n} ({k})"
+
+
+def _table(evaluations: dict[str, dict], rows, pick=lambda r: r) -> list[str]:
+    out = ["| metric | " + " | ".join(evaluations) + " |", "|---|" + "---|" * len(evaluations)]
+    for key, label in rows:
+        out.append(f"| {label} | " + " | ".join(_cell(pick(r), key) for r in evaluations.values())
+                   + " |")  # fmt: skip
+    out.append("| infants (risk) | " + " | ".join(_infants(pick(r)) for r in evaluations.values())
+               + " |")  # fmt: skip
+    return out
+
+
+def render(
+    meta: ModelMeta,
+    evaluations: dict[str, dict],
+    simulated: bool = True,
+    representations: dict[str, dict] | None = None,
+    domain: dict[str, dict] | None = None,
+) -> str:
+    """``evaluations``: column title -> result of ``evaluate``/``cross_validate``;
+    ``representations``: pose representation -> external metrics (``bench/demo_weights.py
+    compare``); ``domain``: set of recordings -> share flagged (``... domain``)."""
     cfg = meta.provenance.get("train_config", {})
     cal = meta.provenance.get("calibration", {})
+    dom = meta.provenance.get("domain", {})
     th = meta.fms_category_thresholds
-    head = "| metric | " + " | ".join(evaluations) + " |"
+    data = meta.provenance.get("data", "?")
+    data = ", ".join(f"`{d}`" for d in data) if isinstance(data, list) else f"`{data}`"
     lines = [
         f"# Model card: `{meta.name}` {meta.version}",
         "",
@@ -45,14 +77,17 @@ def render(meta: ModelMeta, evaluations: dict[str, dict], simulated: bool = True
         "",
         "## Intended use",
         "Demonstrating and testing the screening pipeline end to end. Every output is decision "
-        "support to be reviewed by a qualified GMA assessor, never a diagnosis.",
+        "support to be reviewed by a qualified GMA assessor, never a diagnosis. A recording "
+        "unlike the training data (below) is answered `indeterminate`, with the reason.",
         "",
         "## Model",
-        f"MAM (Gao, Yao et al., Nat. Commun. 2023); configuration `{meta.config.to_dict()}`.",
+        f"MAM (Gao, Yao et al., Nat. Commun. 2023); configuration `{meta.config.to_dict()}`; "
+        f"pose representation `{meta.representation}` (mam.pose.representation).",
         "",
         "## Training data and procedure",
-        f"- {meta.provenance.get('summary', '')}; data: `{meta.provenance.get('data', '?')}`, "
-        f"{meta.provenance.get('infants', '?')} infants.",
+        f"- {meta.provenance.get('summary', '')}; data: {data} "
+        f"({meta.provenance.get('infants', '?')} infants; recipe "
+        f"`{meta.provenance.get('recipe', 'mam train')}`).",
         f"- Epochs {cfg.get('epochs')}, optimiser {cfg.get('optimizer')}, lr {cfg.get('lr')} to "
         f"{cfg.get('max_lr')} (CyclicLR), triplet margin {cfg.get('triplet_margin')}, reference "
         f"branch {cfg.get('use_reference')}, closeness loss {cfg.get('use_closeness')}, seed "
@@ -62,35 +97,62 @@ def render(meta: ModelMeta, evaluations: dict[str, dict], simulated: bool = True
         f"{meta.risk_threshold:.3f}.",
         f"- FMs frequency (share of clips with P(FMs) > {meta.fms_clip_threshold}): continuous "
         f">= {th.get('continuous', float('nan')):.3f}, intermittent >= "
-        f"{th.get('intermittent', float('nan')):.3f}, else sporadic or absent.",
+        f"{th.get('intermittent', float('nan')):.3f}, sporadic >= "
+        f"{th.get('sporadic', float('nan')):.3g}, else absent.",
+    ]
+    if dom:
+        flagged = ", ".join(f"{k} {v:.1%} of {dom['heldout'][k]}"
+                            for k, v in dom["heldout_flagged"].items())  # fmt: skip
+        lines.append(f"- Domain check: {dom.get('method')}; held-out infants flagged: {flagged}.")
+    lines += [
         "",
         "## Evaluation",
-        "Measured with `mam evaluate` (risk is the positive class; mean +- sd over folds where "
-        "cross-validated):",
+        "Measured with `mam evaluate` (risk is the positive class; 95% bootstrap intervals over "
+        "infants in brackets; mean +- sd over folds where cross-validated). All infants, "
+        "whatever the model said:",
         "",
-        head,
-        "|---|" + "---|" * len(evaluations),
+        *_table(evaluations, ROWS),
+        "",
+        "The part the model speaks for (results not indeterminate):",
+        "",
+        *_table(evaluations, IN_DOMAIN_ROWS, lambda r: r.get("in_domain", {})),
     ]
-    for key, label in ROWS:
-        lines.append(
-            f"| {label} | " + " | ".join(_cell(r, key) for r in evaluations.values()) + " |"
-        )
-    lines.append(
-        "| infants (risk) | "
-        + " | ".join(
-            f"{r.get('infants', sum(f['infants'] for f in r.get('folds', [])))} "
-            f"({r.get('risk_infants', sum(f['risk_infants'] for f in r.get('folds', [])))})"
-            for r in evaluations.values()
-        )
-        + " |"
-    )
+    if representations:
+        lines += [
+            "",
+            "## Which pose representation feeds the model",
+            "One model per representation, same data and seed, external rendered set through "
+            "the default pose backend (`python bench/demo_weights.py compare`):",
+            "",
+            "| representation | AUC | median kappa | ECE | abstained |",
+            "|---|---|---|---|---|",
+        ]
+        for rep, r in representations.items():
+            cells = [_cell(r, k) for k in ("auc", "median_kappa", "ece", "abstention_rate")]
+            lines.append(f"| `{rep}`{' (shipped)' if rep == meta.representation else ''} | "
+                         + " | ".join(cells) + " |")  # fmt: skip
+    if domain:
+        lines += [
+            "",
+            "## Domain check",
+            "Share of recordings flagged out of domain, by each component and by both "
+            "(`python bench/demo_weights.py domain`):",
+            "",
+            "| recordings | motion statistics | clip embedding | both (shipped) |",
+            "|---|---|---|---|",
+        ]
+        for name, r in domain.items():
+            lines.append(f"| {name} | {r['motion']:.0%} | {r['embedding']:.0%} | "
+                         f"{r['both']:.0%} |")  # fmt: skip
     lines += [
         "",
         "## Known limits",
-        "- Trained and evaluated on simulated motion (`mam synth`), which is easier than real "
-        "recordings: these numbers say the procedure works, not that the model does.",
-        "- The pose model (MediaPipe BlazePose) is trained on adults; infants are tracked less "
-        "well and depth barely follows small movements (DESIGN.md).",
+        "- Trained and evaluated on simulated movement (real infant motion as background, "
+        "simulated general movements and FMs on top): these numbers say the procedure works, not "
+        "that the model recognises real fidgety movements. Real motion without the simulated "
+        "component is outside its domain and answered `indeterminate`.",
+        "- The pose model (BlazePose) is trained on adults; infants are tracked less well and "
+        "depth barely follows small movements (DESIGN.md).",
         "- The compact configuration and velocity input differ from the paper's model; see the "
         "configuration above.",
         "",
