@@ -86,6 +86,9 @@ class ScreeningOptions:
     # Abstain (classification 'indeterminate') where the model cannot speak for the input;
     # False (--no-abstain) keeps the model's label for research, still marked not to be used.
     abstain: bool = True
+    # Recordings split into this many parts posed in parallel threads (each decodes from its
+    # own seek point with its own backend): the many-core GPU route; 1 on a 2-core CPU.
+    pose_segments: int = 1
     min_tracked_for_result: float = MIN_TRACKED_FOR_RESULT
 
 
@@ -221,6 +224,17 @@ class Screener:
             backend = self._pose.backend = create_backend(self.options.pose_backend)
         return backend
 
+    def _segment_pool(self):
+        """Threads that pose the parts of a recording, each keeping its own backend (made by
+        ``pose_estimator`` in that thread); None with one part."""
+        if self.options.pose_segments <= 1:
+            return None
+        if getattr(self, "_segments", None) is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._segments = ThreadPoolExecutor(self.options.pose_segments, "pose-part")
+        return self._segments
+
     def screen_video(
         self,
         path: str | Path,
@@ -230,8 +244,9 @@ class Screener:
         """Screen one recording. ``progress(done, total)`` is called per frame."""
         o = self.options
         seq, timings = estimate_video_pose(
-            path, self.pose_estimator, o.limits, o.max_side, progress
-        )
+            path, self.pose_estimator, o.limits, o.max_side, progress,
+            segments=o.pose_segments, executor=self._segment_pool(),
+        )  # fmt: skip
         return self.screen_pose(seq, infant, timings=timings)
 
     def screen_pose_file(self, path: str | Path, infant: InfantData | None = None):

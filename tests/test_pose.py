@@ -538,3 +538,36 @@ def test_mediapipe_native_log_lines_never_reach_stderr():
     err = p.stderr.decode()
     assert p.returncode == 1
     assert err.splitlines() == ["before", "after", "error [x]: the last line"], err
+
+
+def test_a_recording_posed_in_parallel_parts_is_every_frame_once_in_order(tmp_path):
+    """``estimate_video_pose(segments=3)``: parts decoded from their own seek points by their
+    own backends in threads give exactly the frames of one pass, in order (a seek that lands a
+    frame early or late would show here)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mam.pose.base import PoseSequence
+    from mam.pose.from_video import estimate_video_pose
+    from tests.media import index_frame, read_index, write_video
+
+    video = write_video(tmp_path / "index.mp4", index_frame, n_frames=750, fps=25,
+                        options={"g": "50"})  # fmt: skip
+    threads = set()
+
+    class Reader:  # "pose" = the frame's own index, read from its pixels
+        def estimate(self, frames, progress=None):
+            threads.add(threading.get_ident())
+            idx = np.array([read_index(f) for f in frames], np.float32)
+            joints = np.repeat(idx[:, None, None], 17, axis=1).repeat(3, axis=2)
+            return PoseSequence(joints, np.ones(joints.shape[:2], np.float32), source="reader")
+
+        def close(self):
+            pass
+
+    with ThreadPoolExecutor(3) as pool:
+        seq, timings = estimate_video_pose(video, lambda: Reader(), segments=3, executor=pool)
+    assert seq.meta["segments"] == 3 and len(threads) == 3
+    np.testing.assert_array_equal(seq.joints[:, 0, 0], np.arange(750))
+    one, _ = estimate_video_pose(video, Reader())
+    np.testing.assert_array_equal(one.joints, seq.joints)

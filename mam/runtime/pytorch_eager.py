@@ -1,14 +1,21 @@
-"""The MAM weights in eager PyTorch: development, training and reference only."""
+"""The MAM weights in PyTorch: development and training, and the GPU route of machines that have
+PyTorch with CUDA but no TensorRT (``MAM_TORCH_COMPILE=1``: the clip network compiled with CUDA
+graphs, ``torch.compile(mode="reduce-overhead")``, on a batch padded to a fixed size so that one
+graph serves every call)."""
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
+
+import numpy as np
 
 from mam.runtime.base import InferenceRuntime, register_backend
 from mam.runtime.sessions import RuntimeUnavailable
 
 logger = logging.getLogger(__name__)
+ENV_COMPILE = "MAM_TORCH_COMPILE"
 
 
 @register_backend("pytorch")
@@ -38,10 +45,15 @@ class PyTorchBackend(InferenceRuntime):
         self.model = model.to(device=device, dtype=self._dtype).eval()
         self._device = torch.device(device)
         self.device, self.precision = device, precision
+        self._clips = self.model.forward_clips
+        self.compiled = device == "cuda" and os.environ.get(ENV_COMPILE) == "1"
+        if self.compiled:
+            self._clips = torch.compile(self.model.forward_clips, mode="reduce-overhead")
         self.details = {
             "torch": torch.__version__,
             "intra_op_threads": torch.get_num_threads(),
             "max_batch": self.batch(),
+            "compiled": self.compiled,
         }
 
     def _run(self, fn, *xs):
@@ -54,7 +66,11 @@ class PyTorchBackend(InferenceRuntime):
         return out.float().cpu().numpy()
 
     def _clip(self, x):
-        return self._run(self.model.forward_clips, x)
+        if not self.compiled or len(x) == self.batch():
+            return self._run(self._clips, x)
+        pad = np.zeros((self.batch() - len(x), *x.shape[1:]), x.dtype)  # one graph, one shape
+        feats, logits = self._run(self._clips, np.concatenate([x, pad]))
+        return feats[: len(x)], logits[: len(x)]
 
     def _bag(self, logits):
         return self._run(self.model.forward_bag, logits)

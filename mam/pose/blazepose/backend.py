@@ -152,11 +152,13 @@ class OnnxPoseBackend:
         batch_size: frames per landmark-network call.
         detect_every: frames between check detections while tracking (0: only when lost).
         roi_smoothing: weight of the newest frame in the exponentially smoothed crop track.
-        runtime: ``onnxruntime`` or ``tensorrt``; device ``cpu`` or ``cuda`` (ONNX Runtime);
-            by default ``MAM_POSE_RUNTIME`` / ``MAM_POSE_DEVICE``, else ONNX Runtime on the CPU.
+        runtime: ``onnxruntime``, ``tensorrt`` or ``pytorch`` (``torch_graph``: the same
+            converted networks in PyTorch, fp16 on CUDA, for GPU machines without TensorRT);
+            device ``cpu`` or ``cuda``; by default ``MAM_POSE_RUNTIME`` / ``MAM_POSE_DEVICE``,
+            else ONNX Runtime on the CPU.
         threads: ONNX Runtime intra-op threads (``None``: every CPU this process may use).
             NOTE: 1 by default, leaving the other core to the decode thread; with spinning off
-            (``model._OrtRunner``) 1 and 2 threads measured alike on 2 shared cores.
+            (``mam.runtime.sessions``) 1 and 2 threads measured alike on 2 shared cores.
         smooth_landmarks: MediaPipe's temporal landmark filters (as the mediapipe backend).
         repair_swaps: relabel arms / legs whose left-right labels disagree with the face's.
         prefetch: frames decoded ahead in the decode thread (0: decode inline).
@@ -172,7 +174,7 @@ class OnnxPoseBackend:
         batch_size: int = 4,
         detect_every: int = 50,
         roi_smoothing: float = 0.5,
-        runtime: Literal["onnxruntime", "tensorrt"] | None = None,
+        runtime: Literal["onnxruntime", "tensorrt", "pytorch"] | None = None,
         device: Literal["cpu", "cuda"] | None = None,
         threads: int | None = 1,
         smooth_landmarks: bool = True,
@@ -182,9 +184,9 @@ class OnnxPoseBackend:
     ) -> None:
         runtime = runtime or os.environ.get(ENV_POSE_RUNTIME) or "onnxruntime"
         device = device or os.environ.get(ENV_POSE_DEVICE) or "cpu"
-        if runtime not in ("onnxruntime", "tensorrt") or device not in ("cpu", "cuda"):
+        if runtime not in ("onnxruntime", "tensorrt", "pytorch") or device not in ("cpu", "cuda"):
             raise ValueError(
-                f"the onnx pose backend runs on onnxruntime or tensorrt, cpu or cuda "
+                f"the onnx pose backend runs on onnxruntime, tensorrt or pytorch, cpu or cuda "
                 f"({ENV_POSE_RUNTIME}, {ENV_POSE_DEVICE}); got {runtime!r}, {device!r}"
             )
         if batch_size < 1:

@@ -27,7 +27,7 @@ from mam.pose.blazepose.roi import CROP_SIZE, crop, roi_from_alignment_points
 
 logger = logging.getLogger(__name__)
 
-Runtime = Literal["onnxruntime", "tensorrt"]
+Runtime = Literal["onnxruntime", "tensorrt", "pytorch"]
 
 
 def _threads(threads: int | None) -> int:
@@ -137,8 +137,10 @@ class BlazePoseOnnx:
         ):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{label} must be in [0, 1], got {value}")
-        if runtime not in ("onnxruntime", "tensorrt"):
-            raise ValueError(f"runtime must be 'onnxruntime' or 'tensorrt', got {runtime!r}")
+        if runtime not in ("onnxruntime", "tensorrt", "pytorch"):
+            raise ValueError(
+                f"runtime must be 'onnxruntime', 'tensorrt' or 'pytorch', got {runtime!r}"
+            )
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         if max_batch < 1:
@@ -148,11 +150,18 @@ class BlazePoseOnnx:
         self.max_batch = max_batch
         models = convert.ensure_all(cache)
         n_threads = _threads(threads)
-        self.detector = _OrtRunner(models[convert.DETECTOR].onnx_path, n_threads, device)
-        if runtime == "tensorrt":
-            self.landmarker = _TrtRunner(models[convert.LANDMARK].onnx_path, max_batch, precision)
+        det, lmk = models[convert.DETECTOR].onnx_path, models[convert.LANDMARK].onnx_path
+        if runtime == "pytorch":  # the lent GPU machines' route: torch with CUDA, fp16
+            from mam.pose.blazepose.torch_graph import TorchRunner
+
+            self.detector = TorchRunner(det, device)
+            self.landmarker = TorchRunner(lmk, device, precision)
         else:
-            self.landmarker = _OrtRunner(models[convert.LANDMARK].onnx_path, n_threads, device)
+            self.detector = _OrtRunner(det, n_threads, device)
+            self.landmarker = (
+                _TrtRunner(lmk, max_batch, precision) if runtime == "tensorrt"
+                else _OrtRunner(lmk, n_threads, device)
+            )  # fmt: skip
         self.details = {
             "runtime": runtime,
             "providers": list(self.landmarker.providers),
