@@ -245,6 +245,7 @@ class OnnxPoseBackend:
         image: list[np.ndarray] = []  # [33, 4] normalised x, y, z, visibility
         world: list[np.ndarray] = []
         self._stats = {"detections": 0, "landmark_runs": 0, "reruns": 0}
+        self.model.seconds = dict.fromkeys(self.model.seconds, 0.0)
         self._track = _RoiTrack(self.roi_smoothing)
         self._since_detect = 0
         size: tuple[int, int] | None = None
@@ -336,7 +337,7 @@ class OnnxPoseBackend:
         if image and self.smooth_landmarks:
             img, wld = smooth_sequence(np.stack(image), np.stack(world), size)
             image, world = list(img), list(wld)
-        stats = dict(self._stats)
+        stats = dict(self._stats, seconds={k: round(v, 3) for k, v in self.model.seconds.items()})
         logger.info(
             "%d detections, %d landmark crops, %d re-runs",
             stats["detections"], stats["landmark_runs"], stats["reruns"],

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -171,17 +172,23 @@ class BlazePoseOnnx:
             "tflite_sha256": {k: m.tflite_sha256[:16] for k, m in models.items()},
         }
         self._det_input = np.empty((1, detector.INPUT_SIZE, detector.INPUT_SIZE, 3), np.float32)
+        # Busy seconds by step, for the CPU-path bench (bench/cpu_path.py); reset by the caller.
+        self.seconds = dict.fromkeys(("detector", "crop", "landmark_network", "decode_landmarks"),
+                                     0.0)  # fmt: skip
 
     # --- detection -------------------------------------------------------------------------------
     def detect(self, frame: np.ndarray) -> list[detector.Detection]:
         """Person detections in an RGB uint8 frame, best first."""
+        t = time.perf_counter()
         height, width = frame.shape[:2]
         box = detector.letterbox(width, height)
         detector.preprocess(frame, box, out=self._det_input[0])
         out = self.detector(self._det_input)
-        return detector.detections_from_outputs(
+        dets = detector.detections_from_outputs(
             out["boxes"][0], out["scores"][0], box.padding, self.min_detection_confidence
         )
+        self.seconds["detector"] += time.perf_counter() - t
+        return dets
 
     @staticmethod
     def roi_from_detection(det: detector.Detection, width: int, height: int) -> np.ndarray:
@@ -190,18 +197,26 @@ class BlazePoseOnnx:
     # --- landmarks -------------------------------------------------------------------------------
     def landmarks(self, frames: list[np.ndarray], rois: np.ndarray) -> LandmarkBatch:
         """Landmarks of ``frames[i]`` inside ``rois[i]`` (``[N, 5]``), run in batches."""
+        t0 = time.perf_counter()
         n = len(frames)
         batch = np.empty((n, CROP_SIZE, CROP_SIZE, 3), np.float32)
         for i, (frame, roi) in enumerate(zip(frames, rois)):
             crop(frame, roi, out=batch[i])
+        t1 = time.perf_counter()
         outs: dict[str, list[np.ndarray]] = {}
         for i in range(0, n, self.max_batch):
             for k, v in self.landmarker(batch[i : i + self.max_batch]).items():
                 outs.setdefault(k, []).append(v)
         cat = {k: np.concatenate(v) for k, v in outs.items()}
-        return decode_landmarks(
+        t2 = time.perf_counter()
+        lm = decode_landmarks(
             cat["landmarks"], cat["world_landmarks"], cat["pose_flag"], cat["heatmap"], rois
         )
+        s = self.seconds
+        s["crop"] += t1 - t0
+        s["landmark_network"] += t2 - t1
+        s["decode_landmarks"] += time.perf_counter() - t2
+        return lm
 
     def process_image(self, frame: np.ndarray) -> ImagePose | None:
         """MediaPipe's static-image mode: detect, crop around the best person, landmarks.
