@@ -44,6 +44,7 @@ import numpy as np
 from av.sidedata.sidedata import Type as _SideDataType
 from av.video.reformatter import VideoReformatter
 
+from mam import dicom_video
 from mam.errors import (
     CorruptVideoError,
     EmptyFileError,
@@ -180,6 +181,8 @@ def _looks_like_video_container(path: Path) -> bool:
 
 def _open(path: Path) -> av.container.InputContainer:
     """Open with FFmpeg, turning its errors into typed ones."""
+    if dicom_video.is_dicom(path):  # a DICOM video object: the stream in its Pixel Data
+        return dicom_video.open_container(path)
     try:
         return av.open(str(path), metadata_errors="replace")
     except (av.FFmpegError, OSError) as e:
@@ -492,8 +495,10 @@ def _frames(
                     pts0 = frame.pts if frame.pts is not None else 0
                 if frame.pts is not None:
                     ticks = frame.pts - pts0
+                elif prev is None:  # no timestamps at all (a bare elementary stream): 0 s
+                    ticks = 0
                 else:  # no timestamp: one frame after the previous one
-                    ticks = prev_ticks + ((prev.duration if prev is not None else 0) or nominal)
+                    ticks = prev_ticks + (prev.duration or nominal)
                 if prev is not None and ticks <= prev_ticks and not warned_order:
                     logger.warning(
                         "%s: non-increasing frame timestamps; later frame wins", path.name

@@ -17,18 +17,22 @@ Model ``mam``:
 
 from __future__ import annotations
 
+import contextvars
+import hashlib
 import logging
+import time
 
 import grpc
 import numpy as np
 
 import mam
+from mam.audit import key_id
 from mam.errors import InvalidInfantDataError
 from mam.features import CLIP_FRAMES
 from mam.schemas import InfantData
 from service import errors as E
 from service.admission import get_admission
-from service.auth import KeyCheck
+from service.auth import KeyCheck, key_from_headers
 from service.grpc_v2.server import (
     ERROR_CODE_KEY,
     InferenceServicer,
@@ -42,6 +46,16 @@ from service.settings import get_settings
 logger = logging.getLogger("mam.service.grpc")
 
 MODEL_NAME = "mam"
+_CALL: contextvars.ContextVar[dict] = contextvars.ContextVar("mam_grpc_call")  # key id, start
+
+
+def _audit():
+    """The process's audit trail (the REST service's, ``service.app.AUDIT``)."""
+    from service.app import AUDIT
+
+    return AUDIT
+
+
 CLASSIFICATION_LABELS = ("normal", "risk", "indeterminate")
 # Health RPCs answer without a key, as /livez and /readyz do.
 _OPEN_METHODS = frozenset({"ServerLive", "ServerReady", "ModelReady"})
@@ -91,11 +105,25 @@ class V2Model:
                 birth_weight_g=float(v[2]),
                 corrected_age_weeks=float(v[3]),
             )
+        call = _CALL.get({})
+        digest = hashlib.sha256(np.ascontiguousarray(inputs["instances"]).data).hexdigest()
+        outcome = "internal_error"
         try:
             with get_admission().enter():  # the same gate as REST's tensor requests
                 r = await self.screening.score(inputs["instances"], infant)
+            outcome = "ok"
         except TimeoutError:
+            outcome = E.TIMEOUT
             raise E.ServiceError(E.TIMEOUT, "scoring took longer than the limit") from None
+        except Exception as e:
+            outcome = getattr(e, "code", outcome)
+            raise
+        finally:
+            _audit().record(
+                "screening_request", api_key_id=call.get("key_id", "none"), route="model_infer",
+                protocol="grpc", content_sha256=digest, format="v2", outcome=outcome,
+                duration_ms=(time.perf_counter() - call.get("t0", time.perf_counter())) * 1000,
+            )  # fmt: skip
         f32 = np.float32
         return {
             "normal_probability": np.array([r.normal_probability], f32),
@@ -141,11 +169,16 @@ class _AuthAndMeter(grpc.aio.ServerInterceptor):
             inner = handler.unary_unary
             gauge = get_metrics().in_flight.labels(protocol="grpc")
 
+            key = key_from_headers({k.lower(): v for k, v in (details.invocation_metadata or ())})
+            key_ref = key_id(key, self.keys.disabled)
+
             async def metered(request, context):
                 gauge.inc()
+                token = _CALL.set({"key_id": key_ref, "t0": time.perf_counter()})
                 try:
                     return await inner(request, context)
                 finally:
+                    _CALL.reset(token)
                     gauge.dec()
 
             return grpc.unary_unary_rpc_method_handler(

@@ -96,6 +96,15 @@ class Metrics:
             ("name", "version", "backend", "precision", "device"),
             mode="max",
         )
+        # FHIR push (issue 17): outcome is one of ok, failed (gave up after retries), rejected
+        # (a final 4xx from the site's server), skipped (no subject given).
+        self.fhir_push = pc.Counter(
+            PREFIX + "fhir_push_total", "Results pushed to the site's FHIR server.", ("outcome",)
+        )
+        self.fhir_push_retries = pc.Counter(
+            PREFIX + "fhir_push_retries_total", "FHIR push attempts that were retried."
+        )
+        self.fhir_push_pending = gauge("fhir_push_pending", "FHIR pushes queued or in flight.")
 
     def observe_request(
         self, endpoint: str, protocol: str, code: str, seconds: float | None = None

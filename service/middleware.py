@@ -15,9 +15,12 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from mam.audit import AuditLog, key_id
+from mam.errors import MamError
 from service import errors as E
+from service import integration as I
 from service.admission import get_admission
-from service.auth import KeyCheck
+from service.auth import KeyCheck, key_from_headers
 from service.metrics import get_metrics
 
 logger = logging.getLogger("mam.service.access")
@@ -69,12 +72,17 @@ def _header(scope, name: bytes) -> str | None:
 
 
 class ServiceMiddleware:
-    """Args: app; key_hashes: accepted SHA-256 digests; auth_disabled; max_body_bytes."""
+    """Args: app; key_hashes: accepted SHA-256 digests; auth_disabled; max_body_bytes; audit:
+    the audit trail (``mam.audit``; None: none); fhir_codes: the site's FHIR codes."""
 
-    def __init__(self, app, key_hashes: frozenset[str], auth_disabled: bool, max_body_bytes: int):
+    def __init__(self, app, key_hashes: frozenset[str], auth_disabled: bool, max_body_bytes: int,
+                 audit: AuditLog | None = None, fhir_codes=None):  # fmt: skip
         self.app = app
         self.keys = KeyCheck(key_hashes, auth_disabled)
         self.max_body = max_body_bytes
+        self.auth_disabled = auth_disabled
+        self.audit = audit or AuditLog("off")
+        self.fhir_codes = fhir_codes
         if auth_disabled:
             logger.warning("API-key authentication is DISABLED (MAM_AUTH_DISABLED): dev only")
         elif not key_hashes:
@@ -113,6 +121,26 @@ class ServiceMiddleware:
                 "request_id=%s endpoint=%s status=%d code=%s duration_ms=%.1f",
                 rid, endpoint, outcome["status"], code, dt * 1000,
             )  # fmt: skip
+            if endpoint in I.AUDITED:
+                self._audit(scope, endpoint, rid, outcome, dt)
+
+    def _audit(self, scope, endpoint: str, rid: str, outcome: dict, seconds: float) -> None:
+        """One audit line per screening or result request (``mam.audit``): ids, digests and
+        codes only. The handler leaves the content digest in the request's state."""
+        state = scope.get("state", {})
+        self.audit.record(
+            "screening_request",
+            request_id=rid,
+            api_key_id=key_id(key_from_headers(I.headers_of(scope)), self.auth_disabled),
+            route=endpoint,
+            protocol="rest",
+            content_sha256=state.get("content_sha256"),
+            result_id=outcome.get("result_id"),
+            format=outcome.get("format", "json"),
+            outcome=outcome["code"] or "unknown",
+            status=outcome["status"],
+            duration_ms=seconds * 1000,
+        )
 
     async def _handle(self, scope, receive, send, route, path, rid, outcome):
         async def reply(code: str, message: str, headers: dict | None = None):
@@ -145,19 +173,62 @@ class ServiceMiddleware:
         limit_msg = f"request body larger than the limit of {self.max_body / 2**20:g} MiB"
         if length and length.isdigit() and int(length) > self.max_body:
             return await reply(E.TOO_LARGE, limit_msg)
+        try:
+            transform = self._transform(scope, route.endpoint, rid, outcome)
+        except MamError as e:  # a patient or encounter header that is not a reference
+            return await reply(e.code, e.message)
+        args = (scope, receive, send, path, rid, outcome, reply, limit_msg, transform)
         if route.endpoint not in ADMITTED:
-            return await self._forward(scope, receive, send, path, rid, outcome, reply, limit_msg)
+            return await self._forward(*args)
         gate = get_admission()
         if not gate.try_acquire():  # refused before the body is read
             e = gate.refusal()
             return await reply(e.code, e.message)
         try:
-            return await self._forward(scope, receive, send, path, rid, outcome, reply, limit_msg)
+            return await self._forward(*args)
         finally:
             gate.release()
 
-    async def _forward(self, scope, receive, send, path, rid, outcome, reply, limit_msg):
-        """Pass the request on with the body limit enforced and BentoML's errors enveloped."""
+    def _transform(self, scope, endpoint: str, rid: str, outcome: dict):
+        """What to do with a successful answer's body before it goes out (None: nothing): the
+        FHIR Bundle of a result when asked for (``service.integration``); a submitted task's id
+        noted for the audit line. Checks the caller's FHIR reference headers now, before any
+        work, raising ``InvalidFhirReferenceError``."""
+        headers = I.headers_of(scope)
+        result_id = I.query_of(scope).get("task_id") if endpoint == "screen_get" else rid
+        I.context(headers, result_id or rid)  # references checked before the body is read
+        outcome["result_id"] = result_id
+        if endpoint == "screen_submit":
+
+            def note_task(body: bytes) -> tuple[bytes, str | None]:
+                try:
+                    outcome["result_id"] = json.loads(body).get("task_id")
+                except (ValueError, AttributeError):
+                    pass
+                return body, None
+
+            return note_task
+        if endpoint not in I.RESULT_TYPES or not I.wants_fhir(scope):
+            return None
+        outcome["format"] = "fhir"
+        codes = self.fhir_codes
+
+        def fhir(body: bytes) -> tuple[bytes, str | None]:
+            state = scope.get("state", {})
+            uids = state.get("dicom_uids") or I.UIDS.get(result_id)
+            ctx = I.context(headers, result_id or rid, uids)
+            if codes is None:
+                from mam.fhir import FhirCodes
+
+                return I.to_fhir(body, endpoint, ctx, FhirCodes.from_env()), I.FHIR_JSON
+            return I.to_fhir(body, endpoint, ctx, codes), I.FHIR_JSON
+
+        return fhir
+
+    async def _forward(self, scope, receive, send, path, rid, outcome, reply, limit_msg,
+                       transform=None):  # fmt: skip
+        """Pass the request on with the body limit enforced and BentoML's errors enveloped;
+        ``transform(body) -> (body, content type or None)`` rewrites a 200 answer."""
 
         received = 0
 
@@ -172,10 +243,11 @@ class ServiceMiddleware:
 
         started = False
         held: dict | None = None
+        kept: dict | None = None  # a 200 answer's start, held while its body is transformed
         chunks: list[bytes] = []
 
         async def wrapped_send(msg):
-            nonlocal started, held
+            nonlocal started, held, kept
             if msg["type"] == "http.response.start":
                 started = True
                 headers = [(k, v) for k, v in msg.get("headers", [])]
@@ -190,6 +262,15 @@ class ServiceMiddleware:
                     return
                 headers.append((b"x-request-id", rid.encode()))
                 msg = {**msg, "headers": headers}
+                if status == 200 and transform is not None:
+                    kept = msg
+                    return
+            elif msg["type"] == "http.response.body" and kept is not None:
+                chunks.append(msg.get("body", b""))
+                if msg.get("more_body"):
+                    return
+                return await self._send_transformed(kept, b"".join(chunks), transform, scope,
+                                                    send, rid, outcome)  # fmt: skip
             elif msg["type"] == "http.response.body" and held is not None:
                 chunks.append(msg.get("body", b""))
                 if msg.get("more_body"):
@@ -206,6 +287,22 @@ class ServiceMiddleware:
             if not started:
                 await reply(E.TOO_LARGE, limit_msg)
             outcome.update(status=413, code=E.TOO_LARGE)
+
+    async def _send_transformed(self, start, body, transform, scope, send, rid, outcome):
+        try:
+            body, ctype = transform(body)
+        except Exception as e:  # noqa: BLE001 - an envelope then; the error's text may quote data
+            logger.error("request_id=%s could not convert the answer: %s", rid, type(e).__name__)
+            resp = E.error_response(E.INTERNAL, "the result could not be converted", rid)
+            outcome.update(status=resp.status_code, code=E.INTERNAL)
+            return await resp(scope, _no_receive, send)
+        drop = {b"content-length"} | ({b"content-type"} if ctype else set())
+        headers = [(k, v) for k, v in start["headers"] if k.lower() not in drop]
+        headers.append((b"content-length", str(len(body)).encode()))
+        if ctype:
+            headers.append((b"content-type", ctype.encode()))
+        await send({**start, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
 
 async def _metrics(scope, receive, send):

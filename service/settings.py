@@ -11,8 +11,9 @@ import logging
 import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mam.pose.base import DEFAULT_POSE_BACKEND
@@ -75,6 +76,30 @@ class Settings(BaseSettings):
     video_concurrency: int = Field(1, ge=1, description="Recordings decoded and posed at once.")
     video_queue: int = Field(8, ge=0, description="Recordings waiting beyond those; more: 503.")
 
+    # -- hospital integration (issue 17): FHIR output and push, audit trail ----------------------
+    fhir_codes_file: Path | None = Field(
+        None, description="A site's own FHIR codes and unit, JSON (mam/fhir/codes.py)."
+    )
+    fhir_unit: Literal["%", "1"] = Field("%", description="UCUM unit of probabilities in FHIR.")
+    fhir_base_url: str | None = Field(
+        None, description="A site's FHIR server: each screening result with a subject is "
+        "POSTed there as a transaction when it is made (None: no push)."
+    )  # fmt: skip
+    fhir_token_file: Path | None = Field(
+        None, description="Mounted secret holding the FHIR server's bearer token (read per push)."
+    )
+    fhir_token: SecretStr | None = Field(None, description="The bearer token itself (a Secret).")
+    fhir_push_attempts: int = Field(5, ge=1, le=20, description="Tries per Bundle.")
+    fhir_push_timeout_s: float = Field(30.0, gt=0, description="Per FHIR request.")
+    fhir_push_backoff_s: float = Field(
+        1.0, ge=0, description="First wait before a retry; doubles (jittered), at most 60 s."
+    )
+    audit_file: str = Field(
+        "-", description="Audit trail (mam/audit.py): '-' stdout, a path (rotated), or 'off'."
+    )
+    audit_max_mb: float = Field(100.0, gt=0, description="Size at which the audit file rotates.")
+    audit_backups: int = Field(10, ge=0, description="Rotated audit files kept.")
+
     @field_validator("pose_backend")
     @classmethod
     def _known_backend(cls, v: str) -> str:
@@ -102,6 +127,23 @@ class Settings(BaseSettings):
                         raise ValueError(f"{self.api_key_hashes_file}: not a SHA-256 hex digest")
                     hashes.add(line)
         return frozenset(hashes)
+
+    @field_validator("fhir_base_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v and not re.match(r"^https?://[^\s]+$", v):
+            raise ValueError("MAM_FHIR_BASE_URL must be an http(s) URL")
+        return v or None
+
+    def fhir_codes(self):
+        from mam.fhir import FhirCodes
+
+        return FhirCodes.load(self.fhir_codes_file, self.fhir_unit)
+
+    def audit_log(self):
+        from mam.audit import AuditLog
+
+        return AuditLog(self.audit_file, int(self.audit_max_mb * 2**20), self.audit_backups)
 
     def video_limits(self) -> VideoLimits:
         return VideoLimits(

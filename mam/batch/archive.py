@@ -11,9 +11,10 @@ import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mam.dicom_video import is_dicom
 from mam.errors import FileNotFoundInputError, InputError
 
-VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v"})
+VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".dcm"})
 POSE_SUFFIXES = frozenset({".npy"})
 INFANT_FIELDS = ("sex", "gestational_age_weeks", "birth_weight_g", "corrected_age_weeks")
 
@@ -47,7 +48,11 @@ def collect(input_path: str | Path) -> list[Item]:
     src = Path(input_path)
     if src.is_dir():
         suffixes = VIDEO_SUFFIXES | POSE_SUFFIXES
-        files = sorted(p for p in src.rglob("*") if p.suffix.lower() in suffixes and not p.is_dir())
+        # PACS exports often name DICOM objects without an extension (IM000001): sniffed.
+        files = sorted(
+            p for p in src.rglob("*")
+            if p.is_file() and (p.suffix.lower() in suffixes or (not p.suffix and is_dicom(p)))
+        )  # fmt: skip
         items = []
         for p in files:
             rel = p.relative_to(src).as_posix()

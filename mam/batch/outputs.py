@@ -1,4 +1,5 @@
-"""``results.csv`` (one row per recording) and ``results.jsonl`` (full results), rebuilt from the
+"""``results.csv`` (one row per recording), ``results.jsonl`` (full results) and
+``results.fhir.ndjson`` (one HL7 FHIR R4 Bundle per result, ``mam.batch.fhir``), rebuilt from the
 ledger alone, written atomically, so they can be written again at any time."""
 
 from __future__ import annotations
@@ -31,10 +32,14 @@ CSV_COLUMNS = (
 
 
 def write_outputs(
-    out: str | Path, ledger: Ledger | None = None, paths: Iterable[str] | None = None
+    out: str | Path,
+    ledger: Ledger | None = None,
+    paths: Iterable[str] | None = None,
+    fhir_contexts: dict | None = None,
 ) -> tuple[Path, Path]:
-    """``results.csv`` and ``results.jsonl`` from the ledger (all paths, or the given ones),
-    written atomically; safe to run again at any time."""
+    """``results.csv``, ``results.jsonl`` and ``results.fhir.ndjson`` from the ledger (all
+    paths, or the given ones), written atomically; safe to run again at any time.
+    ``fhir_contexts``: the caller's FHIR references per (path, id) (``mam.batch.fhir``)."""
     out = Path(out)
     own = ledger is None
     ledger = ledger or Ledger(out / LEDGER)
@@ -73,4 +78,7 @@ def write_outputs(
     # Unique temporary names (mam.files): two runs writing the same folder never share one.
     csv_path = write_atomic(out / RESULTS_CSV, fc.getvalue().encode())
     jsonl_path = write_atomic(out / RESULTS_JSONL, fj.getvalue().encode())
+    from mam.batch.fhir import write_fhir  # lazy: mam.fhir only when outputs are written
+
+    write_fhir(out, rows, fhir_contexts)
     return csv_path, jsonl_path

@@ -17,7 +17,9 @@ Bad input never stops a run: it becomes a failed row with the pipeline's error c
 (``MamError.code``), or ``internal_error`` for anything unexpected. An output folder that cannot
 be created or written, or a full disk, fails before any work starts.
 
-Infant data are health data: log lines carry counts only, never paths, ids or results.
+Infant data are health data: log lines carry counts only, never paths, ids or results. Each job
+run writes one line to the audit trail (``mam.audit``; ``DIR/audit.jsonl`` unless
+``MAM_AUDIT_FILE`` says otherwise): content digest, result id, outcome.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mam.audit import AuditLog, key_id
 from mam.batch.archive import Item, UnreadableFileError, collect, parse_infant
+from mam.batch.fhir import contexts, row_result_id
 from mam.batch.ledger import LEDGER, Ledger, job_key
 from mam.batch.outputs import write_outputs
 from mam.errors import FileNotFoundInputError, InputError, MamError
@@ -41,6 +45,7 @@ from mam.model.weights import sha256_of
 logger = logging.getLogger(__name__)
 
 MIN_FREE_BYTES = 50 * 1024 * 1024
+AUDIT_FILE = "audit.jsonl"
 
 
 class OutputNotWritableError(InputError):
@@ -130,6 +135,8 @@ def run_batch(
     shard: tuple[int, int] | None = None,
     service=None,
     clips: bool = False,
+    audit: AuditLog | None = None,
+    echo_dicom_uids: bool = False,
 ) -> BatchSummary:
     """Screen every recording of ``input_path`` into ``out``; see the module docstring.
 
@@ -137,9 +144,12 @@ def run_batch(
     pod of a Kubernetes Indexed Job each; ``merge_shards`` joins their outputs). ``service``, a
     :class:`mam.batch.service_client.ServiceClient`, screens through a running service instead of
     worker processes, ``workers`` requests at a time. Reports (``index.html``, a page per
-    recording) are always written; ``clips`` also cuts the top FMs clips with the skeleton."""
+    recording) are always written; ``clips`` also cuts the top FMs clips with the skeleton.
+    ``audit``: where each job's audit line goes (default ``MAM_AUDIT_FILE`` or
+    ``DIR/audit.jsonl``); ``echo_dicom_uids`` puts DICOM UIDs in ``results.fhir.ndjson``."""
     out = check_output_dir(out, min_free_bytes)
     items = collect(input_path)
+    fhir_contexts = contexts(input_path, items, echo_dicom_uids)  # references checked first
     if shard is not None:
         i, n = shard
         if not (n >= 1 and 0 <= i < n):
@@ -148,6 +158,8 @@ def run_batch(
     if service is not None:
         service.check()
     workers = max(1, workers or os.cpu_count() or 1)
+    own_audit = audit is None
+    audit = audit or AuditLog.from_env(default=out / AUDIT_FILE)
     ledger = Ledger(out / LEDGER)
     summary = BatchSummary(recordings=len(items))
     try:
@@ -172,11 +184,11 @@ def run_batch(
         )  # fmt: skip
         summary.screened = len(todo)
         if service is not None:
-            _run_service_jobs(ledger, todo, workers, service, progress)
+            _run_service_jobs(ledger, todo, workers, service, progress, audit)
         else:
-            _run_jobs(ledger, todo, workers, weights, pose_backend, progress)
+            _run_jobs(ledger, todo, workers, weights, pose_backend, progress, audit)
         paths = [i.path for i in items]
-        write_outputs(out, ledger, paths)
+        write_outputs(out, ledger, paths, fhir_contexts)
         rows = ledger.rows(paths)
         from mam.batch.report import write_reports  # lazy: matplotlib only when reports are written
 
@@ -190,8 +202,22 @@ def run_batch(
                 summary.failed += 1
     finally:
         ledger.close()
+        if own_audit:
+            audit.close()
     logger.info("batch: %d done, %d failed", summary.done, summary.failed)
     return summary
+
+
+def _audit_job(audit, key: str, item: Item, sha, status: str, code, api_key=None) -> None:
+    """One audit line per job run: digest, result id (of its first path), outcome."""
+    if audit is None:
+        return
+    audit.record(
+        "batch_job", route="batch", protocol="batch", content_sha256=sha,
+        result_id=row_result_id(key, item.path, item.id),
+        api_key_id=key_id(api_key) if api_key else None,
+        outcome="ok" if status == "done" else (code or "internal_error"),
+    )  # fmt: skip
 
 
 def _register(ledger: Ledger, item: Item, retry_failed: bool) -> tuple[str, str | None]:
@@ -216,7 +242,7 @@ def _register(ledger: Ledger, item: Item, retry_failed: bool) -> tuple[str, str 
     return key, sha
 
 
-def _run_jobs(ledger, todo, workers, weights, pose_backend, progress) -> None:
+def _run_jobs(ledger, todo, workers, weights, pose_backend, progress, audit=None) -> None:
     total, finished, failed = len(todo), 0, 0
     if not total:
         return
@@ -227,6 +253,7 @@ def _run_jobs(ledger, todo, workers, weights, pose_backend, progress) -> None:
         item, sha = todo[key]
         status, code, msg, result = outcome
         ledger.finish(key, sha, item.kind, status, code, msg, result or None)
+        _audit_job(audit, key, item, sha, status, code)
         finished += 1
         failed += status == "failed"
         if progress:
@@ -270,7 +297,7 @@ def _run_jobs(ledger, todo, workers, weights, pose_backend, progress) -> None:
                 logger.warning("batch: a worker process died; %d jobs failed", len(running))
 
 
-def _run_service_jobs(ledger, todo, workers, service, progress) -> None:
+def _run_service_jobs(ledger, todo, workers, service, progress, audit=None) -> None:
     """The same jobs as ``_run_jobs``, as requests to a service (bounded: ``workers`` at once)."""
     total, finished, failed = len(todo), 0, 0
 
@@ -288,6 +315,7 @@ def _run_service_jobs(ledger, todo, workers, service, progress) -> None:
             key, item, sha = futures[fut]
             status, code, msg, result = fut.result()
             ledger.finish(key, sha, item.kind, status, code, msg, result or None)
+            _audit_job(audit, key, item, sha, status, code, os.environ.get("MAM_API_KEY"))
             finished += 1
             failed += status == "failed"
             if progress:

@@ -34,6 +34,11 @@ def register(sub) -> None:
                    help="also cut the top FMs clips, skeleton drawn (~6 s a clip)")  # fmt: skip
     s.add_argument("--shard", type=_shard, metavar="I/N",
                    help="screen only rows I, I+N, ... (one Indexed Job pod each)")  # fmt: skip
+    s.add_argument(
+        "--echo-dicom-uids",
+        action="store_true",
+        help="put DICOM recordings' study/series UIDs in results.fhir.ndjson",
+    )
     s.add_argument("--service", metavar="URL",
                    help="screen through a running service (API key from MAM_API_KEY); "
                         "--workers requests at a time")  # fmt: skip
@@ -98,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         s = run_batch(args.input, args.out, args.workers, args.retry_failed, args.weights,
                       args.pose_backend, progress, shard=args.shard,
-                      service=service, clips=args.clips)  # fmt: skip
+                      service=service, clips=args.clips,
+                      echo_dicom_uids=args.echo_dicom_uids)  # fmt: skip
     except ConnectionError as e:
         raise O.UsageError(str(e)) from None
     finally:

@@ -27,6 +27,9 @@ HINTS: dict[str, str] = {
     "model_load_error": "check --weights / MAM_WEIGHTS (NAME.json beside its NAME.pt); after "
     "changing weights run python -m export onnx",
     "dependency_missing": "install what the message names (e.g. pip install -e '.[train]')",
+    "dicom_without_video": "give a DICOM video object (MPEG-2, H.264 or HEVC encapsulated)",
+    "invalid_fhir_reference": "give --fhir-subject Patient/ID and --fhir-encounter Encounter/ID",
+    "invalid_fhir_config": "fix MAM_FHIR_CODES_FILE / MAM_FHIR_UNIT (see mam/fhir/codes.py)",
     "invalid_input": "see the message",
     "mam_error": "see the message; run again with -v for the log",
 }

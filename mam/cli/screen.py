@@ -1,4 +1,5 @@
-"""``mam screen``: one recording or pose file -> the result, as text or JSON."""
+"""``mam screen``: one recording (also a DICOM video object) or pose file -> the result, as text,
+JSON or an HL7 FHIR R4 Bundle (``--format fhir``, see ``mam.fhir``)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,18 @@ from mam.cli import options as O
 def register(sub) -> None:
     s = sub.add_parser("screen", help="screen one recording (or a precomputed pose file)")
     O.add_verbose(s)
-    s.add_argument("video", nargs="?", type=Path, help="recording (mp4/mov/avi/mkv...)")
+    s.add_argument("video", nargs="?", type=Path,
+                   help="recording (mp4/mov/avi/mkv..., or a DICOM video object)")  # fmt: skip
     s.add_argument("--pose", type=Path, help="precomputed 3D pose .npy [T, 17, 3] at 25 fps")
     O.add_infant(s)
-    s.add_argument("--format", choices=["text", "json"], default="text", help="output format")
+    s.add_argument("--format", choices=["text", "json", "fhir"], default="text",
+                   help="output format (fhir: an HL7 FHIR R4 transaction Bundle)")  # fmt: skip
+    g = s.add_argument_group("FHIR output (--format fhir)")
+    g.add_argument("--fhir-subject", metavar="Patient/ID",
+                   help="the patient of the result (a FHIR reference; never logged)")  # fmt: skip
+    g.add_argument("--fhir-encounter", metavar="Encounter/ID", help="the encounter, likewise")
+    g.add_argument("--echo-dicom-uids", action="store_true",
+                   help="put a DICOM recording's study and series UIDs in the Bundle")  # fmt: skip
     O.add_weights(s)
     O.add_pose_backend(s)
     s.add_argument("--no-abstain", action="store_true",
@@ -34,6 +43,10 @@ def run(args: argparse.Namespace) -> int:
         raise O.UsageError("give exactly one of VIDEO or --pose POSE.npy")
     if args.pose is not None:
         O.reject(args, ["pose_backend"], "not used with --pose (the poses are given)")
+    if args.format != "fhir":
+        O.reject(args, ["fhir_subject", "fhir_encounter", "echo_dicom_uids"],
+                 "only with --format fhir")  # fmt: skip
+    fhir = _fhir_context(args) if args.format == "fhir" else None  # references checked first
     infant = InfantData.parse(
         sex=args.sex,
         gestational_age_weeks=args.gestational_age_weeks,
@@ -63,8 +76,31 @@ def run(args: argparse.Namespace) -> int:
         finally:
             if bar is not None:
                 bar.close()
-    print(result.model_dump_json(indent=2) if args.format == "json" else text(result))
+    if fhir is not None:
+        import json
+
+        from mam.fhir import FhirCodes, build_bundle
+
+        print(json.dumps(build_bundle(result, fhir, FhirCodes.from_env()), indent=2))
+    else:
+        print(result.model_dump_json(indent=2) if args.format == "json" else text(result))
     return 0
+
+
+def _fhir_context(args: argparse.Namespace):
+    import uuid
+
+    from mam.dicom_video import read_uids
+    from mam.fhir import FhirContext
+
+    uids = read_uids(args.video) if args.echo_dicom_uids and args.video is not None else None
+    return FhirContext(
+        result_id=str(uuid.uuid4()),
+        subject=args.fhir_subject,
+        encounter=args.fhir_encounter,
+        study_instance_uid=getattr(uids, "study_instance_uid", None),
+        series_instance_uid=getattr(uids, "series_instance_uid", None),
+    )
 
 
 def _p(x: float) -> str:
