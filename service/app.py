@@ -27,16 +27,21 @@ import numpy as np
 from bentoml.validators import ContentType
 from pydantic import BaseModel, Field
 
+from mam import dicom_video
+from mam.audit import key_id, sha256_file
 from mam.errors import InvalidPoseError, MamError
 from mam.features import CLIP_FRAMES, expand_differences, validate_instances
 from mam.model.weights import load_meta
 from mam.pose import load_pose_file
 from mam.pose.from_video import estimate_video_pose
+from mam.review.mount import review_from_environment
 from mam.runtime import create_runtime
 from mam.schemas import InfantData, InstancesResult, ScreeningResult
 from mam.screening import ClipScores, Screener, ScreeningOptions, softmax
 from service import bentoml_compat as compat
 from service import errors as E
+from service import integration as I
+from service.auth import key_from_headers
 from service.metrics import get_metrics
 from service.middleware import ServiceMiddleware
 from service.settings import get_settings
@@ -44,6 +49,7 @@ from service.settings import get_settings
 logger = logging.getLogger("mam.service")
 S = get_settings()
 compat.apply()  # the BentoML internals this service depends on, version-gated, in one place
+AUDIT = S.audit_log()  # one audit trail per process: the middleware's lines and the tasks'
 
 INSTANCES_POSE_BACKEND = "none (instances given)"
 
@@ -240,6 +246,7 @@ class Screening:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._described = False
         self._grpc = None
+        self.pushes = I.Pushes(S, self.metrics, AUDIT)  # FHIR push to MAM_FHIR_BASE_URL, if set
 
     def __is_ready__(self) -> bool:
         return self.screener is not None
@@ -414,6 +421,42 @@ class Screening:
         self.progress.set(task_id, stage="model")
         return self.screener.screen_pose(seq, infant, timings=timings)
 
+    # -- hospital integration: content digests, echoed DICOM UIDs, FHIR push, task audit ----------
+    async def _intake(self, ctx, path: Path, headers: dict, task_id: str | None = None):
+        """Note the upload's SHA-256 for the audit line (in the request's state, which the
+        middleware reads) and, when the caller asked for them, a DICOM upload's UIDs for the
+        FHIR answer (state for a synchronous call, ``integration.UIDS`` for a task)."""
+        state = ctx.request.scope.setdefault("state", {})
+        state["content_sha256"] = await asyncio.to_thread(sha256_file, path)
+        uids = None
+        if I.echo_uids(headers) and dicom_video.is_dicom(path):
+            try:
+                uids = await asyncio.to_thread(dicom_video.read_uids, path)
+            except MamError:
+                uids = None  # the screening itself will say what is wrong with the file
+            state["dicom_uids"] = uids
+            if task_id and uids is not None:
+                I.UIDS.put(task_id, uids)
+        return state["content_sha256"], uids
+
+    def _push(self, result, headers: dict, result_id: str | None, uids=None) -> None:
+        """The result's Bundle to the site's FHIR server, in the background (if configured)."""
+        if not self.pushes.enabled or not result_id:
+            return
+        try:
+            self.pushes.push(result, I.context(headers, result_id, uids))
+        except MamError as e:  # references are checked by the middleware; belt and braces
+            logger.warning("FHIR push skipped: %s", e.code)
+
+    @staticmethod
+    def _task_audit(headers, rid, task_id, sha, outcome: str, t0: float) -> None:
+        AUDIT.record(
+            "screening_task", request_id=rid,
+            api_key_id=key_id(key_from_headers(headers), S.auth_disabled),
+            route="screen_submit", protocol="rest", content_sha256=sha, result_id=task_id,
+            outcome=outcome, duration_ms=(time.perf_counter() - t0) * 1000,
+        )  # fmt: skip
+
     @bentoml.task
     async def screen(
         self,
@@ -422,25 +465,36 @@ class Screening:
         ctx: bentoml.Context = None,
     ) -> ScreeningResult:
         """Screen a recording of an infant lying supine (multipart: ``video``, the file with a
-        ``video/*`` type, and optional ``infant`` JSON). ``POST /screen`` answers when done
-        (up to ``MAM_REQUEST_TIMEOUT_S``); ``/screen/submit`` starts a task, polled with
-        ``/screen/status``, ``/screen/progress`` and fetched with ``/screen/get``.
+        ``video/*`` type, a DICOM video object too; optional ``infant`` JSON). ``POST /screen``
+        answers when done (up to ``MAM_REQUEST_TIMEOUT_S``); ``/screen/submit`` starts a task,
+        polled with ``/screen/status``, ``/screen/progress`` and fetched with ``/screen/get``.
         Decision support only, not a diagnosis."""
         rid = _request_id(ctx)
         task_id = getattr(ctx.request.state, "task_id", None)
         timeout = S.task_timeout_s if task_id else S.request_timeout_s
+        t0, sha = time.perf_counter(), None
+        headers = {k.lower(): v for k, v in ctx.request.headers.items()}
         path = video
         try:
-            path = _neutral_name(video, "recording", video.suffix[:8] if video.suffix else "")
+            dicom = dicom_video.is_dicom(video)  # named for what it is, not for the client's name
+            suffix = ".dcm" if dicom else (video.suffix[:8] if video.suffix else "")
+            path = _neutral_name(video, "recording", suffix)
+            sha, uids = await self._intake(ctx, path, headers, task_id)
             result = await self._run_video(
                 lambda c: self._screen_file(path, infant, task_id, c), timeout
             )
             self.metrics.videos.labels(outcome="ok").inc()
             self.progress.set(task_id, stage="done", fraction=1.0)
+            self._push(result, headers, task_id or rid, uids)
+            if task_id:
+                self._task_audit(headers, rid, task_id, sha, "ok", t0)
             return result
         except Exception as e:
             self.metrics.videos.labels(outcome="error").inc()
             self.progress.set(task_id, stage="failed")
+            if task_id:
+                code = e.code if isinstance(e, MamError | E.ServiceError) else E.INTERNAL
+                self._task_audit(headers, rid, task_id, sha, code, t0)
             return _failure(ctx, rid, e, "screen", path)
         finally:
             for p in {video, path}:
@@ -467,6 +521,8 @@ class Screening:
             head = pose.read_bytes()[:8]
             suffix = ".npz" if head.startswith(b"PK") else ".npy"
             path = _neutral_name(pose, "pose", suffix)
+            headers = {k.lower(): v for k, v in ctx.request.headers.items()}
+            await self._intake(ctx, path, headers)
             seq = load_pose_file(path)
             if seq.num_frames > S.max_pose_frames:
                 raise InvalidPoseError(
@@ -474,7 +530,9 @@ class Screening:
                 )
             self.admit()
             async with asyncio.timeout(S.tensor_timeout_s):
-                return await asyncio.to_thread(self.screener.screen_pose, seq, infant)
+                result = await asyncio.to_thread(self.screener.screen_pose, seq, infant)
+            self._push(result, headers, rid)
+            return result
         except TimeoutError:
             return _fail(ctx, E.error_response(E.TIMEOUT, "screening the pose took too long", rid))
         except Exception as e:
@@ -491,6 +549,7 @@ class Screening:
         ``[N, 240, 3, 17, 17]`` of smoothed, normalised joint differences; optional ``infant``)."""
         rid = _request_id(ctx)
         try:
+            await self._intake(ctx, instances, {})
             try:
                 x = np.load(instances, allow_pickle=False)
             except Exception:
@@ -525,6 +584,7 @@ class Screening:
 
             await stop_server(self._grpc, grace=5.0)
         self._video_pool.shutdown(wait=False, cancel_futures=True)
+        self.pushes.close()
 
 
 def _middleware_kwargs() -> dict:
@@ -533,9 +593,17 @@ def _middleware_kwargs() -> dict:
         "auth_disabled": S.auth_disabled,
         # Multipart framing adds a little to the file itself.
         "max_body_bytes": int(S.max_upload_mb * 2**20) + 64 * 1024,
+        "audit": AUDIT,
+        "fhir_codes": S.fhir_codes(),
     }
 
 
+# The clinicians' review app (mam.review), when MAM_REVIEW_DIR names a batch output folder, at
+# /review. It has its own login, sessions and CSRF checks (browsers send no API keys), so it is
+# added before, i.e. in front of, the API-key middleware; the service's keys may log in to it.
+_review = review_from_environment(S.key_hashes())
+if _review is not None:
+    Screening.add_asgi_middleware(_review[0], **_review[1])
 Screening.add_asgi_middleware(ServiceMiddleware, **_middleware_kwargs())
 
 __all__ = ["ClipModel", "Screening"]

@@ -11,10 +11,11 @@ Examples:
     mam batch manifest.csv --out shard-0 --shard 0/4 && mam batch merge shard-* --out all
     mam batch archive/ --out results/ --service http://mam:3000 --workers 8
     mam serve --port 3000 --grpc-port 8001
+    mam review results/ --archive archive/ --port 8080
 
 Errors print ``error [code]: message`` and a one-line ``fix:``, and exit with status 2 (bad input
 or usage) or 1. One module per command group (``screen``, ``synth``, ``train``, ``batch``,
-``serve``); shared options in ``options``; the fixes in ``errors``.
+``serve``, ``review``); shared options in ``options``; the fixes in ``errors``.
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ import logging
 import sys
 
 from mam import __version__
-from mam.cli import batch, screen, serve, synth, train
+from mam.cli import batch, review, screen, serve, synth, train
 from mam.cli.errors import hint
 from mam.cli.options import UsageError, given
 from mam.errors import InputError, MamError
 
-COMMANDS = (screen, synth, train, batch, serve)
+COMMANDS = (screen, synth, train, batch, serve, review)
 
 
 def build_parser() -> argparse.ArgumentParser:

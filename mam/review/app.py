@@ -1,0 +1,691 @@
+"""The review and annotation web app: a Starlette application over one batch output folder.
+
+Pages: the worklist (``/``), a recording (``/r/<rid>``: the video synchronised with the per-clip
+P(FMs) timeline, the top FMs clips, the skeleton overlay, the reviewer's judgement), the export
+(``/export``) and the login (``/login``). JSON under ``/api/r/<rid>`` saves the reviewer's
+changes one at a time as they work (:mod:`mam.review.store`). ``/r/<rid>/video`` serves the
+recording with HTTP range requests (Starlette's ``FileResponse``), so the player can seek.
+
+Security, in one place (:class:`Gate`, the outermost layer):
+
+* every path but ``/login`` needs a session, including static files and unknown paths (so
+  nothing can be probed); pages redirect to the login, everything else answers 401;
+* every request that changes something (not GET/HEAD) carries the session's CSRF token in an
+  ``X-CSRF-Token`` header or a ``csrf_token`` form field, else 403; the login form has its own
+  double-submit token;
+* the session cookie is ``HttpOnly; SameSite=Strict`` (``Secure`` over https), the token is
+  random and the store keeps only its hash;
+* the browser only ever names a recording by its opaque id; files come from
+  :meth:`mam.review.catalog.Catalog.locate`, which refuses anything outside the archive root;
+* a strict Content-Security-Policy (scripts and styles from the app itself; no CDN: everything
+  is served from ``mam/review/static``), ``no-store`` caching, no framing;
+* errors are logged with their type only, never with a message, path, id or value.
+
+Mount it in another ASGI app (the screening service does, at ``/review``): URLs are built from
+the request's ``root_path``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import secrets
+import threading
+import time
+import traceback
+import uuid
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+from urllib.parse import parse_qs, quote
+
+import jinja2
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+)
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from mam import DISCLAIMER, __version__
+from mam.batch.report import REVIEW_NOTE, mmss
+from mam.gma import FMS_CATEGORIES, GROUP_OF, GROUPS
+from mam.review import pose as P
+from mam.review.auth import Authenticator, new_token, same, token_digest
+from mam.review.catalog import Catalog, Recording
+from mam.review.config import ReviewConfig
+from mam.review.export import ExportError, export_annotations
+from mam.review.store import Gone, NotFound, ReviewInputError, ReviewStore
+
+logger = logging.getLogger(__name__)
+
+HERE = Path(__file__).resolve().parent
+SESSION_COOKIE = "mam_review_session"
+LOGIN_COOKIE = "mam_review_login"
+SAFE_METHODS = frozenset({"GET", "HEAD"})
+MAX_BODY = 1 << 20
+_RID = r"rec-[0-9a-f]{16}"
+_NEXT = re.compile(rf"^/(r/{_RID}|export)?$")
+MEDIA_TYPES = {".mp4": "video/mp4", ".m4v": "video/mp4", ".mov": "video/quicktime",
+               ".webm": "video/webm", ".mkv": "video/x-matroska",
+               ".avi": "video/x-msvideo"}  # fmt: skip
+STATE_LABELS = {"not_reviewed": "not reviewed", "in_progress": "in progress", "done": "done"}
+
+
+def _root(request: Request) -> str:
+    return request.scope.get("root_path", "").rstrip("/")
+
+
+def _route_path(scope) -> str:
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        path = path[len(root) :]
+    return path or "/"
+
+
+def _json_error(status: int, code: str, message: str, **extra) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message, **extra}}, status)
+
+
+def _csp(nonce: str) -> str:
+    return (
+        "default-src 'none'; script-src 'self'; "
+        f"style-src 'self' 'nonce-{nonce}'; img-src 'self' data:; media-src 'self'; "
+        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    )
+
+
+class Gate:
+    """Login, CSRF, security headers and error containment in front of every route."""
+
+    def __init__(self, app, review: ReviewApp) -> None:
+        self.app, self.review = app, review
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        nonce = secrets.token_urlsafe(16)
+        state = scope.setdefault("state", {})
+        state["csp_nonce"] = nonce
+        path = _route_path(scope)
+        method = scope.get("method", "GET")
+        started = False
+        static = path.startswith("/static/")
+
+        async def send_with_headers(msg):
+            nonlocal started
+            if msg["type"] == "http.response.start":
+                started = True
+                headers = [(k, v) for k, v in msg.get("headers", [])
+                           if k.lower() not in (b"cache-control",) or static]  # fmt: skip
+                headers += [
+                    (b"content-security-policy", _csp(nonce).encode()),
+                    (b"x-content-type-options", b"nosniff"),
+                    (b"x-frame-options", b"DENY"),
+                    (b"referrer-policy", b"no-referrer"),
+                ]
+                if not static:
+                    headers.append((b"cache-control", b"no-store"))
+                msg = {**msg, "headers": headers}
+            await send(msg)
+
+        try:
+            if path != "/login":
+                session = await run_in_threadpool(self.review.session_of, _cookie(scope))
+                if session is None:
+                    resp = self._unauthenticated(scope, path, method)
+                    return await resp(scope, receive, send_with_headers)
+                state["review_session"] = session
+                if method not in SAFE_METHODS:
+                    token = _header(scope, b"x-csrf-token")
+                    if token is None and _is_form(scope):
+                        body = await _read_body(receive)
+                        if body is None:
+                            resp = _json_error(413, "too_large", "request body too large")
+                            return await resp(scope, receive, send_with_headers)
+                        token = (parse_qs(body.decode("latin-1")).get("csrf_token") or [None])[0]
+                        receive = _replay(body)
+                    if not same(token, session.csrf):
+                        resp = _json_error(403, "csrf", "missing or wrong CSRF token; reload")
+                        return await resp(scope, receive, send_with_headers)
+            await self.app(scope, receive, send_with_headers)
+        except Exception as e:  # noqa: BLE001 - logged by type only: messages may carry data
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            logger.error("review: %s at %s:%d", type(e).__name__, Path(where.filename).name,
+                         where.lineno)  # fmt: skip
+            if not started:
+                resp = _json_error(500, "internal_error", "something went wrong; try again")
+                await resp(scope, receive, send_with_headers)
+
+    def _unauthenticated(self, scope, path: str, method: str) -> Response:
+        accept = _header(scope, b"accept") or ""
+        if method == "GET" and "text/html" in accept and _NEXT.match(path):
+            root = scope.get("root_path", "").rstrip("/")
+            nxt = "" if path == "/" else f"?next={quote(path)}"
+            return RedirectResponse(f"{root}/login{nxt}", 303)
+        return _json_error(401, "unauthorized", "log in first")
+
+
+def _header(scope, name: bytes) -> str | None:
+    for k, v in scope.get("headers", ()):
+        if k.lower() == name:
+            return v.decode("latin-1")
+    return None
+
+
+def _cookie(scope) -> str | None:
+    raw = _header(scope, b"cookie") or ""
+    for part in raw.split(";"):
+        k, _, v = part.strip().partition("=")
+        if k == SESSION_COOKIE and v:
+            return v
+    return None
+
+
+def _is_form(scope) -> bool:
+    ctype = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
+    return ctype == "application/x-www-form-urlencoded"
+
+
+async def _read_body(receive) -> bytes | None:
+    chunks, size = [], 0
+    while True:
+        msg = await receive()
+        if msg["type"] != "http.request":
+            break
+        chunk = msg.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY:
+            return None
+        chunks.append(chunk)
+        if not msg.get("more_body"):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes):
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
+class _Export:
+    """The export button's one job at a time."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.state = "idle"  # idle | running | done | failed
+        self.done = self.total = 0
+        self.folder: Path | None = None
+        self.summary: dict | None = None
+        self.message = ""
+        self.by = ""
+        self.at = 0.0
+
+    def as_dict(self) -> dict:
+        return {"state": self.state, "done": self.done, "total": self.total,
+                "name": self.folder.name if self.folder else None, "summary": self.summary,
+                "message": self.message, "by": self.by, "at": self.at}  # fmt: skip
+
+
+class ReviewApp:
+    """What the routes share: the catalog, the store, the login check, the pose jobs.
+
+    Args:
+        config: :class:`mam.review.config.ReviewConfig`.
+    """
+
+    def __init__(self, config: ReviewConfig) -> None:
+        self.config = config
+        self.catalog = Catalog(config.out_dir, config.archive_root)
+        self.store = ReviewStore(config.database_url)
+        self.auth = Authenticator(config.users_file, config.key_hashes)
+        self.poses = P.PoseJobs(config.out_dir)
+        self.export = _Export()
+        self._overlays: OrderedDict[str, dict] = OrderedDict()
+        self._rows: tuple[tuple | None, dict[str, tuple]] = (None, {})
+        self.env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(HERE / "templates"),
+            autoescape=True,
+            undefined=jinja2.StrictUndefined,
+        )
+        self.env.filters["mmss"] = mmss
+        self.env.filters["prob"] = _prob
+        self.env.globals.update(DISCLAIMER=DISCLAIMER, VERSION=__version__,
+                                STATE_LABELS=STATE_LABELS)  # fmt: skip
+        self.css = (HERE / "static" / "review.css").read_text()
+
+    def close(self) -> None:
+        self.poses.close()
+        self.store.close()
+
+    # -- sessions --------------------------------------------------------------------------------
+    def session_of(self, token: str | None):
+        if not token or len(token) > 200:
+            return None
+        return self.store.session(token_digest(token))
+
+    def render(self, request: Request, name: str, status: int = 200, **ctx) -> HTMLResponse:
+        s = request.scope.get("state", {})
+        session = s.get("review_session")
+        html = self.env.get_template(name).render(
+            root=_root(request), nonce=s.get("csp_nonce", ""), session=session,
+            csrf=session.csrf if session else "", **ctx,
+        )  # fmt: skip
+        return HTMLResponse(html, status)
+
+    # -- login -----------------------------------------------------------------------------------
+    def login_page(
+        self, request: Request, status: int = 200, message: str = "", nxt: str | None = None
+    ) -> Response:
+        token = request.cookies.get(LOGIN_COOKIE) or secrets.token_urlsafe(24)
+        nxt = request.query_params.get("next", "") if nxt is None else nxt
+        resp = self.render(
+            request, "login.html", status, message=message, login_csrf=token,
+            next=nxt if _NEXT.match(nxt) else "", css=self.css,
+            configured=self.auth.configured,
+        )  # fmt: skip
+        self._cookie(request, resp, LOGIN_COOKIE, token, max_age=3600)
+        return resp
+
+    async def login(self, request: Request) -> Response:
+        if request.method == "GET":
+            return self.login_page(request)
+        body = await _read_body(request.receive)
+        if body is None:
+            return PlainTextResponse("request body too large", 413)
+        form = {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace")).items()}
+        if not same(form.get("csrf_token"), request.cookies.get(LOGIN_COOKIE)):
+            return self.login_page(request, 403, "The login form expired; please try again.")
+        name = (form.get("name") or "").strip()
+        nxt = form.get("next") or ""
+        if self.auth.locked_out(name):
+            return self.login_page(request, 429, "Too many failed logins for this name; wait a "
+                                   "minute and try again.", nxt)  # fmt: skip
+        reviewer = await run_in_threadpool(self.auth.check, name, form.get("password") or "")
+        if reviewer is None:
+            return self.login_page(request, 401, "Wrong name or password.", nxt)
+        token, digest = new_token()
+        await run_in_threadpool(self.store.create_session, digest, reviewer,
+                                secrets.token_hex(32), self.config.session_ttl_s)  # fmt: skip
+        resp = RedirectResponse(_root(request) + (nxt if _NEXT.match(nxt) else "/"), 303)
+        self._cookie(request, resp, SESSION_COOKIE, token, max_age=int(self.config.session_ttl_s))
+        resp.delete_cookie(LOGIN_COOKIE, path=self._cookie_path(request))
+        return resp
+
+    def logout(self, request: Request) -> Response:
+        token = request.cookies.get(SESSION_COOKIE)
+        if token:
+            self.store.delete_session(token_digest(token))
+        resp = RedirectResponse(_root(request) + "/login", 303)
+        resp.delete_cookie(SESSION_COOKIE, path=self._cookie_path(request), httponly=True,
+                           samesite="strict")  # fmt: skip
+        return resp
+
+    def _cookie_path(self, request: Request) -> str:
+        return _root(request) or "/"
+
+    def _cookie(self, request, resp: Response, name: str, value: str, max_age: int) -> None:
+        secure = self.config.secure_cookie
+        if secure is None:
+            secure = request.url.scheme == "https"
+        resp.set_cookie(name, value, max_age=max_age, path=self._cookie_path(request),
+                        httponly=True, samesite="strict", secure=secure)  # fmt: skip
+
+    # -- pages -----------------------------------------------------------------------------------
+    def worklist(self, request: Request) -> Response:
+        stamp, recs = self.catalog.snapshot()
+        reviews = self.store.summaries()
+        root = _root(request)
+        # The model's half of a row changes only with its ledger row: rendered once and kept
+        # (a batch still running changes the ledger often; only new rows are rendered). The
+        # cache is one (key, rows) pair, replaced whole, so concurrent requests never mix two.
+        key, cached = self._rows
+        if key != (stamp, root):
+            macros = self.env.get_template("_worklist_row.html").module
+            old = cached if key is not None and key[1] == root else {}
+            cached = {
+                r.rid: old[r.rid] if r.rid in old and old[r.rid][0] is r
+                else (r, macros.attrs(r, r.summary), macros.cells(r, r.summary, root))
+                for r in recs
+            }  # fmt: skip
+            self._rows = ((stamp, root), cached)
+        rows, counts = [], {"not_reviewed": 0, "in_progress": 0, "done": 0}
+        for n, rec in enumerate(recs, start=1):
+            rv = reviews.get(rec.rid, {})
+            state = rv.get("state", "not_reviewed")
+            counts[state] = counts.get(state, 0) + 1
+            _, attrs, cells = cached[rec.rid]
+            rows.append((n, rec, attrs, cells, state, rv))
+        return self.render(request, "worklist.html", rows=rows, counts=counts,
+                           total=len(recs))  # fmt: skip
+
+    def recording(self, request: Request) -> Response:
+        rec = self._rec(request)
+        if rec is None:
+            return self.render(request, "error.html", 404, title="No such recording",
+                               message="There is no recording with this id in the batch "
+                               "output.")  # fmt: skip
+        result = rec.result() if rec.status == "done" else None
+        video = self.catalog.locate(rec) if rec.kind == "video" else None
+        missing = "" if video is not None or rec.kind != "video" else self.catalog.why_missing(rec)
+        data = None
+        if result is not None:
+            top = [c.index for c in result.top_fms_clips]
+            data = {
+                "rid": rec.rid,
+                "duration": _duration(result),
+                "clips": [
+                    {
+                        "i": c.index,
+                        "start": c.start_s,
+                        "end": c.end_s,
+                        "p": round(c.fms_probability, 4),
+                    }
+                    for c in result.clips
+                ],  # fmt: skip
+                "top": top,
+                "video": video is not None,
+                "kind": rec.kind,
+                "group_of": GROUP_OF,
+                "reviewer": request.state.review_session.reviewer,
+            }
+        return self.render(
+            request, "recording.html", rec=rec, result=result, video=video is not None,
+            missing=missing, data=data, timeline=_timeline(result) if result else None,
+            categories=FMS_CATEGORIES, groups=GROUPS, review_note=REVIEW_NOTE,
+        )  # fmt: skip
+
+    def export_page(self, request: Request) -> Response:
+        states = self.store.summaries()
+        done = sum(s.get("state") == "done" for s in states.values())
+        return self.render(request, "export.html", done=done, job=self.export.as_dict())
+
+    # -- files -----------------------------------------------------------------------------------
+    def video(self, request: Request) -> Response:
+        rec = self._rec(request)
+        if rec is None:
+            return _json_error(404, "not_found", "no such recording")
+        if rec.kind != "video":
+            return _json_error(404, "no_video", "this recording is a pose file: no video")
+        path = self.catalog.locate(rec)
+        if path is None:
+            return _json_error(404, "recording_missing", self.catalog.why_missing(rec))
+        media = MEDIA_TYPES.get(path.suffix.lower(), "application/octet-stream")
+        return FileResponse(path, media_type=media)
+
+    def pose(self, request: Request) -> Response:
+        rec = self._rec(request)
+        if rec is None or rec.status != "done":
+            return _json_error(404, "not_found", "no such screened recording")
+        if rec.kind != "video":
+            return _json_error(404, "no_video", "a pose file has no video to draw on")
+        backend = rec.summary.get("pose_backend") or ""
+        key = f"{backend}:{rec.sha256}"
+        cached = self.poses.cached(backend, rec.sha256)
+        if cached is not None:
+            payload = self._overlays.get(key)
+            if payload is None:
+                payload = P.overlay_payload(cached)
+                self._overlays[key] = payload
+                while len(self._overlays) > 8:
+                    self._overlays.popitem(last=False)
+            else:
+                self._overlays.move_to_end(key)
+            return JSONResponse({"state": "done", "backend": backend, "overlay": payload})
+        job = self.poses.status(key)
+        if request.method == "POST" and (job is None or job.state == "failed"):
+            video = self.catalog.locate(rec)
+            if video is None:
+                return _json_error(404, "recording_missing", self.catalog.why_missing(rec))
+            job = self.poses.start(key, video, rec.sha256, backend)
+        if job is None:
+            return JSONResponse({"state": "none", "backend": backend})
+        return JSONResponse(
+            {"state": job.state, "backend": backend, "done": job.done, "total": job.total,
+             "code": job.code, "message": job.message},
+            202 if job.state == "running" else 200,
+        )  # fmt: skip
+
+    # -- annotation API --------------------------------------------------------------------------
+    def _rec(self, request: Request) -> Recording | None:
+        return self.catalog.get(request.path_params["rid"])
+
+    def _reviewable(self, request: Request) -> tuple[Recording | None, Response | None]:
+        rec = self._rec(request)
+        if rec is None:
+            return None, _json_error(404, "not_found", "no such recording")
+        if rec.status != "done":
+            return None, _json_error(409, "not_screened", "only screened recordings are reviewed")
+        return rec, None
+
+    def annotation(self, request: Request) -> Response:
+        rec, err = self._reviewable(request)
+        if err:
+            return err
+        ann = self.store.annotation(rec.rid)
+        ann["history"] = self.store.history(rec.rid, 100)
+        return JSONResponse(ann)
+
+    async def _body(self, request: Request) -> dict:
+        raw = await request.body()
+        if len(raw) > MAX_BODY:
+            raise ReviewInputError("request body too large")
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError:
+            raise ReviewInputError("the body is not JSON") from None
+        if not isinstance(body, dict):
+            raise ReviewInputError("the body must be a JSON object")
+        return body
+
+    async def set_fields(self, request: Request) -> Response:
+        rec, err = self._reviewable(request)
+        if err:
+            return err
+        try:
+            changes = (await self._body(request)).get("changes")
+            if not isinstance(changes, dict) or not changes or len(changes) > 50:
+                raise ReviewInputError("send {'changes': {field: {'value', 'base_rev'}}}")
+            parsed = {}
+            for name, ch in changes.items():
+                if not isinstance(ch, dict) or "value" not in ch:
+                    raise ReviewInputError("each change is {'value': ..., 'base_rev': N}")
+                base = ch.get("base_rev")
+                if base is not None and not isinstance(base, int):
+                    raise ReviewInputError("base_rev is the revision the change was made on")
+                parsed[name] = (ch["value"], base)
+            reviewer = request.state.review_session.reviewer
+            fields, overwrote = await run_in_threadpool(
+                self.store.set_fields, rec.rid, reviewer, parsed
+            )
+        except ReviewInputError as e:
+            return _json_error(400, "invalid", str(e))
+        return JSONResponse({"fields": fields, "overwrote": overwrote})
+
+    async def add_interval(self, request: Request) -> Response:
+        rec, err = self._reviewable(request)
+        if err:
+            return err
+        try:
+            b = await self._body(request)
+            iv = await run_in_threadpool(
+                self.store.add_interval, rec.rid, request.state.review_session.reviewer,
+                b.get("id") or uuid.uuid4().hex, b.get("start_s"), b.get("end_s"),
+                rec.summary.get("duration_s"),
+            )  # fmt: skip
+        except ReviewInputError as e:
+            return _json_error(400, "invalid", str(e))
+        return JSONResponse({"interval": iv}, 201)
+
+    async def edit_interval(self, request: Request) -> Response:
+        rec, err = self._reviewable(request)
+        if err:
+            return err
+        iid = request.path_params["iid"]
+        reviewer = request.state.review_session.reviewer
+        try:
+            if request.method == "DELETE":
+                base = request.query_params.get("base_rev")
+                over = await run_in_threadpool(
+                    self.store.delete_interval, rec.rid, reviewer, iid,
+                    int(base) if base and base.isdigit() else None,
+                )  # fmt: skip
+                return JSONResponse({"deleted": iid, "overwrote": over})
+            b = await self._body(request)
+            base = b.get("base_rev")
+            iv, over = await run_in_threadpool(
+                self.store.update_interval, rec.rid, reviewer, iid, b.get("start_s"),
+                b.get("end_s"), base if isinstance(base, int) else None,
+                rec.summary.get("duration_s"),
+            )  # fmt: skip
+            return JSONResponse({"interval": iv, "overwrote": over})
+        except ReviewInputError as e:
+            return _json_error(400, "invalid", str(e))
+        except NotFound:
+            return _json_error(404, "not_found", "no such interval")
+        except Gone as e:
+            return _json_error(409, "deleted", "another reviewer deleted this interval; your "
+                               "change was not saved", by=e.by, at=e.at)  # fmt: skip
+
+    # -- export ----------------------------------------------------------------------------------
+    def start_export(self, request: Request) -> Response:
+        job = self.export
+        with job.lock:
+            if job.state != "running":
+                stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+                folder = self.config.exports_dir / f"export-{stamp}-{secrets.token_hex(2)}"
+                job.state, job.done, job.total, job.folder = "running", 0, 0, folder
+                job.summary, job.message = None, ""
+                job.by, job.at = request.state.review_session.reviewer, time.time()
+                threading.Thread(target=self._run_export, args=(folder,), daemon=True,
+                                 name="review-export").start()  # fmt: skip
+        if "application/json" in request.headers.get("accept", ""):
+            return JSONResponse(job.as_dict(), 202)
+        return RedirectResponse(_root(request) + "/export", 303)
+
+    def _run_export(self, folder: Path) -> None:
+        job = self.export
+
+        def progress(done: int, total: int) -> None:
+            job.done, job.total = done, total
+
+        try:
+            s = export_annotations(self.catalog, self.store, folder, progress)
+            job.summary, job.state = s.as_dict(), "done"
+        except ExportError as e:
+            job.state, job.message = "failed", str(e)
+        except Exception as e:  # noqa: BLE001 - reported on the page
+            job.state, job.message = "failed", f"the export failed ({type(e).__name__})"
+            logger.warning("review: export failed (%s)", type(e).__name__)
+
+    def export_status(self, request: Request) -> Response:
+        return JSONResponse(self.export.as_dict())
+
+    def export_download(self, request: Request) -> Response:
+        job = self.export
+        if job.state != "done" or job.folder is None or not job.folder.is_dir():
+            return _json_error(404, "no_export", "no finished export to download")
+        archive = job.folder.with_suffix(".zip")
+        if not archive.is_file():
+            tmp = archive.with_name(archive.name + ".part")
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+                for f in sorted(job.folder.rglob("*")):
+                    if f.is_file():
+                        z.write(f, f"{job.folder.name}/{f.relative_to(job.folder).as_posix()}")
+            tmp.replace(archive)
+        return FileResponse(archive, media_type="application/zip",
+                            filename=f"mam-review-{job.folder.name}.zip")  # fmt: skip
+
+
+def _prob(x) -> str:
+    if x is None:
+        return ""
+    return "<0.001" if x < 0.0005 else ">0.999" if x > 0.9995 else f"{x:.3f}"
+
+
+def _duration(result) -> float:
+    ends = [c.end_s for c in result.clips]
+    return round(max([result.quality.duration_s, *ends]) if ends else result.quality.duration_s, 3)
+
+
+def _timeline(result) -> dict:
+    """Geometry of the server-rendered SVG timeline: clip bars at their P(FMs), a hit area per
+    clip (from its start to the next clip's), the 0.5 line, time ticks."""
+    W, top, h = 1000.0, 18.0, 92.0
+    dur = max(_duration(result), 1.0)
+
+    def x(t: float) -> float:
+        return round(t / dur * W, 2)
+
+    ranks = {c.index: r for r, c in enumerate(result.top_fms_clips, start=1)}
+    clips = sorted(result.clips, key=lambda c: c.start_s)
+    items = []
+    for k, c in enumerate(clips):
+        nxt = clips[k + 1].start_s if k + 1 < len(clips) else c.end_s
+        y = round(top + (1 - c.fms_probability) * h, 2)
+        items.append({
+            "i": c.index, "start": c.start_s, "end": c.end_s, "p": c.fms_probability,
+            "x0": x(c.start_s), "x1": x(c.end_s), "hx": x(c.start_s),
+            "hw": max(x(nxt) - x(c.start_s), 1.0), "y": y, "rank": ranks.get(c.index),
+        })  # fmt: skip
+    step = next((s for s in (5, 10, 15, 30, 60, 120, 300, 600, 900, 1800) if dur / s <= 12), 3600)
+    ticks = [{"x": x(t), "label": mmss(t)} for t in range(0, int(dur) + 1, step)]
+    return {"W": W, "clips": items, "ticks": ticks, "y50": top + 0.5 * h, "dur": dur}
+
+
+def create_app(config: ReviewConfig) -> Starlette:
+    """The review app for ``config`` (a Starlette ASGI app; ``app.state.review`` holds the
+    :class:`ReviewApp`)."""
+    review = ReviewApp(config)
+    rid = "{rid:str}"
+    routes = [
+        Route("/login", review.login, methods=["GET", "POST"]),
+        Route("/logout", review.logout, methods=["POST"]),
+        Route("/", review.worklist),
+        Route(f"/r/{rid}", review.recording),
+        Route(f"/r/{rid}/video", review.video),
+        Route(f"/r/{rid}/pose", review.pose, methods=["GET", "POST"]),
+        Route(f"/api/r/{rid}", review.annotation),
+        Route(f"/api/r/{rid}/fields", review.set_fields, methods=["PUT"]),
+        Route(f"/api/r/{rid}/intervals", review.add_interval, methods=["POST"]),
+        Route(
+            f"/api/r/{rid}/intervals/{{iid:str}}", review.edit_interval, methods=["PATCH", "DELETE"]
+        ),  # fmt: skip
+        Route("/export", review.export_page),
+        Route("/export", review.start_export, methods=["POST"]),
+        Route("/export/status", review.export_status),
+        Route("/export/download", review.export_download),
+        Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+    ]
+
+    async def not_found(request: Request, exc) -> Response:
+        return _json_error(getattr(exc, "status_code", 404), "not_found", "no such page")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        review.close()
+
+    app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found},
+                    lifespan=lifespan)  # fmt: skip
+    app.state.review = review
+    gated = Gate(app, review)
+    gated.state = app.state  # type: ignore[attr-defined]
+    return gated  # type: ignore[return-value]

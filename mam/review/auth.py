@@ -1,0 +1,163 @@
+"""Who may review: a local user list with hashed passwords, or the screening service's API keys.
+
+* Users file (``DIR/review_users`` unless ``--users``/``MAM_REVIEW_USERS`` says otherwise): one
+  ``name:scrypt$N$r$p$salt$hash`` line per reviewer, written by ``mam review DIR --add-user
+  NAME``. scrypt (RFC 7914, Python's ``hashlib``) with a random 16-byte salt per user.
+* Service keys: the SHA-256 digests the service accepts (``MAM_API_KEY_HASHES``); a reviewer
+  logs in with a name and a key as the password and is recorded as ``name~key-<digest[:8]>``
+  (the name is self-declared, the key says who vouched for it).
+* Sessions: a random 256-bit token in an ``HttpOnly; SameSite=Strict`` cookie; the store keeps
+  its SHA-256 only, with the session's CSRF token. Failed logins are throttled per name.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import threading
+import time
+from pathlib import Path
+
+from mam.files import write_atomic
+
+USERS_FILE = "review_users"
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+_SCRYPT = (2**14, 8, 1)  # N, r, p: about 16 MiB and tens of ms per check
+MIN_PASSWORD = 8
+MAX_FAILURES = 5
+LOCKOUT_S = 60.0
+
+
+class UsersFileError(ValueError):
+    pass
+
+
+def hash_password(password: str, salt: bytes | None = None) -> str:
+    n, r, p = _SCRYPT
+    salt = salt or os.urandom(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=32)
+    b64 = base64.b64encode
+    return f"scrypt${n}${r}${p}${b64(salt).decode()}${b64(digest).decode()}"
+
+
+def verify_password(password: str, encoded: str) -> bool:
+    try:
+        algo, n, r, p, salt, digest = encoded.split("$")
+        if algo != "scrypt":
+            return False
+        got = hashlib.scrypt(password.encode(), salt=base64.b64decode(salt), n=int(n),
+                             r=int(r), p=int(p), dklen=32)  # fmt: skip
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(got, base64.b64decode(digest))
+
+
+def read_users(path: Path | None) -> dict[str, str]:
+    """``{name: encoded hash}``; an absent file is no users."""
+    if path is None or not path.is_file():
+        return {}
+    users = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, encoded = line.partition(":")
+        if not sep or not NAME.match(name) or not encoded.startswith("scrypt$"):
+            raise UsersFileError(f"{path.name} line {n}: expected name:scrypt$...")
+        users[name] = encoded
+    return users
+
+
+def add_user(path: Path, name: str, password: str) -> None:
+    """Add or replace ``name`` in the users file (written atomically, mode 0600)."""
+    if not NAME.match(name):
+        raise UsersFileError("a reviewer name is 1-64 letters, digits, '.', '_', '@' or '-'")
+    if len(password) < MIN_PASSWORD:
+        raise UsersFileError(f"the password needs at least {MIN_PASSWORD} characters")
+    users = read_users(path)
+    users[name] = hash_password(password)
+    text = "# mam review users: name:scrypt hash (mam review DIR --add-user NAME)\n" + "".join(
+        f"{k}:{v}\n" for k, v in sorted(users.items())
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, text.encode())
+    os.chmod(path, 0o600)
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Authenticator:
+    """Checks a name and a password (or a service key) and throttles failures per name.
+
+    Args:
+        users_file: the local user list (re-read when it changes, so added users can log in
+            without a restart).
+        key_hashes: SHA-256 hex digests of accepted service keys.
+    """
+
+    def __init__(self, users_file: Path | None, key_hashes: frozenset[str] = frozenset()):
+        self.users_file = users_file
+        self.key_hashes = frozenset(h.lower() for h in key_hashes)
+        self._users: dict[str, str] = {}
+        self._stamp: tuple | None = None
+        self._failures: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+        # A fixed hash to check against for unknown names, so timing does not tell names apart.
+        self._dummy = hash_password(secrets.token_hex(8))
+
+    def users(self) -> dict[str, str]:
+        f = self.users_file
+        stamp = None
+        if f is not None and f.is_file():
+            st = f.stat()
+            stamp = (st.st_mtime_ns, st.st_size)
+        if stamp != self._stamp:
+            self._users, self._stamp = read_users(f), stamp
+        return self._users
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.users()) or bool(self.key_hashes)
+
+    def locked_out(self, name: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            recent = [t for t in self._failures.get(name, []) if now - t < LOCKOUT_S]
+            self._failures[name] = recent
+            return len(recent) >= MAX_FAILURES
+
+    def check(self, name: str, password: str) -> str | None:
+        """The reviewer id for a good login, else None (and the failure is counted)."""
+        name = (name or "").strip()
+        if not NAME.match(name) or not password or len(password) > 1024:
+            return None
+        encoded = self.users().get(name)
+        ok = verify_password(password, encoded or self._dummy)
+        if ok and encoded is not None:
+            return name
+        digest = key_digest(password)
+        if any([hmac.compare_digest(digest, h) for h in self.key_hashes]):
+            return f"{name}~key-{digest[:8]}"
+        with self._lock:
+            self._failures.setdefault(name, []).append(time.monotonic())
+        return None
+
+
+def new_token() -> tuple[str, str]:
+    """``(token for the cookie, its SHA-256 for the store)``."""
+    token = secrets.token_urlsafe(32)
+    return token, hashlib.sha256(token.encode()).hexdigest()
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def same(a: str | None, b: str | None) -> bool:
+    return bool(a) and bool(b) and hmac.compare_digest(a.encode(), b.encode())

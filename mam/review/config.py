@@ -1,0 +1,70 @@
+"""Settings of the review app: given by ``mam review`` or, in the screening service, read from
+``MAM_REVIEW_*`` environment variables."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mam.review.auth import USERS_FILE
+
+EXPORTS_DIR = "review_exports"
+
+
+@dataclass
+class ReviewConfig:
+    """Args:
+    out_dir: a ``mam batch --out`` folder (its ``ledger.sqlite``; the review database, pose
+        cache and exports go beside it unless told otherwise).
+    archive_root: where the ledger's paths start (``mam batch``'s INPUT folder or a manifest's
+        folder); None: recordings are listed but cannot be played or re-posed.
+    db_url: SQLAlchemy URL of the review database (``postgresql+psycopg://...``); None:
+        ``DIR/review.sqlite``.
+    users_file: the reviewers' user list; None: ``DIR/review_users``.
+    key_hashes: SHA-256 digests of the service keys that may log in (as passwords).
+    secure_cookie: send the session cookie with ``Secure``; None: when the request is https.
+    session_ttl_s: a session's lifetime from login.
+    exports_dir: where the export button writes; None: ``DIR/review_exports``.
+    """
+
+    out_dir: Path
+    archive_root: Path | None = None
+    db_url: str | None = None
+    users_file: Path | None = None
+    key_hashes: frozenset[str] = field(default_factory=frozenset)
+    secure_cookie: bool | None = None
+    session_ttl_s: float = 12 * 3600.0
+    exports_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.out_dir = Path(self.out_dir)
+        if self.archive_root is not None:
+            self.archive_root = Path(self.archive_root)
+        self.users_file = Path(self.users_file or self.out_dir / USERS_FILE)
+        self.exports_dir = Path(self.exports_dir or self.out_dir / EXPORTS_DIR)
+
+    @property
+    def database_url(self) -> str:
+        from mam.review.store import default_url
+
+        return self.db_url or default_url(self.out_dir)
+
+    @classmethod
+    def from_env(cls, key_hashes: frozenset[str] = frozenset()) -> ReviewConfig | None:
+        """``MAM_REVIEW_DIR`` (required, else None: no review app), ``MAM_REVIEW_ARCHIVE``,
+        ``MAM_REVIEW_DB``, ``MAM_REVIEW_USERS``, ``MAM_REVIEW_SECURE_COOKIE`` (1/0)."""
+        out = os.environ.get("MAM_REVIEW_DIR")
+        if not out:
+            return None
+        secure = os.environ.get("MAM_REVIEW_SECURE_COOKIE")
+        return cls(
+            out_dir=Path(out),
+            archive_root=Path(os.environ["MAM_REVIEW_ARCHIVE"])
+            if os.environ.get("MAM_REVIEW_ARCHIVE") else None,
+            db_url=os.environ.get("MAM_REVIEW_DB") or None,
+            users_file=Path(os.environ["MAM_REVIEW_USERS"])
+            if os.environ.get("MAM_REVIEW_USERS") else None,
+            key_hashes=key_hashes,
+            secure_cookie=None if secure is None else secure.strip() in ("1", "true", "yes"),
+        )  # fmt: skip

@@ -1,0 +1,634 @@
+"""The review app (``mam review``) in-process: login, CSRF, paths that try to leave the archive,
+a recording gone from the archive, two reviewers at once, the skeleton overlay, the export and
+the CLI. The batch output folder is made by the real batch runner (simulated infants' pose
+files) plus one real MP4 (``tests.review_helpers``).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mam.batch import Item, Ledger
+from mam.batch.report import page_stem
+from mam.cli import main
+from mam.pose.base import PoseSequence, register_backend
+from mam.review import create_app
+from tests import review_helpers as H
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # starlette's note about httpx2
+    from starlette.testclient import TestClient
+
+HTML = {"accept": "text/html"}
+FAKE_BACKEND = "review-test-fake"
+FAKE_CALLS: list[int] = []
+EVIL_ID = "<script>alert(1)</script>"
+
+
+class _FakePose:
+    """A pose backend with known 2D joints: joint j at x = 10 + 5 j px, y = 5 + frame % 100."""
+
+    name = FAKE_BACKEND
+
+    def estimate(self, frames, progress=None):
+        n, size = 0, (0, 0)
+        for f in frames:
+            n += 1
+            size = (f.shape[1], f.shape[0])
+            if progress:
+                progress(n)
+        FAKE_CALLS.append(n)
+        image = np.zeros((n, 17, 2), np.float32)
+        image[..., 0] = 10 + 5 * np.arange(17)
+        image[..., 1] = (5 + np.arange(n) % 100)[:, None]
+        joints = np.random.default_rng(0).normal(0, 0.1, (n, 17, 3)).astype(np.float32)
+        joints[:, 0] = 0
+        return PoseSequence(joints, np.ones((n, 17), np.float32), source=FAKE_BACKEND,
+                            meta={"image_joints": image, "image_size": size})  # fmt: skip
+
+    def close(self) -> None:
+        pass
+
+
+register_backend(FAKE_BACKEND)(lambda **kw: _FakePose())
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory) -> H.Batch:
+    return H.make_batch(tmp_path_factory.mktemp("review-batch"))
+
+
+@pytest.fixture
+def fresh(batch, tmp_path) -> H.Batch:
+    """A private copy of the batch folder and archive (tests change both)."""
+    out, archive = tmp_path / "out", tmp_path / "archive"
+    shutil.copytree(batch.out, out)
+    shutil.copytree(batch.archive, archive)
+    return H.Batch(archive, out, batch.truth, dict(batch.rids))
+
+
+def client(b: H.Batch, **kw) -> TestClient:
+    base = kw.pop("base_url", "http://testserver")
+    return TestClient(create_app(H.config(b, **kw)), base_url=base)
+
+
+def _rows(b: H.Batch) -> list[dict]:
+    ledger = Ledger(b.out / "ledger.sqlite")
+    try:
+        return ledger.rows()
+    finally:
+        ledger.close()
+
+
+def _add_row(b: H.Batch, path: str, ident: str) -> str:
+    """Another ledger path for an already screened job (as a duplicate recording is kept)."""
+    done = next(r for r in _rows(b) if r["path"] == H.VIDEO_PATH)
+    ledger = Ledger(b.out / "ledger.sqlite")
+    try:
+        ledger.set_path(Item(b.archive / path, path, ident), done["key"], done["sha256"], 1, 1)
+    finally:
+        ledger.close()
+    rid = page_stem({"path": path, "id": ident})
+    b.rids[ident] = rid
+    return rid
+
+
+def put(c, rid, csrf, **values):
+    changes = {k: {"value": v, "base_rev": None} for k, v in values.items()}
+    return c.put(f"/api/r/{rid}/fields", json={"changes": changes},
+                 headers={"x-csrf-token": csrf})  # fmt: skip
+
+
+# -- access ---------------------------------------------------------------------------------------
+def test_nothing_is_reachable_without_login(fresh):
+    rid = fresh.rids["videos/ward_B_infant"]
+    with client(fresh) as c:
+        pages = ["/", f"/r/{rid}", "/export"]
+        files = [f"/r/{rid}/video", f"/r/{rid}/pose", f"/api/r/{rid}", "/static/review.css",
+                 "/static/recording.js", "/export/status", "/export/download", "/no/such/page",
+                 "/static/../app.py", "/r/rec-0000000000000000/video"]  # fmt: skip
+        for path in pages:
+            r = c.get(path, headers=HTML, follow_redirects=False)
+            assert r.status_code == 303 and r.headers["location"].startswith("/login"), path
+        for path in pages + files:
+            r = c.get(path, follow_redirects=False)
+            assert r.status_code == 401, path
+            assert r.json()["error"]["code"] == "unauthorized"
+        for method, path in [("PUT", f"/api/r/{rid}/fields"), ("POST", f"/api/r/{rid}/intervals"),
+                             ("DELETE", f"/api/r/{rid}/intervals/abcdefgh"),
+                             ("POST", "/export"), ("POST", f"/r/{rid}/pose")]:  # fmt: skip
+            assert c.request(method, path, json={}).status_code == 401, path
+        # A made-up session cookie is no session.
+        c.cookies.set("mam_review_session", "forged-token-value")
+        assert c.get("/").status_code == 401
+        # The login page itself needs nothing and carries its style inline (no file reachable).
+        c.cookies.clear()
+        page = c.get("/login")
+        assert page.status_code == 200 and "<style nonce=" in page.text
+
+
+def test_login_wrong_missing_and_lockout(fresh):
+    with client(fresh) as c:
+        token = re.search(r'name="csrf_token" value="([^"]+)"', c.get("/login").text).group(1)
+
+        def attempt(name, password, csrf=token):
+            data = {"name": name, "password": password}
+            if csrf is not None:
+                data["csrf_token"] = csrf
+            return c.post("/login", data=data, follow_redirects=False)
+
+        assert attempt("alice", "wrong-password").status_code == 401
+        assert attempt("mallory", H.PASSWORDS["alice"]).status_code == 401
+        assert attempt("alice", "").status_code == 401
+        assert attempt("alice", H.PASSWORDS["alice"], csrf=None).status_code == 403
+        assert attempt("alice", H.PASSWORDS["alice"], csrf="other").status_code == 403
+        assert "mam_review_session" not in c.cookies
+        for _ in range(4):
+            attempt("alice", "wrong-password")
+        locked = attempt("alice", H.PASSWORDS["alice"])  # the right password, too late
+        assert locked.status_code == 429 and "Too many" in locked.text
+        ok = attempt("bob", H.PASSWORDS["bob"])  # other names are not locked
+        assert ok.status_code == 303 and ok.headers["location"] == "/"
+        assert c.get("/").status_code == 200
+        csrf = re.search(r'name="csrf-token" content="([^"]+)"', c.get("/").text).group(1)
+        old = c.cookies["mam_review_session"]
+        assert (
+            c.post("/logout", data={"csrf_token": csrf}, follow_redirects=False).status_code == 303
+        )
+        c.cookies.set("mam_review_session", old)
+        assert c.get("/").status_code == 401  # the session ended on the server, not only here
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_session_cookie_is_httponly_samesite_strict(fresh, scheme):
+    with client(fresh, base_url=f"{scheme}://testserver") as c:
+        page = c.get("/login")
+        token = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+        r = c.post("/login", data={"name": "alice", "password": H.PASSWORDS["alice"],
+                                   "csrf_token": token}, follow_redirects=False)  # fmt: skip
+        cookie = next(v for k, v in r.headers.multi_items()
+                      if k == "set-cookie" and v.startswith("mam_review_session="))  # fmt: skip
+        attrs = {a.strip().split("=")[0].lower() for a in cookie.split(";")[1:]}
+        assert {"httponly", "samesite", "path", "max-age"} <= attrs
+        assert "samesite=strict" in cookie.lower()
+        assert ("secure" in attrs) == (scheme == "https")
+        token = cookie.split(";")[0].split("=", 1)[1]
+        assert len(token) >= 40  # 256 random bits
+        # The store keeps the token's hash, never the token.
+        db = b"".join(p.read_bytes() for p in fresh.out.glob("review.sqlite*"))  # + its WAL
+        assert token.encode() not in db
+        assert hashlib.sha256(token.encode()).hexdigest().encode() in db
+        for h in ("content-security-policy", "x-frame-options", "x-content-type-options"):
+            assert h in r.headers
+        assert "default-src 'none'" in r.headers["content-security-policy"]
+
+
+def test_service_keys_log_in_as_named_reviewers(fresh):
+    key = "service-key-for-tests"
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    with client(fresh, key_hashes=frozenset({digest})) as c:
+        H.login(c, "carol", key)
+        assert f"carol~key-{digest[:8]}" in c.get("/").text
+    with client(fresh, key_hashes=frozenset({digest})) as c:
+        page = c.get("/login")
+        token = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+        r = c.post("/login", data={"name": "carol", "password": "not-the-key",
+                                   "csrf_token": token})  # fmt: skip
+        assert r.status_code == 401
+
+
+def test_csrf_is_checked_on_every_change(fresh):
+    rid = fresh.rids["videos/ward_B_infant"]
+    with client(fresh) as a, client(fresh) as b:
+        csrf = H.login(a, "alice")
+        other = H.login(b, "bob")
+        changes = [
+            ("PUT", f"/api/r/{rid}/fields", {"changes": {"note": {"value": "x", "base_rev": 0}}}),
+            ("POST", f"/api/r/{rid}/intervals", {"id": "ivcsrf0001", "start_s": 1, "end_s": 3}),
+            ("PATCH", f"/api/r/{rid}/intervals/ivcsrf0001", {"start_s": 1, "end_s": 2}),
+            ("DELETE", f"/api/r/{rid}/intervals/ivcsrf0001", None),
+            ("POST", f"/r/{rid}/pose", None),
+            ("POST", "/export", None),
+        ]
+        for method, path, body in changes:
+            for headers in ({}, {"x-csrf-token": "wrong"}, {"x-csrf-token": other}):
+                r = a.request(method, path, json=body, headers=headers)
+                assert r.status_code == 403, (method, path, headers)
+                assert r.json()["error"]["code"] == "csrf"
+        # Form posts carry it as a field: without it, no logout and no export.
+        assert a.post("/logout", data={}).status_code == 403
+        assert a.post("/export", data={"csrf_token": other}).status_code == 403
+        assert a.get("/").status_code == 200  # still logged in
+        store = a.app.state.review.store
+        assert store.audit_count() == 0 and store.annotation(rid)["intervals"] == []
+        assert a.app.state.review.export.state == "idle"
+        # With the session's own token every change goes through.
+        ok = {"x-csrf-token": csrf}
+        assert a.put(changes[0][1], json=changes[0][2], headers=ok).status_code == 200
+        assert a.post(changes[1][1], json=changes[1][2], headers=ok).status_code == 201
+        assert a.patch(changes[2][1], json=changes[2][2], headers=ok).status_code == 200
+        assert a.delete(changes[3][1], headers=ok).status_code == 200
+        assert store.audit_count() == 4
+
+
+# -- paths and files -----------------------------------------------------------------------------
+def test_paths_never_escape_the_archive_root(fresh, tmp_path):
+    secret = tmp_path / "outside.mp4"
+    secret.write_bytes(b"SECRET-NOT-IN-THE-ARCHIVE")
+    (fresh.archive / "videos" / "link.mp4").symlink_to(secret)
+    rids = {
+        "dotdot": _add_row(fresh, "../outside.mp4", "dotdot"),
+        "absolute": _add_row(fresh, str(secret), "absolute"),
+        "symlink": _add_row(fresh, "videos/link.mp4", "symlink"),
+        "deep": _add_row(fresh, "videos/../../outside.mp4", "deep"),
+    }
+    with client(fresh) as c:
+        H.login(c)
+        for name, rid in rids.items():
+            r = c.get(f"/r/{rid}/video")
+            assert r.status_code == 404 and b"SECRET" not in r.content, name
+            assert r.json()["error"]["code"] == "recording_missing"
+            page = c.get(f"/r/{rid}")
+            assert page.status_code == 200 and "outside the archive root" in page.text, name
+        # Paths in URLs: only opaque ids route, and static files stay in their folder.
+        for path in ["/r/..%2F..%2Foutside.mp4/video", "/r/../../outside.mp4/video",
+                     "/static/..%2Fapp.py", "/static/%2e%2e/app.py", "/static/../../app.py",
+                     f"/r/{rids['dotdot']}x/video", "/r/rec-zzzzzzzzzzzzzzzz/video"]:  # fmt: skip
+            r = c.get(path)
+            assert r.status_code == 404, path
+            assert b"SECRET" not in r.content and b"import" not in r.content
+        # A good recording still plays.
+        assert c.get(f"/r/{fresh.rids['videos/ward_B_infant']}/video").status_code == 200
+
+
+def test_video_is_served_with_range_requests(fresh):
+    rid = fresh.rids["videos/ward_B_infant"]
+    data = (fresh.archive / H.VIDEO_PATH).read_bytes()
+    with client(fresh) as c:
+        H.login(c)
+        full = c.get(f"/r/{rid}/video")
+        assert full.status_code == 200 and full.content == data
+        assert full.headers["accept-ranges"] == "bytes"
+        assert full.headers["content-type"] == "video/mp4"
+        assert "content-disposition" not in full.headers  # no file name leaves the server
+        part = c.get(f"/r/{rid}/video", headers={"range": "bytes=1000-1999"})
+        assert part.status_code == 206 and part.content == data[1000:2000]
+        assert part.headers["content-range"] == f"bytes 1000-1999/{len(data)}"
+        tail = c.get(f"/r/{rid}/video", headers={"range": "bytes=-100"})
+        assert tail.status_code == 206 and tail.content == data[-100:]
+        assert c.get(f"/r/{rid}/video", headers={"range": "bytes=99999999-"}).status_code == 416
+        pose_rid = fresh.rids["poses/sim0005_0000"]
+        assert c.get(f"/r/{pose_rid}/video").json()["error"]["code"] == "no_video"
+
+
+def test_a_recording_gone_from_the_archive(fresh, tmp_path):
+    rid = fresh.rids["videos/ward_B_infant"]
+    (fresh.archive / H.VIDEO_PATH).unlink()
+    with client(fresh) as c:
+        csrf = H.login(c)
+        page = c.get(f"/r/{rid}")
+        assert page.status_code == 200
+        assert 'id="missing"' in page.text and "no longer in the archive" in page.text
+        assert '<video id="video"' not in page.text
+        r = c.get(f"/r/{rid}/video")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "recording_missing"
+        r = c.post(f"/r/{rid}/pose", headers={"x-csrf-token": csrf})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "recording_missing"
+        # The review still works and is kept; the export says why it cannot take it.
+        assert put(c, rid, csrf, category="absent", group="risk", state="done").status_code == 200
+        assert "done" in c.get("/").text
+    out = tmp_path / "export"
+    assert main(["review", str(fresh.out), "--archive", str(fresh.archive),
+                 "--export", str(out)]) == 0  # fmt: skip
+    summary = json.loads((out / "export.json").read_text())
+    assert summary["exported"] == 0
+    assert summary["skipped"][0]["reason"].startswith("recording_missing")
+
+
+def test_pages_show_results_states_and_escape_data(fresh):
+    evil = _add_row(fresh, "videos/evil.mp4", EVIL_ID)
+    rows = _rows(fresh)
+    ledger = Ledger(fresh.out / "ledger.sqlite")
+    try:  # a recording that failed to screen
+        ledger.set_path(Item(fresh.archive / "bad.mp4", "bad.mp4", "bad"), "k-bad", "k-bad", 1, 1)
+        ledger.finish("k-bad", "k-bad", "video", "failed", "not_a_video", "not a video")
+    finally:
+        ledger.close()
+    rid = fresh.rids["videos/ward_B_infant"]
+    with client(fresh) as c:
+        csrf = H.login(c)
+        put(c, rid, csrf, category="intermittent")
+        page = c.get("/").text
+        assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+        assert page.count('class="rec-link"') == len(rows) + 1
+        assert "not_a_video" in page and "in progress" in page and "intermittent" in page
+        result = json.loads(rows[0]["result"])
+        assert f'class="badge {result["classification"]["label"]}"' in page
+        assert re.search(rf'<p id="counts">\s*{len(rows)} not reviewed, 1 in progress', page)
+        rec = c.get(f"/r/{rid}").text
+        assert rec.count('class="clip') == len(result["clips"])
+        data = json.loads(re.search(r'id="rec-data">(.*?)</script>', rec, re.S).group(1))
+        assert [x["i"] for x in data["clips"]] == [x["index"] for x in result["clips"]]
+        assert data["top"] == [x["index"] for x in result["top_fms_clips"]]
+        # Every script is a file of the app (the CSP allows no inline script).
+        for tag in re.findall(r"<script[^>]*>", rec):
+            assert 'src="/static/' in tag or 'type="application/json"' in tag
+        if result["classification"]["label"] == "indeterminate":
+            assert 'id="indeterminate"' in rec
+            assert all(reason in rec for reason in map(_esc, result["classification"]["reasons"]))
+        assert ("in domain" if result["domain"]["in_domain"] else "OUT OF DOMAIN") in rec
+        assert "&lt;script&gt;" in c.get(f"/r/{evil}").text
+        bad = page_stem({"path": "bad.mp4", "id": "bad"})
+        assert "Not screened" in c.get(f"/r/{bad}").text
+        r = put(c, bad, csrf, category="absent")
+        assert r.status_code == 409 and r.json()["error"]["code"] == "not_screened"
+
+
+def _esc(s: str) -> str:
+    import html
+
+    return html.escape(s, quote=True)
+
+
+# -- two reviewers --------------------------------------------------------------------------------
+def test_two_reviewers_editing_at_once(fresh):
+    rid = fresh.rids["videos/ward_B_infant"]
+    with client(fresh) as a, client(fresh) as b:
+        ca, cb = H.login(a, "alice"), H.login(b, "bob")
+        # Both opened the page with nothing saved.
+        assert a.get(f"/api/r/{rid}").json()["fields"] == {}
+
+        def change(c, csrf, **fields):
+            body = {"changes": {k: {"value": v, "base_rev": 0} for k, v in fields.items()}}
+            r = c.put(f"/api/r/{rid}/fields", json=body, headers={"x-csrf-token": csrf})
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        assert change(a, ca, category="continuous")["overwrote"] == {}
+        assert change(b, cb, note="arms and legs")["overwrote"] == {}  # other fields: both kept
+        r = change(b, cb, category="sporadic")  # bob saw no category: alice's is replaced...
+        assert r["fields"]["category"]["value"] == "sporadic"
+        assert r["overwrote"]["category"]["by"] == "alice"  # ...and bob is told whose
+        assert r["overwrote"]["category"]["value"] == "continuous"
+        seen = a.get(f"/api/r/{rid}").json()
+        assert seen["fields"]["category"] == {**seen["fields"]["category"], "value": "sporadic",
+                                              "by": "bob", "rev": 2}  # fmt: skip
+        assert seen["fields"]["note"]["value"] == "arms and legs"
+        history = [(h["reviewer"], h["target"], h["new"]) for h in seen["history"]]
+        assert ("alice", "category", "continuous") in history  # nothing lost: in the audit
+        # Intervals are separate rows: both reviewers' survive.
+        h = {"a": {"x-csrf-token": ca}, "b": {"x-csrf-token": cb}}
+        ia = a.post(f"/api/r/{rid}/intervals", json={"id": "iv-alice-1", "start_s": 1, "end_s": 4},
+                    headers=h["a"]).json()["interval"]  # fmt: skip
+        b.post(f"/api/r/{rid}/intervals", json={"id": "iv-bob-001", "start_s": 6, "end_s": 9},
+               headers=h["b"])  # fmt: skip
+        assert len(a.get(f"/api/r/{rid}").json()["intervals"]) == 2
+        # bob deletes alice's interval; her later edit is refused, not dropped silently.
+        assert b.delete(f"/api/r/{rid}/intervals/{ia['id']}?base_rev=1",
+                        headers=h["b"]).status_code == 200  # fmt: skip
+        r = a.patch(f"/api/r/{rid}/intervals/{ia['id']}", json={"start_s": 1, "end_s": 5,
+                    "base_rev": 1}, headers=h["a"])  # fmt: skip
+        assert r.status_code == 409 and r.json()["error"]["by"] == "bob"
+        assert [i["id"] for i in a.get(f"/api/r/{rid}").json()["intervals"]] == ["iv-bob-001"]
+
+
+def test_bad_changes_are_refused_with_reasons(fresh):
+    rid = fresh.rids["videos/ward_B_infant"]
+    with client(fresh) as c:
+        csrf = H.login(c)
+        hdr = {"x-csrf-token": csrf, "content-type": "application/json"}
+        for body in [b"not json", b"[]", b'{"changes": {}}', b'{"changes": {"note": "x"}}',
+                     b'{"changes": {"category": {"value": "fidgety"}}}',
+                     b'{"changes": {"note": {"value": "x", "base_rev": "1"}}}']:  # fmt: skip
+            r = c.put(f"/api/r/{rid}/fields", content=body, headers=hdr)
+            assert r.status_code == 400 and r.json()["error"]["message"], body
+        duration = json.loads(_rows(fresh)[0]["result"])["quality"]["duration_s"]
+        r = c.post(f"/api/r/{rid}/intervals", json={"start_s": 1, "end_s": duration + 5},
+                   headers=hdr)  # fmt: skip
+        assert r.status_code == 400 and "after the recording" in r.json()["error"]["message"]
+        r = c.patch(f"/api/r/{rid}/intervals/iv-none-0001", json={"start_s": 1, "end_s": 2},
+                    headers=hdr)  # fmt: skip
+        assert r.status_code == 404
+        big = b'{"changes": {"note": {"value": "' + b"x" * (1 << 20) + b'"}}}'
+        assert c.put(f"/api/r/{rid}/fields", content=big, headers=hdr).status_code == 400
+        assert c.app.state.review.store.audit_count() == 0
+
+
+# -- the skeleton overlay -------------------------------------------------------------------------
+def _wait(c, rid, csrf, timeout=60.0) -> dict:
+    t0 = time.monotonic()
+    r = c.post(f"/r/{rid}/pose", headers={"x-csrf-token": csrf}).json()
+    while r["state"] == "running" and time.monotonic() - t0 < timeout:
+        time.sleep(0.1)
+        r = c.get(f"/r/{rid}/pose").json()
+    return r
+
+
+def test_skeleton_overlay_comes_from_the_recordings_backend_once(fresh):
+    rid = H.add_video_row(fresh.out, fresh.archive, "videos/fake.mp4", pose_backend=FAKE_BACKEND)
+    calls = len(FAKE_CALLS)
+    with client(fresh) as c:
+        csrf = H.login(c)
+        assert c.get(f"/r/{rid}/pose").json()["state"] == "none"  # nothing runs until asked
+        r = _wait(c, rid, csrf)
+        assert r["state"] == "done" and r["backend"] == FAKE_BACKEND
+        ov = r["overlay"]
+        assert (ov["frames"], ov["joints"], ov["width"], ov["height"]) == (300, 17, 160, 120)
+        q = np.frombuffer(__import__("base64").b64decode(ov["data"]), "<u2").reshape(300, 17, 2)
+        x = q[..., 0] / 65534 * 160
+        y = q[..., 1] / 65534 * 120
+        np.testing.assert_allclose(x[7], 10 + 5 * np.arange(17), atol=0.01)
+        np.testing.assert_allclose(y[:, 3], 5 + np.arange(300) % 100, atol=0.01)
+        assert len(ov["bones"]) == 16 and set(ov["side"]) == {"left", "right", "axial"}
+    assert len(FAKE_CALLS) == calls + 1 and FAKE_CALLS[-1] == 300
+    # Cached by content hash: a new app (a restart) draws it without estimating again.
+    with client(fresh) as c:
+        csrf = H.login(c)
+        assert _wait(c, rid, csrf)["state"] == "done"
+    assert len(FAKE_CALLS) == calls + 1
+    assert list((fresh.out / ".review_cache" / "pose").glob(f"{FAKE_BACKEND}-v1-*.npz"))
+
+
+def test_skeleton_refuses_a_recording_changed_since_screening(fresh):
+    rid = H.add_video_row(fresh.out, fresh.archive, "videos/fake.mp4", pose_backend=FAKE_BACKEND)
+    with open(fresh.archive / "videos" / "fake.mp4", "ab") as f:
+        f.write(b"\0" * 16)  # another file than the one screened
+    calls = len(FAKE_CALLS)
+    with client(fresh) as c:
+        csrf = H.login(c)
+        r = _wait(c, rid, csrf)
+        assert r["state"] == "failed" and r["code"] == "recording_changed"
+    assert len(FAKE_CALLS) == calls
+
+
+# -- export ---------------------------------------------------------------------------------------
+def _review_all(c, b: H.Batch, csrf: str, done: bool = True) -> None:
+    """Annotate every simulated infant with its ground truth, through the API."""
+    hdr = {"x-csrf-token": csrf}
+    for ident, t in b.truth.items():
+        rid = b.rids[ident]
+        for k, (a, e) in enumerate(t["intervals"]):
+            r = c.post(f"/api/r/{rid}/intervals", headers=hdr,
+                       json={"id": f"iv-{rid[4:]}-{k:03d}", "start_s": a, "end_s": e})  # fmt: skip
+            assert r.status_code == 201, r.text
+        r = put(c, rid, csrf, category=t["fms_category"], group=t["group"],
+                state="done" if done else "in_progress")  # fmt: skip
+        assert r.status_code == 200
+
+
+def test_export_is_the_training_layout_with_an_agreement_report(fresh, tmp_path):
+    fake = H.add_video_row(fresh.out, fresh.archive, "videos/fake.mp4", pose_backend=FAKE_BACKEND)
+    with client(fresh) as c:
+        csrf = H.login(c)
+        _review_all(c, fresh, csrf)
+        put(c, fake, csrf, category="continuous", group="normal", state="done")
+        r = c.post(f"/api/r/{fake}/intervals", headers={"x-csrf-token": csrf},
+                   json={"id": "iv-fake-0001", "start_s": 0.5, "end_s": 11.0})  # fmt: skip
+        assert r.status_code == 201
+        # In progress (never marked done) and done without a category: left out, with reasons.
+        put(c, fresh.rids["videos/ward_B_infant"], csrf, note="still watching")
+    out = tmp_path / "training"
+    assert main(["review", str(fresh.out), "--archive", str(fresh.archive),
+                 "--export", str(out)]) == 0  # fmt: skip
+    with open(out / "infants.csv") as f:
+        infants = {r["id"]: r for r in csv.DictReader(f)}
+    assert set(infants) == set(fresh.truth) | {"videos/fake"}
+    for ident, t in fresh.truth.items():
+        row = infants[ident]
+        assert (row["group"], row["fms_category"]) == (t["group"], t["fms_category"])
+        assert row["file"].startswith("poses/rec-") and ident not in row["file"]
+        assert np.array_equal(np.load(out / row["file"]),
+                              np.load(fresh.archive / f"{ident}.npy"))  # fmt: skip
+    assert infants["videos/fake"]["file"].endswith(".npz")
+    with open(out / "fms_intervals.csv") as f:
+        got = sorted((r["id"], float(r["start_s"]), float(r["end_s"])) for r in csv.DictReader(f))
+    want = sorted([(i, a, b) for i, t in fresh.truth.items() for a, b in t["intervals"]]
+                  + [("videos/fake", 0.5, 11.0)])  # fmt: skip
+    assert got == pytest.approx(want)
+    # mam train's own loader reads it as it is.
+    from mam.training.dataset import load_dataset
+
+    recs = {r.infant_id: r for r in load_dataset(out)}
+    assert set(recs) == set(infants)
+    assert recs["videos/fake"].image_joints is not None  # the 2D pose travels with the 3D
+    assert recs["videos/fake"].fms_intervals_s == [(0.5, 11.0)]
+    summary = json.loads((out / "export.json").read_text())
+    assert summary["exported"] == len(infants) and summary["skipped"] == []
+    assert summary["groups"] == {g: sum(r["group"] == g for r in infants.values())
+                                 for g in ("normal", "risk")}  # fmt: skip
+    assert "mam train" in summary["validated"]
+    with open(out / "agreement.csv") as f:
+        agreement = {r["id"]: r for r in csv.DictReader(f)}
+    assert set(agreement) == set(infants)
+    for r in agreement.values():
+        assert -1 <= float(r["kappa"]) <= 1 and int(r["clips"]) > 0
+    report = json.loads((out / "agreement.json").read_text())
+    kappas = [float(r["kappa"]) for r in agreement.values()]
+    assert report["summary"]["median_kappa"] == pytest.approx(float(np.median(kappas)))
+    # The same again into a folder that is not empty: refused, nothing overwritten.
+    before = (out / "infants.csv").read_bytes()
+    assert main(["review", str(fresh.out), "--archive", str(fresh.archive),
+                 "--export", str(out)]) == 2  # fmt: skip
+    assert (out / "infants.csv").read_bytes() == before
+
+
+def test_export_button_writes_and_offers_the_same_layout(fresh):
+    with client(fresh) as c:
+        csrf = H.login(c)
+        _review_all(c, fresh, csrf)
+        r = c.post("/export", data={"csrf_token": csrf}, follow_redirects=False)
+        assert r.status_code == 303
+        t0 = time.monotonic()
+        while c.get("/export/status").json()["state"] == "running":
+            assert time.monotonic() - t0 < 60
+            time.sleep(0.1)
+        status = c.get("/export/status").json()
+        assert status["state"] == "done", status
+        assert status["summary"]["exported"] == len(fresh.truth)
+        page = c.get("/export").text
+        assert "Median per-video kappa" in page and 'id="export-download"' in page
+        z = c.get("/export/download")
+        assert z.status_code == 200 and z.headers["content-type"] == "application/zip"
+        import io
+        import zipfile
+
+        names = zipfile.ZipFile(io.BytesIO(z.content)).namelist()
+        stem = status["name"]
+        assert {f"{stem}/infants.csv", f"{stem}/fms_intervals.csv", f"{stem}/agreement.csv"} <= set(
+            names
+        )
+        assert sum(n.startswith(f"{stem}/poses/") for n in names) == len(fresh.truth)
+        assert (fresh.out / "review_exports" / stem / "infants.csv").is_file()
+
+
+# -- CLI, logs -------------------------------------------------------------------------------------
+def test_cli_users_and_usage(fresh, tmp_path, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("dave-password-9\n"))
+    assert main(["review", str(fresh.out), "--add-user", "dave"]) == 0
+    users = (fresh.out / "review_users").read_text()
+    assert "dave:scrypt$" in users and "dave-password-9" not in users
+    assert oct((fresh.out / "review_users").stat().st_mode & 0o777) == "0o600"
+    monkeypatch.setattr("sys.stdin", io.StringIO("short\n"))
+    assert main(["review", str(fresh.out), "--add-user", "eve"]) == 2
+    assert main(["review", str(fresh.out), "--add-user", "x", "--port", "1"]) == 2
+    assert main(["review", str(fresh.out), "--export", str(tmp_path / "e"), "--port", "9"]) == 2
+    assert "--port" in capsys.readouterr().err
+    assert main(["review", str(tmp_path / "nothing"), "--export", str(tmp_path / "e")]) == 2
+    assert "mam batch" in capsys.readouterr().err
+    with client(fresh) as c:
+        H.login(c, "dave", "dave-password-9")
+
+
+def test_logs_carry_no_ids_paths_or_annotations(fresh, caplog):
+    caplog.set_level(logging.DEBUG)
+    secret_note = "Baby Jane Doe, bed 4"
+    rid = H.add_video_row(fresh.out, fresh.archive, "videos/fake.mp4", pose_backend=FAKE_BACKEND)
+    with client(fresh) as c:
+        csrf = H.login(c)
+        for r_id in fresh.rids.values():
+            c.get(f"/r/{r_id}")
+        put(c, rid, csrf, note=secret_note, category="absent", group="risk", state="done")
+        _wait(c, rid, csrf)
+        c.get("/r/rec-0000000000000000/video")
+        c.put(f"/api/r/{rid}/fields", content=b"{bad", headers={"x-csrf-token": csrf})
+        c.post("/export", data={"csrf_token": csrf})
+        t0 = time.monotonic()
+        while c.get("/export/status").json()["state"] == "running" and time.monotonic() - t0 < 60:
+            time.sleep(0.1)
+    # The app's own records at any level, and everything at INFO and above; not the test
+    # client's (httpx logs the URLs it requests).
+    text = "\n".join(
+        r.getMessage()
+        for r in caplog.records
+        if r.name != "httpx" and (r.name.startswith("mam.review") or r.levelno >= logging.INFO)
+    )
+    assert "review export: 1 recordings" in text  # the capture works
+    forbidden = [secret_note, str(fresh.archive), str(fresh.out), "alice", *fresh.rids,
+                 *(r["path"] for r in _rows(fresh)), *fresh.rids.values(), rid]  # fmt: skip
+    for word in forbidden:
+        assert word not in text, word
+
+
+def test_the_review_package_has_no_network_assets():
+    """Offline: no page or script names another origin (no CDN)."""
+    root = Path(__file__).resolve().parents[1] / "mam" / "review"
+    for f in list((root / "templates").glob("*.html")) + list((root / "static").glob("*")):
+        text = f.read_text()
+        assert not re.search(r"(src|href)=\"(https?:)?//", text), f.name
+        assert "http://" not in text.replace("http://www.w3.org/2000/svg", ""), f.name
+        assert "https://" not in text, f.name
+    assert os.path.getsize(root / "static" / "recording.js") < 64_000
