@@ -31,8 +31,8 @@ TRAIN = "640x360,960x540"
 # name: (infants, seed, min_s, max_s, widened, backgrounds, pool, render sizes or None)
 DATASETS: dict[str, tuple] = {
     "rendered_real": (80, 301, 45, 75, False, "real", "train", TRAIN),
-    "rendered_real_widened": (80, 302, 45, 75, True, "real", "train", TRAIN),
-    "rendered_sim": (40, 303, 45, 75, False, "simulated", "train", TRAIN),
+    "rendered_real_widened": (64, 302, 45, 75, True, "real", "train", "640x360"),
+    "rendered_sim": (32, 303, 45, 75, False, "simulated", "train", "640x360"),
     "poses_sim": (120, 311, 60, 120, False, "simulated", "train", None),
     "poses_sim_widened": (80, 312, 60, 120, True, "simulated", "train", None),
     "poses_real": (80, 313, 60, 120, False, "real", "train", None),
