@@ -101,6 +101,8 @@ class Metrics:
         self.fhir_push = pc.Counter(
             PREFIX + "fhir_push_total", "Results pushed to the site's FHIR server.", ("outcome",)
         )
+        for outcome in ("ok", "failed", "rejected", "skipped"):  # exported at 0 from the start
+            self.fhir_push.labels(outcome=outcome)
         self.fhir_push_retries = pc.Counter(
             PREFIX + "fhir_push_retries_total", "FHIR push attempts that were retried."
         )

@@ -33,3 +33,14 @@ def demo_npz() -> Path:
 def reference_dir() -> Path:
     """Checkpoints and outputs of the authors' reference code."""
     return _require(REFERENCE, "reference-code outputs")
+
+
+@pytest.fixture(scope="session")
+def prometheus_dir(tmp_path_factory) -> Path:
+    """One multi-process metrics folder for every in-process service of the session.
+
+    The service's metric objects are made once per process and write where
+    ``PROMETHEUS_MULTIPROC_DIR`` pointed when they were made; a second folder would leave
+    ``/metrics`` reading one that nothing writes to.
+    """
+    return tmp_path_factory.mktemp("prometheus")

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from mam.cli import main
+from mam.pose.base import default_pose_backend
 from mam.training.dataset import DatasetError, load_dataset
 
 
@@ -91,7 +92,7 @@ def test_recordings_are_posed_once_and_cached_by_content(tmp_path, monkeypatch):
     render_video(sim.clean_joints, root / "rec.mp4", width=320, height=240, preset="ultrafast")
     (root / "infants.csv").write_text("id,file,group\nv1,rec.mp4,normal\n")
     first = load_dataset(root)
-    assert len(list((root / ".pose_cache").glob("mediapipe-*.npz"))) == 1
+    assert len(list((root / ".pose_cache").glob(f"{default_pose_backend()}-*.npz"))) == 1
 
     def boom(*a, **k):
         raise AssertionError("pose estimated again")

@@ -45,17 +45,16 @@ def fhir_server():
 
 
 @pytest.fixture(scope="module")
-def svc(tmp_path_factory, fhir_server):
+def svc(tmp_path_factory, fhir_server, prometheus_dir):
     from starlette.testclient import TestClient
 
     from service.settings import hash_key
 
     tmp = tmp_path_factory.mktemp("svc_fhir")
-    (tmp / "prometheus").mkdir()
     env = service_env(hash_key(API_KEY)) | {
         "TMPDIR": str(tmp),
         "BENTOML_HOME": str(tmp / "home"),
-        "PROMETHEUS_MULTIPROC_DIR": str(tmp / "prometheus"),
+        "PROMETHEUS_MULTIPROC_DIR": str(prometheus_dir),
     }
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

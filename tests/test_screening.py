@@ -11,6 +11,7 @@ import pytest
 
 from mam import DISCLAIMER, errors
 from mam.cli import main
+from mam.pose.base import default_pose_backend
 from mam.schemas import InfantData, ScreeningResult
 from mam.screening import DEFAULT_WEIGHTS, Screener, ScreeningOptions
 from mam.synth.motion import simulate_infant
@@ -139,7 +140,8 @@ def test_invalid_infant_data(capsys, sim_pose, args):
     path, _ = sim_pose
     rc, _, err = _cli(capsys, "screen", "--pose", str(path), *args)
     assert rc == 2
-    assert "invalid_infant_data" in err and len(err.strip().splitlines()) == 1
+    lines = err.strip().splitlines()  # the error, then how to fix it
+    assert "invalid_infant_data" in lines[0] and len(lines) == 2 and lines[1].startswith("fix: ")
 
 
 def _bad_files(tmp):
@@ -167,7 +169,8 @@ def test_bad_videos_give_one_line_typed_errors(capsys, tmp_path):
         rc, out, err = _cli(capsys, "screen", str(path), "-q")
         assert rc == 2, name
         assert err.strip().startswith(f"error [{code}]:"), (name, err)
-        assert len(err.strip().splitlines()) == 1, name
+        lines = err.strip().splitlines()  # the error, then how to fix it
+        assert len(lines) == 2 and lines[1].startswith("fix: "), name
         assert out == "", name
 
 
@@ -196,12 +199,10 @@ def test_rendered_video_end_to_end(screener, rendered_video):
     r = screener.screen_video(rendered_video)
     assert r.quality.tracked_fraction > 0.9
     assert r.quality.duration_s == pytest.approx(11.0, abs=0.05)
-    assert len(r.clips) == 1 and r.model.pose_backend == "mediapipe"
-    assert set(r.timings_s) == {"decode", "pose", "pose_total", "features", "model"}
-    # mediapipe decodes in the calling thread: the stages add up
-    assert r.timings_s["pose_total"] == pytest.approx(
-        r.timings_s["decode"] + r.timings_s["pose"], abs=2e-3
-    )
+    assert len(r.clips) == 1 and r.model.pose_backend == default_pose_backend()
+    assert {"decode", "pose", "pose_total", "features", "model"} <= set(r.timings_s)
+    # decode overlaps pose (a reader thread), so the wall time is at most their sum
+    assert r.timings_s["pose_total"] <= r.timings_s["decode"] + r.timings_s["pose"] + 2e-3
 
 
 def test_console_script_text_output(sim_pose):

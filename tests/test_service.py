@@ -28,18 +28,17 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):
+def client(tmp_path_factory, prometheus_dir):
     from starlette.testclient import TestClient
 
     from service.settings import hash_key
 
     tmp = tmp_path_factory.mktemp("svc")
-    (tmp / "prometheus").mkdir()
     env = service_env(hash_key(API_KEY)) | {
         "TMPDIR": str(tmp),
         "BENTOML_HOME": str(tmp / "home"),
         # As under `bentoml serve`: BentoML's /metrics reads the multi-process files.
-        "PROMETHEUS_MULTIPROC_DIR": str(tmp / "prometheus"),
+        "PROMETHEUS_MULTIPROC_DIR": str(prometheus_dir),
     }
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

@@ -48,10 +48,12 @@ def collect(input_path: str | Path) -> list[Item]:
     src = Path(input_path)
     if src.is_dir():
         suffixes = VIDEO_SUFFIXES | POSE_SUFFIXES
-        # PACS exports often name DICOM objects without an extension (IM000001): sniffed.
+        # PACS exports often name DICOM objects without an extension (IM000001): sniffed. A
+        # dangling link to a recording is kept, so that it is reported (file_not_found).
         files = sorted(
             p for p in src.rglob("*")
-            if p.is_file() and (p.suffix.lower() in suffixes or (not p.suffix and is_dicom(p)))
+            if (p.suffix.lower() in suffixes and (p.is_file() or p.is_symlink()))
+            or (not p.suffix and p.is_file() and is_dicom(p))
         )  # fmt: skip
         items = []
         for p in files:

@@ -404,7 +404,11 @@ def _cut_clips(rec: _Rec, video: Path | None, clips_dir: Path, holder: _PoseHold
     if not Path(video).is_file():
         rec.clips_note = "the recording is no longer at its path"
         return 0
+    from mam.pose.base import available_backends, default_pose_backend
+
     backend = r.model.pose_backend
+    if backend not in available_backends():  # screened from a pose file: draw with the default
+        backend = default_pose_backend()
     pose = holder.get(backend)
     if pose is None:
         rec.clips_note = f"the pose estimator is not available ({holder.errors[backend]})"
