@@ -31,8 +31,6 @@ TRAIN = "640x360,960x540"
 # name: (infants, seed, min_s, max_s, widened, backgrounds, pool, render sizes or None)
 DATASETS: dict[str, tuple] = {
     "rendered_real": (80, 301, 45, 75, False, "real", "train", TRAIN),
-    "rendered_real_widened": (64, 302, 45, 75, True, "real", "train", "640x360"),
-    "rendered_sim": (32, 303, 45, 75, False, "simulated", "train", "640x360"),
     "poses_sim": (120, 311, 60, 120, False, "simulated", "train", None),
     "poses_sim_widened": (80, 312, 60, 120, True, "simulated", "train", None),
     "poses_real": (80, 313, 60, 120, False, "real", "train", None),
@@ -42,6 +40,10 @@ TEST = {  # in-domain test set: pose files of new seeds, both backgrounds
     "test_poses_sim": (40, 321, 60, 90, False, "simulated", "train", None),
     "test_poses_real": (40, 322, 60, 90, True, "real", "train", None),
 }
+# Rendered at the sizes above, widened ranges and simulated backgrounds too, were generated
+# (``rendered_real_widened``: 64 infants, seed 302; ``rendered_sim``: 32, seed 303) but their
+# pose pass (~80 s a recording on 2 cores) did not fit the session; the widened ranges and the
+# simulated backgrounds reach training through the pose-file sets.
 EXTERNAL = {"external": (60, 901, 60, 60, True, "real", "external", "960x540,1280x720")}
 REPRESENTATIONS = ("world3d", "image2d", "lifted")
 EPOCHS = 12
@@ -121,7 +123,7 @@ def cmd_compare(args) -> int:
         res = evaluate(w, external)
         out[rep] = _row(res)
         print(rep, json.dumps(out[rep]), flush=True)
-    (ROOT / "compare.json").write_text(json.dumps(out, indent=2) + "\n")
+        (ROOT / "compare.json").write_text(json.dumps(out, indent=2) + "\n")  # after each
     return 0
 
 
@@ -131,12 +133,25 @@ def cmd_ship(args) -> int:
     from mam.training.evaluate import evaluate, write_report
     from mam.training.model_card import render
 
-    train = _records(DATASETS, args.pose_backend)
     summary = (
         "demo weights: simulated infants (mam synth) on real-motion and simulated "
         "backgrounds, through the pose model they ship with; not for clinical use"
     )
-    w = _fit(train, args.representation, Path("models/mam_demo"), args.version, summary)
+    compared = ROOT / "weights" / f"compare_{args.representation}.json"
+    if args.reuse_compare and compared.is_file():
+        # The comparison trained this very recipe (same data, seed and settings): ship that
+        # model rather than spend another training run on the same result.
+        from mam.model.weights import load_weights, save_weights
+
+        model, meta = load_weights(compared)
+        meta.name, meta.version = "mam_demo", args.version
+        meta.provenance["summary"] = summary
+        w = save_weights(model, meta, Path("models/mam_demo"))
+        log = compared.with_suffix(".log.csv")
+        Path("models/mam_demo.log.csv").write_text(log.read_text())
+    else:
+        train = _records(DATASETS, args.pose_backend)
+        w = _fit(train, args.representation, Path("models/mam_demo"), args.version, summary)
     export_onnx(w)
     evaluations = {
         "in-domain test (pose files)": evaluate(w, _records(TEST, args.pose_backend)),
@@ -235,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("ship")
     s.add_argument("--representation", default="image2d")
     s.add_argument("--version", default="0.3.0")
+    s.add_argument(
+        "--reuse-compare", action="store_true",
+        help="ship the compare run's model of this representation (same recipe)",
+    )  # fmt: skip
     d = sub.add_parser("domain")
     d.add_argument("--weights", default="models/mam_demo.json")
     d.add_argument("--n", type=int, default=20)
