@@ -5,6 +5,11 @@ time to wall time (>1 means faster than real time). One run, one machine; the fi
 ratios measured together, never assertions.
 
     python bench/pipeline.py [VIDEO] [--repeat N] [--max-side PX] [--pose-backend onnx]
+    python bench/pipeline.py --synth-minutes 5 --size 1920x1080   # issue 18's recording
+
+``--synth-minutes`` renders a simulated infant (``mam.synth``, real-motion background) of that
+length and size once, into ``runs/bench/`` (reused), and screens it. On a GPU machine, set
+``MAM_POSE_DEVICE=cuda`` and ``MAM_POSE_RUNTIME`` (``pytorch`` where TensorRT is absent).
 
 With a backend that decodes in its own thread (``onnx``), decode overlaps pose: its row is busy
 time of the decode thread, and ``other`` is computed from the pose stage's wall time.
@@ -20,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from mam.pose.base import default_pose_backend
 from mam.screening import Screener, ScreeningOptions
 from mam.video import probe
 
@@ -31,8 +37,12 @@ def main() -> None:
     ap.add_argument("video", nargs="?", type=Path, default=DEMO)
     ap.add_argument("--repeat", type=int, default=1, help="runs to average")
     ap.add_argument("--max-side", type=int, default=1280, help="decode downscale bound")
-    ap.add_argument("--pose-backend", default="mediapipe", help="mediapipe, onnx, ...")
+    ap.add_argument("--pose-backend", default=default_pose_backend(), help="onnx, mediapipe, ...")
+    ap.add_argument("--synth-minutes", type=float, help="render a simulated recording this long")
+    ap.add_argument("--size", default="1920x1080", help="its size, WxH")
     args = ap.parse_args()
+    if args.synth_minutes:
+        args.video = _synth_recording(args.synth_minutes, args.size)
 
     info = probe(args.video)
     screener = Screener(
@@ -64,6 +74,27 @@ def main() -> None:
     print(f"{'other':<10}{other / minutes:>20.2f}{other / wall:>8.1%}")
     print(f"{'total':<10}{wall / minutes:>20.2f}{1:>8.0%}")
     print(f"real-time factor: {info.duration_s * args.repeat / wall:.2f}x (video s per wall s)")
+
+
+def _synth_recording(minutes: float, size: str) -> Path:
+    import numpy as np
+
+    from mam.synth.backgrounds import load_library
+    from mam.synth.motion import SimParams, simulate_infant
+    from mam.synth.render import render_video
+
+    w, h = (int(v) for v in size.lower().split("x"))
+    out = Path("runs/bench") / f"synth_{minutes:g}min_{w}x{h}.mp4"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(18)
+        sim = simulate_infant(rng, "bench", "intermittent", minutes * 60, SimParams(),
+                              background=load_library("external"))  # fmt: skip
+        t = time.perf_counter()
+        render_video(sim.clean_joints, out, width=w, height=h,
+                     preset="veryfast")  # fmt: skip
+        print(f"rendered {out} in {time.perf_counter() - t:.0f} s")
+    return out
 
 
 if __name__ == "__main__":

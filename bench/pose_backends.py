@@ -35,7 +35,7 @@ from mam.pose.mediapipe_backend import (
     MediaPipePoseBackend,
     _import_mediapipe_pose,
     _landmarks_array,
-    _native_stderr_silenced,
+    install_native_log_filter,
 )
 from mam.video import iter_frames
 
@@ -46,7 +46,8 @@ def static_parity(frames: list[np.ndarray], model: BlazePoseOnnx) -> dict:
     """Mean pixel / world error of all 33 landmarks, MediaPipe static mode vs the ONNX port."""
     mp_pose = _import_mediapipe_pose()
     px, world, vis, missed = [], [], [], 0
-    with _native_stderr_silenced(True), mp_pose.Pose(static_image_mode=True) as pose:
+    install_native_log_filter()  # MediaPipe's native log lines stay out of stderr
+    with mp_pose.Pose(static_image_mode=True) as pose:
         for frame in frames:
             ref = pose.process(frame)
             got = model.process_image(frame)

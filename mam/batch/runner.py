@@ -64,8 +64,11 @@ class DiskFullError(InputError):
 _SCREENER = None
 
 
-def _init_worker(weights: str | None, pose_backend: str | None) -> None:
+def _init_worker(weights: str | None, pose_backend: str | None, threads: int = 0) -> None:
+    """One worker's screener; ``threads``: its share of the CPUs for ONNX Runtime (0: all)."""
     global _SCREENER
+    if threads:
+        os.environ.setdefault("MAM_RUNTIME_THREADS", str(threads))
     from mam.pose.base import default_pose_backend
     from mam.screening import Screener, ScreeningOptions
 
@@ -271,8 +274,9 @@ def _run_jobs(ledger, todo, workers, weights, pose_backend, progress, audit=None
         # (or a test runner's) can deadlock the children.
         ctx = multiprocessing.get_context("spawn")
         with cf.ProcessPoolExecutor(
-            workers, mp_context=ctx, initializer=_init_worker, initargs=(weights, pose_backend)
-        ) as pool:
+            workers, mp_context=ctx, initializer=_init_worker,
+            initargs=(weights, pose_backend, max(1, (os.cpu_count() or 1) // workers)),
+        ) as pool:  # fmt: skip
             running: dict[cf.Future, str] = {}
             try:
                 while pending or running:

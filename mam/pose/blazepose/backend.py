@@ -156,9 +156,10 @@ class OnnxPoseBackend:
             converted networks in PyTorch, fp16 on CUDA, for GPU machines without TensorRT);
             device ``cpu`` or ``cuda``; by default ``MAM_POSE_RUNTIME`` / ``MAM_POSE_DEVICE``,
             else ONNX Runtime on the CPU.
-        threads: ONNX Runtime intra-op threads (``None``: every CPU this process may use).
-            NOTE: 1 by default, leaving the other core to the decode thread; with spinning off
-            (``mam.runtime.sessions``) 1 and 2 threads measured alike on 2 shared cores.
+        threads: ONNX Runtime intra-op threads (``None``: ``MAM_RUNTIME_THREADS``, else every
+            CPU this process may use). NOTE: once 1, to leave a core to the decode thread; on
+            2 cores 2 threads pose 69 frames/s against 52 with 1 and the same joints
+            (``bench/cpu_path.py``). ``mam batch`` gives each worker its share of the CPUs.
         smooth_landmarks: MediaPipe's temporal landmark filters (as the mediapipe backend).
         repair_swaps: relabel arms / legs whose left-right labels disagree with the face's.
         prefetch: frames decoded ahead in the decode thread (0: decode inline).
@@ -176,7 +177,7 @@ class OnnxPoseBackend:
         roi_smoothing: float = 0.5,
         runtime: Literal["onnxruntime", "tensorrt", "pytorch"] | None = None,
         device: Literal["cpu", "cuda"] | None = None,
-        threads: int | None = 1,
+        threads: int | None = None,
         smooth_landmarks: bool = True,
         repair_swaps: bool = True,
         prefetch: int = 32,

@@ -14,7 +14,6 @@ from the same ONNX files with a frame-batch profile ``(1, opt, max)`` through ``
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +31,9 @@ Runtime = Literal["onnxruntime", "tensorrt", "pytorch"]
 
 
 def _threads(threads: int | None) -> int:
-    if threads:
-        return threads
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    from mam.runtime.sessions import default_threads
+
+    return default_threads(threads)  # MAM_RUNTIME_THREADS, else the CPUs this process may use
 
 
 class _OrtRunner:
