@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import socket
+from pathlib import Path
 
 import numpy as np
 
@@ -63,3 +65,34 @@ def multipart(field: str, data: bytes, content_type: str, infant: dict | None = 
     """(files, data) for httpx / starlette's TestClient."""
     files = {field: (f"{field}.bin", data, content_type)}
     return files, ({"infant": json.dumps(infant)} if infant else {})
+
+
+@contextlib.contextmanager
+def in_process_service(tmp: Path, prometheus_dir: Path):
+    """``service.app`` imported (or reused) with the test settings and a private ``TMPDIR``;
+    the environment is restored after. Yields the module."""
+    import importlib
+    import os
+    import tempfile
+
+    from service.settings import get_settings, hash_key
+
+    env = service_env(hash_key(API_KEY)) | {
+        "TMPDIR": str(tmp),
+        "BENTOML_HOME": str(tmp / "home"),
+        # As under `bentoml serve`: BentoML's /metrics reads the multi-process files.
+        "PROMETHEUS_MULTIPROC_DIR": str(prometheus_dir),
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    tempfile.tempdir = None  # pick up TMPDIR: uploads must land only here
+    get_settings.cache_clear()
+    try:
+        yield importlib.import_module("service.app")
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        tempfile.tempdir = None

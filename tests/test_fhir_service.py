@@ -5,7 +5,6 @@ audit trail, one line per request, with nothing identifying in it."""
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -20,7 +19,7 @@ from mam.audit import FIELDS  # noqa: E402
 from mam.fhir import parse_bundle  # noqa: E402
 from tests.dicom_media import PATIENT_ID, PATIENT_NAME, write_dicom_image, write_dicom_video  # noqa: E402
 from tests.media import write_video  # noqa: E402
-from tests.service_helpers import API_KEY, INFANT, npy_bytes, service_env, simulated  # noqa: E402
+from tests.service_helpers import API_KEY, INFANT, in_process_service, npy_bytes, simulated  # noqa: E402
 from tests.test_fhir import FhirServer, validate  # noqa: E402
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -48,54 +47,33 @@ def fhir_server():
 def svc(tmp_path_factory, fhir_server, prometheus_dir):
     from starlette.testclient import TestClient
 
-    from service.settings import hash_key
-
     tmp = tmp_path_factory.mktemp("svc_fhir")
-    env = service_env(hash_key(API_KEY)) | {
-        "TMPDIR": str(tmp),
-        "BENTOML_HOME": str(tmp / "home"),
-        "PROMETHEUS_MULTIPROC_DIR": str(prometheus_dir),
-    }
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import tempfile
-
-    tempfile.tempdir = None
-    import service.settings
-
-    service.settings.get_settings.cache_clear()
-    app = importlib.import_module("service.app")
-    # Settings are read at import (and the module may be imported already): set the push ones
-    # on the live object, before the service starts and builds its pusher.
-    push = {"fhir_base_url": fhir_server.url, "fhir_push_attempts": 2,
-            "fhir_push_backoff_s": 0.01, "fhir_push_timeout_s": 5.0}  # fmt: skip
-    saved = {k: getattr(app.S, k) for k in push}
-    for k, v in push.items():
-        setattr(app.S, k, v)
-    audit = Lines()
-    app.AUDIT.add_handler(audit)
-    # `bentoml serve` creates the task store's table before the service starts; in-process,
-    # the test does (tasks are otherwise tested against a real server, test_service_server.py).
-    from _bentoml_impl.tasks.result import Sqlite3Store
-    from bentoml._internal.configuration.containers import BentoMLContainer
-
-    store = BentoMLContainer.result_store_file.get()
-    os.makedirs(os.path.dirname(store), exist_ok=True)
-    Sqlite3Store.init_db(store)
-    try:
-        with TestClient(app.Screening.to_asgi()) as c:
-            c.app_module, c.audit, c.tmp = app, audit, tmp
-            yield c
-    finally:
-        app.AUDIT._logger.removeHandler(audit)
-        for k, v in saved.items():
+    with in_process_service(tmp, prometheus_dir) as app:
+        # Settings are read at import (and the module may be imported already): set the push
+        # ones on the live object, before the service starts and builds its pusher.
+        push = {"fhir_base_url": fhir_server.url, "fhir_push_attempts": 2,
+                "fhir_push_backoff_s": 0.01, "fhir_push_timeout_s": 5.0}  # fmt: skip
+        saved = {k: getattr(app.S, k) for k in push}
+        for k, v in push.items():
             setattr(app.S, k, v)
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        tempfile.tempdir = None
+        audit = Lines()
+        app.AUDIT.add_handler(audit)
+        # `bentoml serve` creates the task store's table before the service starts; in-process,
+        # the test does (tasks are otherwise tested against a real server, test_service_server).
+        from _bentoml_impl.tasks.result import Sqlite3Store
+        from bentoml._internal.configuration.containers import BentoMLContainer
+
+        store = BentoMLContainer.result_store_file.get()
+        os.makedirs(os.path.dirname(store), exist_ok=True)
+        Sqlite3Store.init_db(store)
+        try:
+            with TestClient(app.Screening.to_asgi()) as c:
+                c.app_module, c.audit, c.tmp = app, audit, tmp
+                yield c
+        finally:
+            app.AUDIT._logger.removeHandler(audit)
+            for k, v in saved.items():
+                setattr(app.S, k, v)
 
 
 @pytest.fixture(scope="module")

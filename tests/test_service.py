@@ -3,7 +3,6 @@ library's, every failure is a typed envelope with the right status, and limits h
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 
@@ -18,9 +17,9 @@ from tests.media import write_video  # noqa: E402
 from tests.service_helpers import (  # noqa: E402
     API_KEY,
     INFANT,
+    in_process_service,
     multipart,
     npy_bytes,
-    service_env,
     simulated,
 )
 
@@ -31,35 +30,11 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 def client(tmp_path_factory, prometheus_dir):
     from starlette.testclient import TestClient
 
-    from service.settings import hash_key
-
     tmp = tmp_path_factory.mktemp("svc")
-    env = service_env(hash_key(API_KEY)) | {
-        "TMPDIR": str(tmp),
-        "BENTOML_HOME": str(tmp / "home"),
-        # As under `bentoml serve`: BentoML's /metrics reads the multi-process files.
-        "PROMETHEUS_MULTIPROC_DIR": str(prometheus_dir),
-    }
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import tempfile
-
-    tempfile.tempdir = None  # pick up TMPDIR: uploads must land only here
-    import service.settings
-
-    service.settings.get_settings.cache_clear()
-    app_module = importlib.import_module("service.app")
-    try:
+    with in_process_service(tmp, prometheus_dir) as app_module:
         with TestClient(app_module.Screening.to_asgi()) as c:
             c.tmp = tmp
             yield c
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        tempfile.tempdir = None
 
 
 @pytest.fixture(scope="module")
