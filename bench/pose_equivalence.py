@@ -24,9 +24,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mam.schemas import InfantData  # noqa: E402
 from mam.screening import Screener, ScreeningOptions  # noqa: E402
 from mam.training.dataset import load_dataset  # noqa: E402
+from mam.training.evaluate import infant_data  # noqa: E402
 
 ROOT = Path("runs/demo_weights")
 DEMO = Path(__file__).resolve().parents[1] / "demo" / "infant_demo.mp4"
@@ -80,13 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     per = {}
     for b, s in screeners.items():
         for rec in load_dataset(folder, pose_backend=b):
-            info = None
-            if rec.info is not None:
-                sex, ga, bw, ca = rec.info
-                info = InfantData(sex="male" if sex else "female", gestational_age_weeks=ga,
-                                  birth_weight_g=bw, corrected_age_weeks=ca)  # fmt: skip
             per.setdefault(rec.infant_id, {"truth": rec.group})[b] = _summary(
-                s.screen_pose(rec.pose(), info)
+                s.screen_pose(rec.pose(), infant_data(rec.info))
             )
     a, m = (np.array([[v[b][k] for v in per.values()] for b in BACKENDS]) for k in
             ("classification", "fms_frequency"))  # fmt: skip

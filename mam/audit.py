@@ -63,10 +63,16 @@ FIELDS = (
 )  # fmt: skip
 EVENTS = frozenset({"screening_request", "screening_task", "fhir_push", "batch_job"})
 
-__all__ = ["AuditLog", "key_id", "sha256_file"]
+__all__ = ["AuditLog", "key_digest", "key_id"]
 
 _counter = 0
 _counter_lock = threading.Lock()
+
+
+def key_digest(key: str) -> str:
+    """SHA-256 of an API key: what ``MAM_API_KEY_HASHES`` lists, what the service and the
+    review login compare, and what the audit id is the start of."""
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def key_id(key: str | None, auth_disabled: bool = False) -> str:
@@ -75,14 +81,7 @@ def key_id(key: str | None, auth_disabled: bool = False) -> str:
         return "auth_disabled"
     if not key:
         return "none"
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """The content digest the batch ledger uses too (``mam.model.weights.sha256_of``)."""
-    from mam.model.weights import sha256_of
-
-    return sha256_of(Path(path))
+    return key_digest(key)[:16]
 
 
 def _now() -> str:

@@ -28,10 +28,10 @@ from bentoml.validators import ContentType
 from pydantic import BaseModel, Field
 
 from mam import dicom_video
-from mam.audit import key_id, sha256_file
+from mam.audit import key_id
 from mam.errors import InvalidPoseError, MamError
 from mam.features import CLIP_FRAMES, expand_differences, validate_instances
-from mam.model.weights import load_meta
+from mam.model.weights import load_meta, sha256_of
 from mam.pose import load_pose_file
 from mam.pose.from_video import estimate_video_pose
 from mam.review.mount import review_from_environment
@@ -422,14 +422,17 @@ class Screening:
         return self.screener.screen_pose(seq, infant, timings=timings)
 
     # -- hospital integration: content digests, echoed DICOM UIDs, FHIR push, task audit ----------
-    async def _intake(self, ctx, path: Path, headers: dict, task_id: str | None = None):
+    async def _intake(
+        self, ctx, path: Path, headers: dict, task_id: str | None = None, dicom: bool = False
+    ):
         """Note the upload's SHA-256 for the audit line (in the request's state, which the
         middleware reads) and, when the caller asked for them, a DICOM upload's UIDs for the
-        FHIR answer (state for a synchronous call, ``integration.UIDS`` for a task)."""
+        FHIR answer (state for a synchronous call, ``integration.UIDS`` for a task). ``dicom``:
+        the caller has sniffed the upload as a DICOM object."""
         state = ctx.request.scope.setdefault("state", {})
-        state["content_sha256"] = await asyncio.to_thread(sha256_file, path)
+        state["content_sha256"] = await asyncio.to_thread(sha256_of, path)
         uids = None
-        if I.echo_uids(headers) and dicom_video.is_dicom(path):
+        if dicom and I.echo_uids(headers):
             try:
                 uids = await asyncio.to_thread(dicom_video.read_uids, path)
             except MamError:
@@ -479,7 +482,7 @@ class Screening:
             dicom = dicom_video.is_dicom(video)  # named for what it is, not for the client's name
             suffix = ".dcm" if dicom else (video.suffix[:8] if video.suffix else "")
             path = _neutral_name(video, "recording", suffix)
-            sha, uids = await self._intake(ctx, path, headers, task_id)
+            sha, uids = await self._intake(ctx, path, headers, task_id, dicom)
             result = await self._run_video(
                 lambda c: self._screen_file(path, infant, task_id, c), timeout
             )
@@ -518,7 +521,8 @@ class Screening:
         rid = _request_id(ctx)
         path = pose
         try:
-            head = pose.read_bytes()[:8]
+            with open(pose, "rb") as f:
+                head = f.read(8)  # the format's magic, not the whole upload
             suffix = ".npz" if head.startswith(b"PK") else ".npy"
             path = _neutral_name(pose, "pose", suffix)
             headers = {k.lower(): v for k, v in ctx.request.headers.items()}

@@ -3,9 +3,10 @@ gRPC metadata; the service holds only SHA-256 digests of the keys it accepts."""
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from collections.abc import Mapping
+
+from mam.audit import key_digest
 
 
 def key_from_headers(headers: Mapping[str, str]) -> str | None:
@@ -26,6 +27,6 @@ class KeyCheck:
         key = key_from_headers(headers)
         if not key:
             return False
-        digest = hashlib.sha256(key.encode()).hexdigest()
+        digest = key_digest(key)
         # Compare with every hash, so timing says nothing about which one (if any) matched.
         return any([hmac.compare_digest(digest, h) for h in self.key_hashes])

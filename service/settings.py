@@ -6,7 +6,6 @@ defined, so a change needs a restart, which is also what Kubernetes does with a 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from functools import lru_cache
@@ -16,6 +15,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from mam.audit import key_digest
 from mam.pose.base import DEFAULT_POSE_BACKEND
 from mam.screening import default_weights
 from mam.video import VideoLimits
@@ -156,7 +156,7 @@ class Settings(BaseSettings):
 
 def hash_key(key: str) -> str:
     """What to put in ``MAM_API_KEY_HASHES`` for a key (``mam serve --hash-key`` prints it)."""
-    return hashlib.sha256(key.encode()).hexdigest()
+    return key_digest(key)
 
 
 @lru_cache(maxsize=1)

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from mam.review.agreement import cohen_kappa
+from mam.gma import clip_kappa as cohen_kappa
 from mam.review.store import Gone, NotFound, ReviewInputError, ReviewStore
 from tests import review_helpers as H
 

@@ -33,13 +33,14 @@ from pathlib import Path
 
 from mam import DISCLAIMER
 from mam.files import write_atomic
+from mam.gma import FMS_CLIP_THRESHOLD
+from mam.pose.base import available_backends, default_pose_backend
 
 logger = logging.getLogger(__name__)
 
 REPORTS_DIR = "reports"
 CLIPS_DIR = "clips"
 INDEX = "index.html"
-FMS_CLIP_THRESHOLD = 0.5  # a clip counts as showing FMs above this (fms_frequency's definition)
 CLIPS_VERSION = "1"  # part of clip file names: bump when drawing changes, so old files are redone
 REVIEW_NOTE = (
     "Review these clips first: they are the ones the model found most likely to show fidgety "
@@ -404,8 +405,6 @@ def _cut_clips(rec: _Rec, video: Path | None, clips_dir: Path, holder: _PoseHold
     if not Path(video).is_file():
         rec.clips_note = "the recording is no longer at its path"
         return 0
-    from mam.pose.base import available_backends, default_pose_backend
-
     backend = r.model.pose_backend
     if backend not in available_backends():  # screened from a pose file: draw with the default
         backend = default_pose_backend()

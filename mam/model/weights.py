@@ -17,6 +17,7 @@ import numpy as np
 from mam.domain import DomainModel
 from mam.errors import ModelLoadError
 from mam.features import CLIP_STEP, SMOOTHING_WINDOW, Normalizer
+from mam.gma import FMS_CLIP_THRESHOLD
 from mam.model.config import MAMConfig
 from mam.skeleton import FPS, JOINT_NAMES
 
@@ -56,7 +57,7 @@ class ModelMeta:
     calibration: Calibration = field(default_factory=Calibration)
     calibration_without_info: Calibration = field(default_factory=Calibration)
     risk_threshold: float = 0.5
-    fms_clip_threshold: float = 0.5
+    fms_clip_threshold: float = FMS_CLIP_THRESHOLD
     # FMs-frequency cut-offs: >= continuous -> continuous, >= intermittent -> intermittent.
     fms_category_thresholds: dict = field(
         default_factory=lambda: {"continuous": 0.75, "intermittent": 0.325, "sporadic": 1e-6}

@@ -145,10 +145,22 @@ def cached_video_pose(path: str | Path, cache_dir: str | Path, backend: str = DE
         seq.source = backend
         return seq
     seq, _ = estimate_video_pose(path, backend)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    np.savez_compressed(buf, joints=seq.joints, confidence=seq.confidence, fps=seq.fps,
-                        image_joints=seq.meta["image_joints"])  # fmt: skip
-    write_atomic(cache, buf.getvalue())  # an interrupted run leaves no half-written entry
+    write_pose_cache(seq, cache)
     logger.info("pose cached for a recording (%d frames)", seq.num_frames)
     return seq
+
+
+def write_pose_cache(seq, dest: str | Path) -> Path:
+    """A pose as an ``.npz`` that ``load_pose_file`` reads (``joints``, ``confidence``, ``fps``,
+    and the 2D ``image_joints`` with their frame ``image_size`` where the backend gives them),
+    written by rename: an interrupted run leaves no half-written entry."""
+    arrays = {"joints": seq.joints, "confidence": seq.confidence, "fps": seq.fps}
+    if "image_joints" in seq.meta:
+        arrays["image_joints"] = seq.meta["image_joints"]
+    if "image_size" in seq.meta:
+        arrays["image_size"] = np.asarray(seq.meta["image_size"], np.int32)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return write_atomic(dest, buf.getvalue())

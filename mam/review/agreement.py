@@ -14,34 +14,14 @@ from __future__ import annotations
 import numpy as np
 
 from mam.features import intervals_to_mask
+from mam.gma import clip_fms_labels, clip_kappa
 from mam.skeleton import FPS
-
-FMS_CLIP_THRESHOLD = 0.5
-
-
-def cohen_kappa(a, b) -> float:
-    """Cohen's kappa of two boolean labellings (the both-constant case as ``mam evaluate``)."""
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    if a.size == 0:
-        return float("nan")
-    po = float(np.mean(a == b))
-    pa, pb = a.mean(), b.mean()
-    pe = float(pa * pb + (1 - pa) * (1 - pb))
-    if pe >= 1.0 - 1e-12:
-        return 1.0 if po == 1.0 else 0.0
-    return (po - pe) / (1 - pe)
 
 
 def clip_labels(intervals, clips, num_frames: int) -> tuple[list[bool], list[bool]]:
-    """``(reviewer, model)`` FMs label per clip."""
+    """``(reviewer, model)`` FMs label per clip (``mam.gma.clip_fms_labels``)."""
     mask = intervals_to_mask([(i["start_s"], i["end_s"]) for i in intervals], num_frames)
-    reviewer, model = [], []
-    for c in clips:
-        a, b = round(c.start_s * FPS), round(c.end_s * FPS)
-        seg = mask[a:b]
-        reviewer.append(bool(seg.size and seg.mean() > 0.5))
-        model.append(c.fms_probability > FMS_CLIP_THRESHOLD)
-    return reviewer, model
+    return clip_fms_labels(mask, clips)
 
 
 def agreement_row(ident: str, result, annotation: dict) -> dict:
@@ -60,7 +40,7 @@ def agreement_row(ident: str, result, annotation: dict) -> dict:
         "reviewer_fms_clips": int(sum(rev)),
         "model_fms_clips": int(sum(mod)),
         "clip_agreement": round(float(np.mean(np.equal(rev, mod))), 4) if clips else None,
-        "kappa": round(cohen_kappa(rev, mod), 4) if clips else None,
+        "kappa": round(clip_kappa(rev, mod), 4) if clips else None,
         "verdicts": len(verdicts),
         "verdicts_agree": sum(v == "agree" for v in verdicts),
         "reviewer_category": category,

@@ -22,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+from mam.audit import key_digest
 from mam.files import write_atomic
 
 USERS_FILE = "review_users"
@@ -86,10 +87,6 @@ def add_user(path: Path, name: str, password: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, text.encode())
     os.chmod(path, 0o600)
-
-
-def key_digest(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 class Authenticator:

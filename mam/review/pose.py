@@ -16,7 +16,6 @@ pipeline); the page polls their progress. Logs carry counts only.
 from __future__ import annotations
 
 import base64
-import io
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -24,8 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from mam.files import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +57,7 @@ def estimate_and_cache(video: Path, sha256: str, backend: str, dest: Path, progr
     Returns the :class:`mam.pose.PoseSequence`."""
     from mam.model.weights import sha256_of
     from mam.pose import available_backends
-    from mam.pose.from_video import estimate_video_pose
+    from mam.pose.from_video import estimate_video_pose, write_pose_cache
     from mam.video import VideoLimits
 
     if backend not in available_backends():
@@ -78,12 +75,8 @@ def estimate_and_cache(video: Path, sha256: str, backend: str, dest: Path, progr
     image = seq.meta.get("image_joints")
     if image is None:
         raise PoseUnavailable("no_image_joints", f"the {backend} backend gives no 2D joints")
-    size = seq.meta.get("image_size") or (0, 0)
-    buf = io.BytesIO()
-    np.savez_compressed(buf, joints=seq.joints, confidence=seq.confidence, fps=seq.fps,
-                        image_joints=image, image_size=np.asarray(size, np.int32))  # fmt: skip
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(dest, buf.getvalue())
+    seq.meta["image_size"] = seq.meta.get("image_size") or (0, 0)
+    write_pose_cache(seq, dest)
     logger.info("review: pose cached for a recording (%d frames)", seq.num_frames)
     return seq
 

@@ -22,10 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from mam.features import intervals_to_mask
-from mam.gma import FMS_CATEGORIES
+from mam.gma import FMS_CATEGORIES, clip_fms_labels, clip_kappa
 from mam.schemas import InfantData
 from mam.screening import Screener, ScreeningOptions
-from mam.skeleton import FPS
 from mam.training.calibration import expected_calibration_error
 from mam.training.dataset import DatasetError
 from mam.training.train import TrainConfig, TrainRecord
@@ -50,7 +49,8 @@ def _auc(y, s) -> float | None:
     return float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else None
 
 
-def _infant(info) -> InfantData | None:
+def infant_data(info) -> InfantData | None:
+    """A record's raw ``[sex_male, GA weeks, BW g, corrected age weeks]`` as the request type."""
     if info is None:
         return None
     sex, ga, bw, age = info
@@ -63,15 +63,8 @@ def _infant(info) -> InfantData | None:
 
 
 def _kappa(rec: TrainRecord, clips, threshold: float) -> float:
-    from sklearn.metrics import cohen_kappa_score
-
     fms = intervals_to_mask(rec.fms_intervals_s, len(rec.joints))
-    spans = [(round(c.start_s * FPS), round(c.end_s * FPS)) for c in clips]
-    truth = [bool(fms[a:b].mean() > 0.5) for a, b in spans]
-    pred = [c.fms_probability > threshold for c in clips]
-    if len(set(truth)) > 1 or len(set(pred)) > 1:
-        return float(cohen_kappa_score(truth, pred))
-    return 1.0 if truth == pred else 0.0  # both constant: kappa undefined; agreement or not
+    return clip_kappa(*clip_fms_labels(fms, clips, threshold))
 
 
 def _metrics(y, p, threshold: float, freq, cats) -> dict:
@@ -132,7 +125,7 @@ def evaluate_records(
     abstention rate and bootstrap intervals; plus the per-infant values behind them."""
     risk, p_risk, freq, kappas, cats, abstained, in_domain, reasons = ([] for _ in range(8))
     for rec in records:
-        r = screener.screen_pose(rec.pose(), _infant(rec.info) if use_info else None)
+        r = screener.screen_pose(rec.pose(), infant_data(rec.info) if use_info else None)
         risk.append(rec.group == "risk")
         p_risk.append(r.risk_probability)
         freq.append(r.fms_frequency)

@@ -30,12 +30,6 @@ logger = logging.getLogger(__name__)
 Runtime = Literal["onnxruntime", "tensorrt", "pytorch"]
 
 
-def _threads(threads: int | None) -> int:
-    from mam.runtime.sessions import default_threads
-
-    return default_threads(threads)  # MAM_RUNTIME_THREADS, else the CPUs this process may use
-
-
 class _OrtRunner:
     """One ONNX Runtime session (``mam.runtime.sessions``); ``device='cuda'`` uses the CUDA
     provider when this build has it."""
@@ -146,7 +140,9 @@ class BlazePoseOnnx:
         self.min_presence_confidence = min_presence_confidence
         self.max_batch = max_batch
         models = convert.ensure_all(cache)
-        n_threads = _threads(threads)
+        from mam.runtime.sessions import default_threads
+
+        n_threads = default_threads(threads)  # MAM_RUNTIME_THREADS, else the usable CPUs
         det, lmk = models[convert.DETECTOR].onnx_path, models[convert.LANDMARK].onnx_path
         if runtime == "pytorch":  # the lent GPU machines' route: torch with CUDA, fp16
             from mam.pose.blazepose.torch_graph import TorchRunner
