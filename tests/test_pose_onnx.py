@@ -91,6 +91,21 @@ def test_cache_folder_from_environment(monkeypatch, tmp_path):
         convert.tflite_path("pose_landmark_heavy_typo")
 
 
+def test_weights_are_found_without_importing_mediapipe(monkeypatch):
+    # Located through the import system, not an import (which costs ~1.2 s of start-up on
+    # every screening); the same typed error when the wheel is absent.
+    path = convert.tflite_path(convert.LANDMARK)
+    assert path.is_file() and path.suffix == ".tflite"
+    real = convert.importlib.util.find_spec
+
+    def without_mediapipe(name, *args):
+        return None if name == "mediapipe" else real(name, *args)
+
+    monkeypatch.setattr(convert.importlib.util, "find_spec", without_mediapipe)
+    with pytest.raises(convert.DependencyMissingError, match="mediapipe 0.10.21"):
+        convert.tflite_path(convert.LANDMARK)
+
+
 @pytest.mark.parametrize("network", [convert.DETECTOR, convert.LANDMARK])
 def test_converted_graph_matches_tflite_interpreter(pose_cache, network):
     pytest.importorskip("ai_edge_litert.interpreter")

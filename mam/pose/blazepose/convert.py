@@ -26,6 +26,7 @@ at image build time (``python -m export blazepose``) or lazily on first use.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 from dataclasses import dataclass
@@ -90,15 +91,16 @@ def tflite_path(network: str) -> Path:
     """The tflite file of ``network`` inside the installed mediapipe wheel (never downloaded)."""
     if network not in _TFLITE_FILES:
         raise ValueError(f"unknown BlazePose network {network!r}; known: {sorted(_TFLITE_FILES)}")
-    try:
-        import mediapipe
-    except ImportError as exc:
+    # find_spec locates the wheel without importing it (importing mediapipe costs ~1.2 s of
+    # start-up, matplotlib and its task APIs included, for two files on disk).
+    spec = importlib.util.find_spec("mediapipe")
+    if spec is None or not spec.submodule_search_locations:
         raise DependencyMissingError(
             "the BlazePose weights come from the mediapipe 0.10.21 wheel: "
             "pip install 'mediapipe==0.10.21'"
-        ) from exc
+        )
     folder, name = _TFLITE_FILES[network]
-    path = Path(mediapipe.__file__).resolve().parent / "modules" / folder / name
+    path = Path(next(iter(spec.submodule_search_locations))).resolve() / "modules" / folder / name
     if not path.is_file():
         raise DependencyMissingError(f"{name} is not in this mediapipe install ({path.parent})")
     return path
