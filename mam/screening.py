@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +33,11 @@ from mam.pose import (
     fill_gaps,
     load_pose_file,
 )
-from mam.pose.base import default_pose_backend
-from mam.pose.from_video import estimate_video_pose
+from mam.pose.base import cpu_onnx_pose, default_pose_backend
+from mam.pose.from_video import PART_FRAMES, estimate_video_pose
 from mam.pose.representation import model_input, raw_trunk_length
 from mam.runtime import InferenceRuntime, create_runtime
+from mam.runtime.sessions import default_threads
 from mam.schemas import (
     Classification,
     Clip,
@@ -86,9 +88,11 @@ class ScreeningOptions:
     # Abstain (classification 'indeterminate') where the model cannot speak for the input;
     # False (--no-abstain) keeps the model's label for research, still marked not to be used.
     abstain: bool = True
-    # Recordings split into this many parts posed in parallel threads (each decodes from its
-    # own seek point with its own backend): the many-core GPU route; 1 on a 2-core CPU.
-    pose_segments: int = 1
+    # Parts of a recording (mam.pose.from_video.PART_FRAMES) posed at once, each in its own
+    # thread with its own backend; the joints are the same whatever the number. None: one per CPU
+    # thread (MAM_RUNTIME_THREADS, else the usable CPUs), each part's network on one thread, for
+    # the onnx backend on ONNX Runtime's CPU route; 1 elsewhere.
+    parallel_parts: int | None = None
     min_tracked_for_result: float = MIN_TRACKED_FOR_RESULT
 
 
@@ -224,16 +228,34 @@ class Screener:
             backend = self._pose.backend = create_backend(self.options.pose_backend)
         return backend
 
-    def _segment_pool(self):
+    @cached_property
+    def parallel_parts(self) -> int:
+        """Parts of a recording posed at once (``ScreeningOptions.parallel_parts``, resolved)."""
+        if self.options.parallel_parts is not None:
+            return max(1, self.options.parallel_parts)
+        return default_threads() if cpu_onnx_pose(self.options.pose_backend) else 1
+
+    def part_estimator(self) -> PoseBackend:
+        """A pose-part thread's backend (kept like ``pose_estimator``'s), its network on its
+        share of the CPU threads when the backend takes a thread count (``onnx``)."""
+        backend = getattr(self._pose, "backend", None)
+        if backend is None:
+            kwargs = {}
+            if self.options.pose_backend == "onnx":
+                kwargs["threads"] = max(1, default_threads() // self.parallel_parts)
+            backend = self._pose.backend = create_backend(self.options.pose_backend, **kwargs)
+        return backend
+
+    def _parts_pool(self):
         """Threads that pose the parts of a recording, each keeping its own backend (made by
-        ``pose_estimator`` in that thread); None with one part."""
-        if self.options.pose_segments <= 1:
+        ``part_estimator`` in that thread); None with one part."""
+        if self.parallel_parts <= 1:
             return None
-        if getattr(self, "_segments", None) is None:
+        if getattr(self, "_part_threads", None) is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            self._segments = ThreadPoolExecutor(self.options.pose_segments, "pose-part")
-        return self._segments
+            self._part_threads = ThreadPoolExecutor(self.parallel_parts, "pose-part")
+        return self._part_threads
 
     def screen_video(
         self,
@@ -245,7 +267,8 @@ class Screener:
         o = self.options
         seq, timings = estimate_video_pose(
             path, self.pose_estimator, o.limits, o.max_side, progress,
-            segments=o.pose_segments, executor=self._segment_pool(),
+            executor=self._parts_pool(), part_backend=self.part_estimator,
+            part_frames=PART_FRAMES.get(o.pose_backend),
         )  # fmt: skip
         return self.screen_pose(seq, infant, timings=timings)
 

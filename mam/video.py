@@ -431,6 +431,7 @@ def iter_frames(
     max_side: int | None = None,
     start_s: float = 0.0,
     end_s: float | None = None,
+    threads: int = 0,
 ) -> Iterator[np.ndarray]:
     """Yield upright RGB ``uint8 [H, W, 3]`` frames at exactly ``fps``.
 
@@ -440,6 +441,8 @@ def iter_frames(
     FFmpeg's swscale so that ``max(H, W) <= max_side``. ``start_s``/``end_s`` yield only frames
     ``round(start_s * fps) .. round(end_s * fps) - 1`` of that same stream, seeking to the start
     instead of decoding from the beginning (a review clip near the end of a long recording).
+    ``threads``: decoder threads (0: FFmpeg's choice, frame and slice threads over the CPUs; 1
+    where the caller already runs one decoder per core, which saves the threads' overhead).
     Decoding errors raise ``CorruptVideoError``; so does a video that ends clearly before its
     declared duration.
     """
@@ -452,13 +455,15 @@ def iter_frames(
     k1 = None if end_s is None else round(end_s * rate)
     if k0 < 0 or (k1 is not None and k1 <= k0):
         raise ValueError(f"need 0 <= start_s < end_s, got {start_s}..{end_s}")
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0, got {threads}")
     info, plan = _probe(path, limits)
-    return _frames(Path(os.fspath(path)), info, plan, rate, max_side, k0, k1)
+    return _frames(Path(os.fspath(path)), info, plan, rate, max_side, k0, k1, threads)
 
 
 def _frames(
     path: Path, info: VideoInfo, plan: _Plan, rate: Fraction, max_side: int | None,
-    k0: int = 0, k1: int | None = None,
+    k0: int = 0, k1: int | None = None, threads: int = 0,
 ) -> Iterator[np.ndarray]:  # fmt: skip
     n_out = num_output_frames(plan.declared_s, rate)
     if k1 is not None:
@@ -480,7 +485,11 @@ def _frames(
     warned_order = False
     with _open(path) as container:
         stream = container.streams[plan.stream_index]
-        stream.codec_context.thread_type = "AUTO"
+        if threads == 1:
+            stream.codec_context.thread_count = 1
+        else:
+            stream.codec_context.thread_type = "AUTO"
+            stream.codec_context.thread_count = threads
         tb = stream.time_base or Fraction(1, _AV_TIME_BASE)
         nominal = round(1 / (info.source_fps * tb)) if info.source_fps > 0 else 0
         pts0: int | None = None

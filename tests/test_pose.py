@@ -540,34 +540,48 @@ def test_mediapipe_native_log_lines_never_reach_stderr():
     assert err.splitlines() == ["before", "after", "error [x]: the last line"], err
 
 
-def test_a_recording_posed_in_parallel_parts_is_every_frame_once_in_order(tmp_path):
-    """``estimate_video_pose(segments=3)``: parts decoded from their own seek points by their
-    own backends in threads give exactly the frames of one pass, in order (a seek that lands a
-    frame early or late would show here)."""
+def test_a_recording_posed_in_parts_is_every_frame_once_in_order_and_the_same_either_way(
+    tmp_path,
+):
+    """Parts (``part_frames``) decoded from their own seek points by their own backends in
+    threads give exactly the frames of the recording, in order (a seek that lands a frame early
+    or late would show here); each part after the first starts ``PART_WARMUP_FRAMES`` early,
+    and its backend's state (here: frames seen since it started) is the same whether the parts
+    run in parallel or one after another, so the machine does not change the pose."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
     from mam.pose.base import PoseSequence
-    from mam.pose.from_video import estimate_video_pose
+    from mam.pose.from_video import PART_WARMUP_FRAMES, estimate_video_pose, part_bounds
     from tests.media import index_frame, read_index, write_video
 
     video = write_video(tmp_path / "index.mp4", index_frame, n_frames=750, fps=25,
                         options={"g": "50"})  # fmt: skip
     threads = set()
 
-    class Reader:  # "pose" = the frame's own index, read from its pixels
+    class Reader:  # "pose" = the frame's own index, read from its pixels, and frames seen so far
         def estimate(self, frames, progress=None):
             threads.add(threading.get_ident())
             idx = np.array([read_index(f) for f in frames], np.float32)
-            joints = np.repeat(idx[:, None, None], 17, axis=1).repeat(3, axis=2)
+            seen = np.arange(len(idx), dtype=np.float32)
+            joints = np.zeros((len(idx), 17, 3), np.float32)
+            joints[:, :, 0], joints[:, :, 1] = idx[:, None], seen[:, None]
             return PoseSequence(joints, np.ones(joints.shape[:2], np.float32), source="reader")
 
         def close(self):
             pass
 
+    assert part_bounds(750, 250) == [(0, 250), (250, 500), (500, 750)]
+    assert part_bounds(749, 250) == [(0, 374), (374, 749)] and part_bounds(200, 250) == [(0, 200)]
     with ThreadPoolExecutor(3) as pool:
-        seq, timings = estimate_video_pose(video, lambda: Reader(), segments=3, executor=pool)
-    assert seq.meta["segments"] == 3 and len(threads) == 3
-    np.testing.assert_array_equal(seq.joints[:, 0, 0], np.arange(750))
-    one, _ = estimate_video_pose(video, Reader())
-    np.testing.assert_array_equal(one.joints, seq.joints)
+        par, _ = estimate_video_pose(video, Reader(), executor=pool, part_backend=lambda: Reader(),
+                                     part_frames=250)  # fmt: skip
+    assert par.meta["parts"] == 3 and len(threads) == 3
+    np.testing.assert_array_equal(par.joints[:, 0, 0], np.arange(750))
+    starts = np.repeat([0, 250 - PART_WARMUP_FRAMES, 500 - PART_WARMUP_FRAMES], 250)
+    np.testing.assert_array_equal(par.joints[:, 0, 1], np.arange(750) - starts)
+    one_after_another, _ = estimate_video_pose(video, Reader(), part_frames=250)
+    np.testing.assert_array_equal(one_after_another.joints, par.joints)
+    whole, _ = estimate_video_pose(video, Reader(), part_frames=None)
+    np.testing.assert_array_equal(whole.joints[:, 0, 0], np.arange(750))
+    assert "parts" not in whole.meta

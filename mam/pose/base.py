@@ -35,6 +35,14 @@ ENV_POSE_RUNTIME = "MAM_POSE_RUNTIME"
 ENV_POSE_DEVICE = "MAM_POSE_DEVICE"
 
 
+def cpu_onnx_pose(backend: str) -> bool:
+    """Whether ``backend`` is ``onnx`` on its default route, ONNX Runtime on the CPU (neither
+    ``MAM_POSE_RUNTIME`` nor ``MAM_POSE_DEVICE`` points elsewhere)."""
+    runtime = os.environ.get(ENV_POSE_RUNTIME) or "onnxruntime"
+    device = os.environ.get(ENV_POSE_DEVICE) or "cpu"
+    return backend == "onnx" and runtime == "onnxruntime" and device == "cpu"
+
+
 @dataclass
 class PoseSequence:
     """3D joints ``[T, 17, 3]`` float32 at 25 fps; NaN rows where the frame was not tracked.

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -48,14 +49,38 @@ class _TimedIter:
             self.seconds += time.perf_counter() - t
 
 
+# A recording's pose through the ``onnx`` backend is defined as posed in parts of this many frames
+# (30 s at 25 fps), each part after the first tracked from PART_WARMUP_FRAMES before its start
+# (dropped again) so that its track, crop smoothing and landmark filters have settled. Parts run
+# in parallel threads where a caller has cores for them (``mam screen``: two single-threaded parts
+# keep 2 cores busier than one part whose two network threads wait while one thread decodes and
+# crops, bench/cpu_path.py) and one after another elsewhere (the service's video threads, batch
+# workers, training data), with the same joints either way: a tracker's output depends on where
+# it starts, and a result must not depend on the machine that computed it.
+PART_FRAMES = {"onnx": 750}
+PART_WARMUP_FRAMES = 25
+
+
+def part_bounds(total: int, part_frames: int | None) -> list[tuple[int, int]]:
+    """Frame ranges ``[a, b)`` of a recording's parts: ``total // part_frames`` of equal length
+    (at least one), so the split depends on the recording alone."""
+    n = max(1, total // part_frames) if part_frames else 1
+    return [(k * total // n, (k + 1) * total // n) for k in range(n)]
+
+
+def _backend_name(backend) -> str | None:
+    return backend if isinstance(backend, str) else getattr(backend, "name", None)
+
+
 def estimate_video_pose(
     path: str | Path,
     backend: str | PoseBackend | Callable[[], PoseBackend] = DEFAULT_POSE_BACKEND,
     limits: VideoLimits | None = None,
     max_side: int | None = 1280,
     progress: Callable[[int, int], None] | None = None,
-    segments: int = 1,
     executor: Executor | None = None,
+    part_backend: str | Callable[[], PoseBackend] | None = None,
+    part_frames: int | None | Literal["auto"] = "auto",
 ) -> tuple[PoseSequence, dict[str, float]]:
     """Pose of a whole recording and ``{"decode": s, "pose": s, "pose_total": s}``.
 
@@ -63,76 +88,131 @@ def estimate_video_pose(
     (``onnx``) ``decode`` overlaps ``pose`` (which then equals ``pose_total``) instead of adding to
     it. ``progress(done, total)`` is called as frames go through pose.
 
-    ``segments`` > 1 (with a backend name or factory, and an ``executor`` of that many threads)
-    splits the recording into contiguous parts, each decoded from its own seek point and tracked
-    by its own backend in its own thread, then joined in order: decoding and pose spread over a
-    machine's cores (the GPU route; each part starts with a detection, as after a lost track)."""
+    The recording is posed in the parts of :func:`part_bounds` (``part_frames``: ``"auto"`` is
+    ``PART_FRAMES`` of the backend's name, where a factory has none: one part), joined in order.
+    With an ``executor`` they run in its threads, each decoding from its own seek point with its
+    own backend from ``part_backend`` (a name or factory, e.g. with fewer threads each); without
+    one, one after another through ``backend``."""
     limits = limits or VideoLimits()
     total = probe(path, limits).num_frames_25fps  # a bad file fails before any backend starts
-    if segments > 1 and executor is not None and not hasattr(backend, "estimate"):
-        return _in_segments(path, backend, limits, max_side, progress, total, segments, executor)
-    frames = _TimedIter(iter_frames(path, limits, max_side=max_side))
+    if part_frames == "auto":
+        part_frames = PART_FRAMES.get(_backend_name(backend) or "")
+    bounds = part_bounds(total, part_frames)
+    if len(bounds) > 1 and executor is not None:
+        maker = part_backend if part_backend is not None else backend
+        if hasattr(maker, "estimate"):
+            raise TypeError("parallel parts need a backend name or factory, not an instance")
+        return _in_parallel(path, maker, limits, max_side, progress, total, bounds, executor)
     # A name makes a backend for this recording only; an instance (or a function that gives
     # one, called once the file is known to be good) is the caller's to keep.
     estimator = (
         create_backend(backend) if isinstance(backend, str)
         else backend() if callable(backend) and not hasattr(backend, "estimate") else backend
     )  # fmt: skip
+    counter = _Progress(progress, total, bounds)
     t0 = time.perf_counter()
+    parts, decode, overlapped = [], 0.0, False
     try:
-        cb = (lambda n: progress(n, total)) if progress else None
-        seq = estimator.estimate(frames, progress=cb)
+        for k, (a, b) in enumerate(bounds):
+            lead = min(PART_WARMUP_FRAMES, a)
+            frames = _TimedIter(iter_frames(path, limits, max_side=max_side,
+                                            start_s=(a - lead) / FPS, end_s=b / FPS))  # fmt: skip
+            seq = estimator.estimate(frames, progress=counter.callback(k, lead))
+            parts.append(_drop_lead(seq, lead))
+            decode += frames.seconds
+            overlapped |= frames.overlapped
     finally:
         if isinstance(backend, str):
             estimator.close()
     wall = time.perf_counter() - t0  # decode included, overlapped or not
-    pose = wall if frames.overlapped else wall - frames.seconds
-    return seq, {"decode": frames.seconds, "pose": pose, "pose_total": wall}
+    pose = wall if overlapped else wall - decode
+    return _join(parts), {"decode": decode, "pose": pose, "pose_total": wall}
 
 
-MIN_SEGMENT_FRAMES = 250  # 10 s: shorter parts spend more on detection and start-up than they save
+class _Progress:
+    """Frames posed so far over every part, warm-up frames not counted."""
 
+    def __init__(self, progress, total: int, bounds) -> None:
+        self.progress, self.total = progress, total
+        self.done = [0] * len(bounds)
+        self.lock = threading.Lock()
 
-def _in_segments(path, backend, limits, max_side, progress, total, segments, executor):
-    n = max(1, min(segments, total // MIN_SEGMENT_FRAMES))
-    bounds = [(k * total // n, (k + 1) * total // n) for k in range(n)]
-    done = [0] * n
-    lock = threading.Lock()
-    t0 = time.perf_counter()
-
-    def part(k: int):
-        a, b = bounds[k]
-        frames = iter_frames(path, limits, max_side=max_side, start_s=a / FPS, end_s=b / FPS)
+    def callback(self, k: int, lead: int) -> Callable[[int], None] | None:
+        if self.progress is None:
+            return None
 
         def cb(m: int) -> None:
-            with lock:
-                done[k] = m
-                if progress:
-                    progress(sum(done), total)
+            with self.lock:
+                self.done[k] = max(0, m - lead)
+                n = sum(self.done)
+            self.progress(n, self.total)
 
+        return cb
+
+
+def _in_parallel(path, backend, limits, max_side, progress, total, bounds, executor):
+    counter = _Progress(progress, total, bounds)
+    t0 = time.perf_counter()
+
+    def part(k: int) -> PoseSequence:
+        a, b = bounds[k]
+        lead = min(PART_WARMUP_FRAMES, a)
+        # One decoder thread a part: the parts already spread decoding over the cores.
+        frames = iter_frames(path, limits, max_side=max_side, start_s=(a - lead) / FPS,
+                             end_s=b / FPS, threads=1)  # fmt: skip
         est = create_backend(backend) if isinstance(backend, str) else backend()
         try:
-            return est.estimate(frames, progress=cb)
+            return _drop_lead(est.estimate(frames, progress=counter.callback(k, lead)), lead)
         finally:
             if isinstance(backend, str):
                 est.close()
 
-    parts = list(executor.map(part, range(n)))
+    seq = _join(list(executor.map(part, range(len(bounds)))))
     wall = time.perf_counter() - t0
-    meta = dict(parts[0].meta)
-    if all("image_joints" in p.meta for p in parts):
-        meta["image_joints"] = np.concatenate([p.meta["image_joints"] for p in parts])
-    meta["segments"] = n
-    seq = PoseSequence(
-        joints=np.concatenate([p.joints for p in parts]),
-        confidence=np.concatenate([p.confidence for p in parts]),
-        source=parts[0].source,
-        meta=meta,
-    )
     return seq, {"pose": wall, "pose_total": wall}  # decoding runs inside every part
 
 
-CACHE_FORMAT = 2  # 2: image joints and size kept, so every pose representation can be built
+def _drop_lead(seq: PoseSequence, lead: int) -> PoseSequence:
+    """A part without the warm-up frames that came before its own start."""
+    if not lead:
+        return seq
+    meta = dict(seq.meta)
+    if "image_joints" in meta:
+        meta["image_joints"] = meta["image_joints"][lead:]
+    return PoseSequence(seq.joints[lead:], seq.confidence[lead:], seq.fps, seq.source, meta)
+
+
+def _sum_stats(stats: list[dict]) -> dict:
+    """The parts' backend counters (``{"detections": n, "seconds": {...}}``) added up."""
+    out = {}
+    for k, v in stats[0].items():
+        if isinstance(v, dict):
+            out[k] = _sum_stats([s[k] for s in stats])
+        elif isinstance(v, int | float):
+            out[k] = sum(s[k] for s in stats)
+    return out
+
+
+def _join(parts: list[PoseSequence]) -> PoseSequence:
+    if len(parts) == 1:
+        return parts[0]
+    meta = dict(parts[0].meta)
+    if all("image_joints" in p.meta for p in parts):
+        meta["image_joints"] = np.concatenate([p.meta["image_joints"] for p in parts])
+    stats = [p.meta.get("stats") for p in parts]
+    if all(isinstance(s, dict) for s in stats):
+        meta["stats"] = _sum_stats(stats)
+    meta["parts"] = len(parts)
+    return PoseSequence(
+        joints=np.concatenate([p.joints for p in parts]),
+        confidence=np.concatenate([p.confidence for p in parts]),
+        fps=parts[0].fps,
+        source=parts[0].source,
+        meta=meta,
+    )
+
+
+CACHE_FORMAT = 3  # 2: image joints and size kept (every pose representation); 3: posed in parts
 
 
 def cached_video_pose(path: str | Path, cache_dir: str | Path, backend: str = DEFAULT_POSE_BACKEND):
