@@ -132,20 +132,23 @@ def normal_log_odds(bag_probs: np.ndarray, info_logits: np.ndarray | None = None
 
 
 def fuse_normal_probability(
-    bag_probs: np.ndarray, info_logits: np.ndarray | None, meta: ModelMeta
-) -> np.ndarray:
+    bag_probs: np.ndarray, info_logits: np.ndarray | None, meta: ModelMeta,
+    kind: str | None = None,
+) -> np.ndarray:  # fmt: skip
     """Calibrated P(normal) ``[B]`` from the bag head and, if given, the Info branch: the one
     place where branches are fused and calibrated, whatever runtime produced them. Calibration
-    (``meta.calibration``) weighs the two branches' log-odds; uncalibrated it is their sum."""
+    (``meta.calibrated(kind)``: the source kind's own where the weights have one) weighs the two
+    branches' log-odds; uncalibrated it is their sum."""
     if meta.config.fusion == "reference":
         bag = np.asarray(bag_probs, np.float64)
         if info_logits is None:
             return bag[:, 1]
         # NOTE: reference fusion, kept only for parity; caps outputs to [0.12, 0.88].
         return softmax(bag + softmax(np.asarray(info_logits, np.float64)))[:, 1]
+    cal = meta.calibrated(kind)
     if info_logits is None:
-        return meta.calibration_without_info.apply(bag_log_odds(bag_probs))
-    return meta.calibration.apply(bag_log_odds(bag_probs), info_log_odds(info_logits))
+        return cal.calibration_without_info.apply(bag_log_odds(bag_probs))
+    return cal.calibration.apply(bag_log_odds(bag_probs), info_log_odds(info_logits))
 
 
 def fms_category(frequency: float, thresholds: dict[str, float]) -> str:
@@ -191,25 +194,28 @@ class Screener:
         )
 
     # -- model ------------------------------------------------------------------------------------
-    def score_instances(self, tensors: np.ndarray, infant: InfantData | None = None) -> ClipScores:
+    def score_instances(
+        self, tensors: np.ndarray, infant: InfantData | None = None, kind: str | None = None
+    ) -> ClipScores:
         """Instances ``[N, 240, 3, 17, 17]`` (already smoothed and normalised) -> scores."""
         embeddings, logits = self.engine.clip(tensors)
-        return self.score_logits(logits, infant, embeddings)
+        return self.score_logits(logits, infant, embeddings, kind)
 
     def score_logits(
         self, logits: np.ndarray, infant: InfantData | None = None,
-        embeddings: np.ndarray | None = None,
+        embeddings: np.ndarray | None = None, kind: str | None = None,
     ) -> ClipScores:  # fmt: skip
         """Clip logits ``[N, 2]`` (and the clip embeddings, for the domain check) -> scores:
-        bag head, Info branch and fusion. Split from the clip network so that a service can
-        run that network elsewhere (batched across requests) and finish here."""
+        bag head, Info branch and fusion, calibrated for the source ``kind`` (``None``: bare
+        instances, the overall calibration). Split from the clip network so that a service
+        can run that network elsewhere (batched across requests) and finish here."""
         meta = self.meta
         bag, attention = self.engine.bag(np.asarray(logits, np.float32)[None])
         info_logits = None
         if infant is not None and infant.complete:
             z = (np.asarray(infant.vector()) - meta.info_mean) / meta.info_std
             info_logits = self.engine.info(np.asarray(z, np.float32)[None])
-        p_normal = fuse_normal_probability(bag, info_logits, meta)
+        p_normal = fuse_normal_probability(bag, info_logits, meta, kind)
         return ClipScores(
             fms_probability=softmax(logits)[:, 1].astype(float),
             attention=attention[0].astype(float),
@@ -310,9 +316,10 @@ class Screener:
         )
         timings["features"] = time.perf_counter() - t
         t = time.perf_counter()
-        scores = self.score_instances(inst.tensors, infant)
+        kind = kind_of(seq.source)
+        scores = self.score_instances(inst.tensors, infant, kind)
         timings["model"] = time.perf_counter() - t
-        fields = self.summarize(scores, kind_of(seq.source), motion, gates)
+        fields = self.summarize(scores, kind, motion, gates)
         return self._result(inst, scores, fields, seq, quality, infant, timings)
 
     def check_domain(
@@ -351,6 +358,9 @@ class Screener:
         for bare tensors, whose motion cannot be described (their embeddings are compared with
         every kind the weights know, the nearest counting)."""
         meta = self.meta
+        # P(normal) was calibrated for this kind (score_logits); bare instances used the overall
+        # calibration, whichever kind the domain check finds them nearest to.
+        threshold = meta.calibrated(None if kind == "instances" else kind).risk_threshold
         if kind == "instances" and meta.domain is not None and s.embeddings is not None:
             kind = min(meta.domain.kinds, key=lambda k: meta.domain.check(
                 k, s.embeddings, None).score, default="instances")  # fmt: skip
@@ -358,14 +368,14 @@ class Screener:
         freq = float(np.mean(s.fms_probability > meta.fms_clip_threshold))
         category = fms_category(freq, meta.fms_category_thresholds)
         p_risk = 1.0 - s.normal_probability
-        model_label = "risk" if p_risk >= meta.risk_threshold else "normal"
+        model_label = "risk" if p_risk >= threshold else "normal"
         abstain = bool(reasons) and self.options.abstain
         return {
             "risk_probability": round(p_risk, 4),
             "normal_probability": round(s.normal_probability, 4),
             "classification": Classification(
                 label="indeterminate" if abstain else model_label,
-                threshold=meta.risk_threshold,
+                threshold=threshold,
                 model_label=model_label,
                 reasons=reasons,
             ),
@@ -401,8 +411,9 @@ class Screener:
             return ["no infant data given: the main branch alone was used (MAM w/o info)"]
         return infant.warnings()
 
-    def model_info(self, pose_backend: str, used_info: bool) -> ModelInfo:
+    def model_info(self, pose_backend: str, used_info: bool, kind: str | None = None) -> ModelInfo:
         meta = self.meta
+        cal = meta.calibrated(kind)
         return ModelInfo(
             name=meta.name,
             version=meta.version,
@@ -413,7 +424,7 @@ class Screener:
             precision=self.precision,
             pose_backend=pose_backend,
             used_info_branch=used_info,
-            calibration=(meta.calibration if used_info else meta.calibration_without_info).method,
+            calibration=(cal.calibration if used_info else cal.calibration_without_info).method,
         )
 
     def _result(self, inst: Instances, s: ClipScores, fields: dict, seq, quality, infant, timings):
@@ -449,7 +460,7 @@ class Screener:
             top_fms_clips=sorted(clips, key=lambda c: -c.fms_probability)[:TOP_CLIPS],
             quality=q,
             infant=infant,
-            model=self.model_info(seq.source, s.used_info),
+            model=self.model_info(seq.source, s.used_info, kind_of(seq.source)),
             timings_s={k: round(v, 3) for k, v in timings.items()},
             warnings=warnings,
         )

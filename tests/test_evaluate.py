@@ -10,6 +10,7 @@ from mam.synth import SimParams, write_dataset
 from mam.training.calibration import (
     category_thresholds,
     expected_calibration_error,
+    fit_calibration,
     fit_platt,
     youden_threshold,
 )
@@ -42,6 +43,30 @@ def test_platt_scaling_fixes_an_overconfident_score():
     )
     with pytest.raises(ValueError):
         fit_platt(z[:5], np.ones(5, bool))
+
+
+def test_a_source_kind_with_squeezed_scores_gets_a_calibration_of_its_own():
+    """Pose from video gives the same infants less extreme log-odds than clean pose files (issue
+    14: video risk infants at P(risk) 0.1-0.5). A fit on both kinds together is under-confident
+    on the video kind; the kind's own fit, on other infants of that kind, is not."""
+    rng = np.random.default_rng(1)
+
+    def infants(n, squeeze):
+        normal = rng.random(n) < 0.5
+        true_logit = np.where(normal, 1.5, -1.5) + rng.normal(0, 1.0, n)
+        y = rng.random(n) < 1 / (1 + np.exp(-true_logit))  # outcomes drawn from the truth
+        return squeeze * 3 * true_logit, np.full(n, np.nan), y
+
+    files, videos, test = infants(1500, 1.0), infants(400, 0.3), infants(3000, 0.3)
+    both = [np.concatenate([a, b]) for a, b in zip(files, videos)]
+    overall = fit_calibration(*both)
+    own = fit_calibration(*videos, label="platt (video)")
+    z, _, y = test
+    p_overall = overall.calibration_without_info.apply(z)
+    p_own = own.calibration_without_info.apply(z)
+    assert own.calibration.method == "platt (video)" and own.infants == 400
+    assert expected_calibration_error(p_own, y) < 0.06
+    assert expected_calibration_error(p_overall, y) > 2 * expected_calibration_error(p_own, y)
 
 
 def test_youden_and_category_thresholds():

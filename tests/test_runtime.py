@@ -14,7 +14,7 @@ import torch
 
 from mam import errors
 from mam.model.network import MAM
-from mam.model.weights import Calibration, load_weights
+from mam.model.weights import Calibration, KindCalibration, load_weights
 from mam.pose.base import PoseSequence
 from mam.runtime import InferenceRuntime, RuntimeUnavailable, create_runtime, load_manifest
 from mam.runtime.base import ENV_BACKEND
@@ -190,6 +190,20 @@ def test_calibration_weighs_the_two_branches():
     expected = 1 / (1 + np.exp(-(2.0 * zb + 0.5 + 0.3 * zi)))
     assert np.allclose(fuse_normal_probability(bag, info, meta), expected)
     assert np.allclose(fuse_normal_probability(bag, None, meta), 1 / (1 + np.exp(-(3 * zb - 1))))
+    # A kind with a calibration of its own uses it; every other kind the overall one.
+    meta.calibration_by_kind = {
+        "video": KindCalibration(Calibration(a=1.0), Calibration(a=0.5, b=2.0), 0.3, 50)
+    }
+    own = 1 / (1 + np.exp(-(0.5 * zb + 2.0)))
+    assert np.allclose(fuse_normal_probability(bag, None, meta, "video"), own)
+    assert np.allclose(fuse_normal_probability(bag, None, meta, "pose_file"),
+                       fuse_normal_probability(bag, None, meta))  # fmt: skip
+    assert meta.calibrated("video").risk_threshold == 0.3
+    assert meta.calibrated("pose_file").risk_threshold == meta.risk_threshold
+    back = type(meta).from_dict(meta.to_dict())
+    assert (
+        back.calibration_by_kind["video"].to_dict() == meta.calibration_by_kind["video"].to_dict()
+    )
 
 
 # -- GPU ------------------------------------------------------------------------------------------

@@ -47,6 +47,35 @@ class Calibration:
 
 
 @dataclass
+class KindCalibration:
+    """One source kind's calibration and risk threshold (``mam.domain.kind_of``). Pose from
+    video is noisier than the simulator's pose files, so the same log-odds stand for another
+    frequency of risk: each kind with enough held-out infants of its own gets its own fit."""
+
+    calibration: Calibration
+    calibration_without_info: Calibration
+    risk_threshold: float
+    infants: int = 0  # held-out infants it was fitted on (0: the weights' overall fit)
+
+    def to_dict(self) -> dict:
+        return {
+            "calibration": vars(self.calibration),
+            "calibration_without_info": vars(self.calibration_without_info),
+            "risk_threshold": self.risk_threshold,
+            "infants": self.infants,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> KindCalibration:
+        return cls(
+            Calibration(**d["calibration"]),
+            Calibration(**d["calibration_without_info"]),
+            float(d["risk_threshold"]),
+            int(d.get("infants", 0)),
+        )
+
+
+@dataclass
 class ModelMeta:
     name: str
     version: str
@@ -57,6 +86,8 @@ class ModelMeta:
     calibration: Calibration = field(default_factory=Calibration)
     calibration_without_info: Calibration = field(default_factory=Calibration)
     risk_threshold: float = 0.5
+    # Kinds of source with a calibration of their own; the three fields above serve the rest.
+    calibration_by_kind: dict[str, KindCalibration] = field(default_factory=dict)
     fms_clip_threshold: float = FMS_CLIP_THRESHOLD
     # FMs-frequency cut-offs: >= continuous -> continuous, >= intermittent -> intermittent.
     fms_category_thresholds: dict = field(
@@ -71,6 +102,13 @@ class ModelMeta:
     domain: DomainModel | None = None
     provenance: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
+
+    def calibrated(self, kind: str | None = None) -> KindCalibration:
+        """The calibration that serves ``kind``: its own where fitted, else the overall one."""
+        own = self.calibration_by_kind.get(kind) if kind else None
+        return own or KindCalibration(
+            self.calibration, self.calibration_without_info, self.risk_threshold
+        )
 
     def to_dict(self) -> dict:
         return {
@@ -90,6 +128,7 @@ class ModelMeta:
             "calibration": vars(self.calibration),
             "calibration_without_info": vars(self.calibration_without_info),
             "risk_threshold": self.risk_threshold,
+            "calibration_by_kind": {k: v.to_dict() for k, v in self.calibration_by_kind.items()},
             "fms_clip_threshold": self.fms_clip_threshold,
             "fms_category_thresholds": self.fms_category_thresholds,
             "representation": self.representation,
@@ -114,6 +153,10 @@ class ModelMeta:
             calibration=Calibration(**d["calibration"]),
             calibration_without_info=Calibration(**d["calibration_without_info"]),
             risk_threshold=float(d["risk_threshold"]),
+            calibration_by_kind={
+                k: KindCalibration.from_dict(v)
+                for k, v in (d.get("calibration_by_kind") or {}).items()
+            },
             fms_clip_threshold=float(d["fms_clip_threshold"]),
             fms_category_thresholds=dict(d["fms_category_thresholds"]),
             clip_step=int(d["clip_step"]),

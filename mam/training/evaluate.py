@@ -67,7 +67,7 @@ def _kappa(rec: TrainRecord, clips, threshold: float) -> float:
     return clip_kappa(*clip_fms_labels(fms, clips, threshold))
 
 
-def _metrics(y, p, threshold: float, freq, cats) -> dict:
+def _metrics(y, p, threshold, freq, cats) -> dict:
     """Discrimination and calibration of one set of infants (risk is the positive class)."""
     from sklearn.metrics import average_precision_score
 
@@ -94,24 +94,24 @@ def _metrics(y, p, threshold: float, freq, cats) -> dict:
     }
 
 
-def bootstrap_ci(
-    y, p, threshold: float, n: int = BOOTSTRAP, seed: int = 0, level: float = 0.95
-) -> dict:
-    """Percentile intervals of AUC, sensitivity and specificity, resampling infants (the unit
-    of the study) with replacement; resamples lacking a class are skipped for the metric that
-    needs it."""
+def bootstrap_ci(y, p, threshold, n: int = BOOTSTRAP, seed: int = 0, level: float = 0.95) -> dict:
+    """Percentile intervals of AUC, sensitivity, specificity and the calibration error,
+    resampling infants (the unit of the study) with replacement; resamples lacking a class are
+    skipped for the metric that needs it. ``threshold``: one, or each infant's."""
     y, p = np.asarray(y, bool), np.asarray(p, np.float64)
+    th = np.broadcast_to(np.asarray(threshold, np.float64), p.shape)
     rng = np.random.default_rng(seed)
-    vals: dict[str, list[float]] = {"auc": [], "sensitivity": [], "specificity": []}
+    vals: dict[str, list[float]] = {"auc": [], "sensitivity": [], "specificity": [], "ece": []}
     for _ in range(n if len(y) else 0):
         i = rng.integers(0, len(y), len(y))
-        yy, pp = y[i], p[i]
+        yy, pp, tt = y[i], p[i], th[i]
+        vals["ece"].append(expected_calibration_error(pp, yy))
         if 0 < yy.sum() < len(yy):
             vals["auc"].append(_auc(yy, pp))
         if yy.any():
-            vals["sensitivity"].append(float(np.mean(pp[yy] >= threshold)))
+            vals["sensitivity"].append(float(np.mean(pp[yy] >= tt[yy])))
         if (~yy).any():
-            vals["specificity"].append(float(np.mean(pp[~yy] < threshold)))
+            vals["specificity"].append(float(np.mean(pp[~yy] < tt[~yy])))
     lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
     return {f"{k}_ci": [float(np.percentile(v, lo)), float(np.percentile(v, hi))] if v else None
             for k, v in vals.items()}  # fmt: skip
@@ -123,7 +123,7 @@ def evaluate_records(
     """Metrics of one model on labelled records: on every infant (what the model says,
     abstained or not) and on the part it speaks for (in domain, not indeterminate), with the
     abstention rate and bootstrap intervals; plus the per-infant values behind them."""
-    risk, p_risk, freq, kappas, cats, abstained, in_domain, reasons = ([] for _ in range(8))
+    risk, p_risk, freq, kappas, cats, abstained, in_domain, reasons, th = ([] for _ in range(9))
     for rec in records:
         r = screener.screen_pose(rec.pose(), infant_data(rec.info) if use_info else None)
         risk.append(rec.group == "risk")
@@ -133,22 +133,25 @@ def evaluate_records(
         abstained.append(r.classification.label == "indeterminate")
         in_domain.append(r.domain.in_domain)
         reasons.append(r.classification.reasons)
+        th.append(r.classification.threshold)  # the source kind's (mam.model.weights)
         kappas.append(
             _kappa(rec, r.clips, screener.meta.fms_clip_threshold)
             if rec.fms_intervals_s is not None else None
         )  # fmt: skip
     y, p, f = np.array(risk, bool), np.array(p_risk), np.array(freq)
     kept = ~np.array(abstained, bool)
-    th = screener.meta.risk_threshold
-    res = {"use_info": use_info, "threshold": th, **_metrics(y, p, th, f, cats)}
+    th = np.array(th, np.float64)
+    one = len(set(th.tolist())) == 1
+    res = {"use_info": use_info, "threshold": float(th[0]) if one else th.tolist(),
+           **_metrics(y, p, th, f, cats)}  # fmt: skip
     res.update(bootstrap_ci(y, p, th))
     k_all = [k for k in kappas if k is not None]
     res["median_kappa"] = float(np.median(k_all)) if k_all else None
     res["kappa_videos"] = len(k_all)
     res["abstention_rate"] = float(np.mean(~kept)) if len(kept) else None
     res["out_of_domain_rate"] = float(1 - np.mean(in_domain)) if in_domain else None
-    inside = _metrics(y[kept], p[kept], th, f[kept], [c for c, k in zip(cats, kept) if k])
-    inside.update(bootstrap_ci(y[kept], p[kept], th))
+    inside = _metrics(y[kept], p[kept], th[kept], f[kept], [c for c, k in zip(cats, kept) if k])
+    inside.update(bootstrap_ci(y[kept], p[kept], th[kept]))
     k_in = [k for k, keep in zip(kappas, kept) if keep and k is not None]
     inside["median_kappa"] = float(np.median(k_in)) if k_in else None
     res["in_domain"] = inside

@@ -29,7 +29,7 @@ from mam.model.network import MAM
 from mam.model.weights import ModelMeta
 from mam.pose.representation import raw_trunk_length
 from mam.screening import bag_log_odds, info_log_odds
-from mam.training.calibration import category_thresholds, fit_platt, youden_threshold
+from mam.training.calibration import MIN_KIND_INFANTS, category_thresholds, fit_calibration
 from mam.training.train import TrainConfig, TrainRecord, train
 
 logger = logging.getLogger(__name__)
@@ -166,16 +166,19 @@ def fit(
     if not held.any():
         return model, meta
     normal = np.array([r.group == "normal" for r in cal_recs])
-    meta.calibration_without_info = fit_platt(s.z_bag, normal)
-    has = np.isfinite(s.z_info)
-    if has.sum() >= 4 and len(set(normal[has])) == 2:
-        meta.calibration = fit_platt(s.z_bag[has], normal[has], s.z_info[has])
-        p_risk = 1 - meta.calibration.apply(s.z_bag[has], s.z_info[has])
-        meta.risk_threshold = youden_threshold(p_risk, ~normal[has])
-    else:
-        meta.calibration = meta.calibration_without_info
-        p_risk = 1 - meta.calibration.apply(s.z_bag)
-        meta.risk_threshold = youden_threshold(p_risk, ~normal)
+    overall = fit_calibration(s.z_bag, s.z_info, normal)
+    meta.calibration, meta.calibration_without_info = (
+        overall.calibration,
+        overall.calibration_without_info,
+    )
+    meta.risk_threshold = overall.risk_threshold
+    kinds = np.array([kind_of(r.source) for r in cal_recs])
+    for kind in sorted(set(kinds)):
+        m = kinds == kind
+        if m.sum() >= MIN_KIND_INFANTS and len(set(normal[m])) == 2:
+            meta.calibration_by_kind[kind] = fit_calibration(
+                s.z_bag[m], s.z_info[m], normal[m], f"platt ({kind})"
+            )
     if categories is not None:
         cats = [c for c, h in zip(categories, held) if h]
         if all(cats):
@@ -184,6 +187,27 @@ def fit(
         "method": "platt on held-out infants",
         "infants": int(held.sum()),
         "risk_infants": int((~normal).sum()),
+        "by_kind": {k: v.infants for k, v in meta.calibration_by_kind.items()},
     }
     logger.info("calibrated on %d held-out infants", int(held.sum()))
     return model, meta
+
+
+def recalibrate(
+    model: MAM, meta: ModelMeta, records: Sequence[TrainRecord], kind: str
+) -> ModelMeta:
+    """Give ``kind`` a calibration of its own, fitted on ``records`` that the weights never
+    trained on (e.g. recordings a site screened and knows the outcome of): the network, its
+    domain record and every other kind's calibration stay as they were."""
+    if any(kind_of(r.source) != kind for r in records):
+        raise ValueError(f"every record must be of kind {kind!r}")
+    normal = np.array([r.group == "normal" for r in records])
+    if len(records) < MIN_KIND_INFANTS or normal.all() or not normal.any():
+        raise ValueError(
+            f"a calibration of its own needs at least {MIN_KIND_INFANTS} infants of both groups"
+        )
+    s = score_records(model, meta, records)
+    meta.calibration_by_kind[kind] = fit_calibration(s.z_bag, s.z_info, normal, f"platt ({kind})")
+    meta.provenance.setdefault("calibration", {}).setdefault("by_kind", {})[kind] = len(records)
+    logger.info("calibrated kind %s on %d infants", kind, len(records))
+    return meta

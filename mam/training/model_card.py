@@ -103,6 +103,12 @@ def render(
         f"{th.get('intermittent', float('nan')):.3f}, sporadic >= "
         f"{th.get('sporadic', float('nan')):.3g}, else absent.",
     ]
+    for kind, kc in meta.calibration_by_kind.items():
+        lines.append(
+            f"- Calibration of `{kind}` sources, its own: {kc.calibration.method} on "
+            f"{kc.infants} held-out infants of that kind; risk threshold (Youden) "
+            f"{kc.risk_threshold:.3f}. Other sources use the overall calibration above."
+        )
     if dom:
         flagged = ", ".join(f"{k} {v:.1%} of {dom['heldout'][k]}"
                             for k, v in dom["heldout_flagged"].items())  # fmt: skip
