@@ -119,3 +119,30 @@ def test_reference_branch_and_closeness_raise_kappa(tmp_path):
     assert full["median_kappa"] >= 0.6  # the paper's 0.601
     assert full["fms_frequency_auc"] >= 0.9
     assert full["auc"] >= 0.9
+
+
+def test_recalibrate_gives_one_kind_its_own_fit_and_leaves_the_rest(tmp_path):
+    """``recalibrate`` on recordings the weights never saw: the kind gets its own calibration
+    (saved with the weights, used by the screener for that kind only); the network and the
+    other kind's calibration are untouched; mixed kinds and too few infants are refused."""
+    from mam.model.weights import load_weights
+    from mam.screening import DEFAULT_WEIGHTS, Screener
+    from mam.training.calibration import MIN_KIND_INFANTS
+    from mam.training.fitting import recalibrate
+
+    model, meta = load_weights(DEFAULT_WEIGHTS)
+    before = meta.to_dict()
+    records = load_dataset(write_dataset(tmp_path / "d", MIN_KIND_INFANTS, 7, (30.0, 40.0)))
+    with pytest.raises(ValueError, match="at least"):
+        recalibrate(model, meta, records[:10], "pose_file")
+    with pytest.raises(ValueError, match="kind"):
+        recalibrate(model, meta, records, "video")
+    meta = recalibrate(model, meta, records, "pose_file")
+    own = meta.calibration_by_kind["pose_file"]
+    assert own.infants == MIN_KIND_INFANTS and own.calibration.method == "platt (pose_file)"
+    assert vars(meta.calibrated("video").calibration) == before["calibration"]
+    w = save_weights(model, meta, tmp_path / "recalibrated")
+    sc = Screener(w)
+    r = sc.screen_pose(records[0].pose())
+    assert r.model.calibration == "platt (pose_file)"
+    assert r.classification.threshold == pytest.approx(own.risk_threshold)

@@ -131,13 +131,15 @@ def render(
             "",
             "## Which pose representation feeds the model",
             "One model per representation, same data and seed, external rendered set through "
-            "the default pose backend (`python bench/demo_weights.py compare`):",
+            "the default pose backend (`python bench/demo_weights.py compare`; the run that "
+            "chose the representation, before any later recalibration):",
             "",
-            "| representation | AUC | median kappa | ECE | abstained |",
-            "|---|---|---|---|---|",
+            "| representation | AUC | median kappa | ECE | abstained | external infants |",
+            "|---|---|---|---|---|---|",
         ]
         for rep, r in representations.items():
             cells = [_cell(r, k) for k in ("auc", "median_kappa", "ece", "abstention_rate")]
+            cells.append(str(r.get("infants", "?")))
             lines.append(f"| `{rep}`{' (shipped)' if rep == meta.representation else ''} | "
                          + " | ".join(cells) + " |")  # fmt: skip
     if domain:
