@@ -9,6 +9,7 @@ from mam.model.weights import save_weights
 from mam.synth import SimParams, write_dataset
 from mam.training.calibration import (
     category_thresholds,
+    ece_if_calibrated,
     expected_calibration_error,
     fit_calibration,
     fit_platt,
@@ -67,6 +68,22 @@ def test_a_source_kind_with_squeezed_scores_gets_a_calibration_of_its_own():
     assert own.calibration.method == "platt (video)" and own.infants == 400
     assert expected_calibration_error(p_own, y) < 0.06
     assert expected_calibration_error(p_overall, y) > 2 * expected_calibration_error(p_own, y)
+
+
+def test_the_calibration_error_comes_with_what_perfect_calibration_would_show():
+    """On tens of infants the binned error of a perfectly calibrated score is far from 0; the
+    reference tells that noise from miscalibration (a squeezed score fails, a true one does
+    not) and shrinks with more infants."""
+    rng = np.random.default_rng(3)
+    p = 1 / (1 + np.exp(-rng.normal(0, 3, 60)))
+    y = rng.random(60) < p  # outcomes drawn from p: calibrated by construction
+    ref = ece_if_calibrated(p, y)
+    assert ref["ece_if_calibrated"] > 0.05  # what 60 infants allow
+    assert ref["ece_p_value"] > 0.05
+    squeezed = 0.5 + 0.2 * (p - 0.5)  # under-confident, as video poses made the demo weights
+    assert ece_if_calibrated(squeezed, y)["ece_p_value"] < 0.05
+    big = 1 / (1 + np.exp(-rng.normal(0, 3, 2000)))
+    assert ece_if_calibrated(big)["ece_if_calibrated"] < 0.5 * ref["ece_if_calibrated"]
 
 
 def test_youden_and_category_thresholds():

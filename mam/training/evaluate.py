@@ -25,7 +25,7 @@ from mam.features import intervals_to_mask
 from mam.gma import FMS_CATEGORIES, clip_fms_labels, clip_kappa
 from mam.schemas import InfantData
 from mam.screening import Screener, ScreeningOptions
-from mam.training.calibration import expected_calibration_error
+from mam.training.calibration import ece_if_calibrated, expected_calibration_error
 from mam.training.dataset import DatasetError
 from mam.training.train import TrainConfig, TrainRecord
 
@@ -145,6 +145,7 @@ def evaluate_records(
     res = {"use_info": use_info, "threshold": float(th[0]) if one else th.tolist(),
            **_metrics(y, p, th, f, cats)}  # fmt: skip
     res.update(bootstrap_ci(y, p, th))
+    res.update(ece_if_calibrated(p, y))
     k_all = [k for k in kappas if k is not None]
     res["median_kappa"] = float(np.median(k_all)) if k_all else None
     res["kappa_videos"] = len(k_all)
@@ -152,6 +153,7 @@ def evaluate_records(
     res["out_of_domain_rate"] = float(1 - np.mean(in_domain)) if in_domain else None
     inside = _metrics(y[kept], p[kept], th[kept], f[kept], [c for c, k in zip(cats, kept) if k])
     inside.update(bootstrap_ci(y[kept], p[kept], th[kept]))
+    inside.update(ece_if_calibrated(p[kept], y[kept]))
     k_in = [k for k, keep in zip(kappas, kept) if keep and k is not None]
     inside["median_kappa"] = float(np.median(k_in)) if k_in else None
     res["in_domain"] = inside
