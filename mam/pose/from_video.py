@@ -17,6 +17,7 @@ from typing import Literal
 
 import numpy as np
 
+from mam.dicom_video import is_dicom
 from mam.files import write_atomic
 from mam.model.weights import sha256_of
 from mam.pose.base import DEFAULT_POSE_BACKEND, PoseBackend, PoseSequence, create_backend
@@ -92,11 +93,14 @@ def estimate_video_pose(
     ``PART_FRAMES`` of the backend's name, where a factory has none: one part), joined in order.
     With an ``executor`` they run in its threads, each decoding from its own seek point with its
     own backend from ``part_backend`` (a name or factory, e.g. with fewer threads each); without
-    one, one after another through ``backend``."""
+    one, one after another through ``backend``. A DICOM video object goes in one pass (its
+    stream has no index to seek by)."""
     limits = limits or VideoLimits()
     total = probe(path, limits).num_frames_25fps  # a bad file fails before any backend starts
     if part_frames == "auto":
         part_frames = PART_FRAMES.get(_backend_name(backend) or "")
+    if is_dicom(path):  # a bare elementary stream: no index to seek a part's start by
+        part_frames = None
     bounds = part_bounds(total, part_frames)
     if len(bounds) > 1 and executor is not None:
         maker = part_backend if part_backend is not None else backend
