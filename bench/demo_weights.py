@@ -38,14 +38,22 @@ DATASETS: dict[str, tuple] = {
     "poses_real": (80, 313, 60, 120, False, "real", "train", None),
     "poses_real_widened": (80, 314, 60, 120, True, "real", "train", None),
 }
+
+
+def _pose_file_kinds(prefix: str, n: int, seed: int) -> dict[str, tuple]:
+    """Pose-file sets of the four kinds the training's pose files have (simulated or real-motion
+    backgrounds, default or widened ranges), ``n`` infants each, seeds ``seed`` to ``seed + 3``."""
+    kinds = [("sim", "simulated", False), ("sim", "simulated", True), ("real", "real", False),
+             ("real", "real", True)]  # fmt: skip
+    return {
+        f"{prefix}_{name}{'_widened' if w else ''}": (n, seed + i, 60, 120, w, bg, "train", None)
+        for i, (name, bg, w) in enumerate(kinds)
+    }
+
+
 # In-domain test set: pose files of new seeds, the four kinds of the pose-file training sets;
 # 200 infants, since with 80 the calibration error's 95% interval spanned 0.05-0.15.
-TEST = {
-    "test_sim": (50, 341, 60, 120, False, "simulated", "train", None),
-    "test_sim_widened": (50, 342, 60, 120, True, "simulated", "train", None),
-    "test_real": (50, 343, 60, 120, False, "real", "train", None),
-    "test_real_widened": (50, 344, 60, 120, True, "real", "train", None),
-}
+TEST = _pose_file_kinds("test", 50, 341)
 # Held out of training like the calibration share of ``fit``, and posed from video: the video
 # kind's own calibration (``mam.training.calibration``, per source kind), at the training sizes,
 # default and widened ranges, training-pool real-motion backgrounds (never the external pool).
@@ -54,12 +62,7 @@ CALIBRATION = {
     "calibration_real_widened": (32, 306, 45, 75, True, "real", "train", TRAIN),
 }
 # Likewise for the pose-file kind: new seeds of the four pose-file training sets' kinds.
-CALIBRATION_POSES = {
-    "calibration_poses_sim": (40, 315, 60, 120, False, "simulated", "train", None),
-    "calibration_poses_sim_widened": (40, 316, 60, 120, True, "simulated", "train", None),
-    "calibration_poses_real": (40, 317, 60, 120, False, "real", "train", None),
-    "calibration_poses_real_widened": (40, 318, 60, 120, True, "real", "train", None),
-}
+CALIBRATION_POSES = _pose_file_kinds("calibration_poses", 40, 315)
 # 60 infants (rendering and posing each takes ~70 s of one core here): the calibration error on
 # 60 is noisy (with perfect calibration it exceeds 0.05 in about a third of draws), so every
 # figure comes with its bootstrap interval. A larger ``n`` keeps these 60 and adds to them.

@@ -105,6 +105,9 @@ class ClipScores:
     normal_probability: float
     used_info: bool
     embeddings: np.ndarray | None = None  # [N, D] clip representations (the domain check)
+    # The source kind whose calibration made normal_probability (None: the overall one); its
+    # risk threshold is the one that classifies it.
+    calibrated_as: str | None = None
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -222,6 +225,7 @@ class Screener:
             normal_probability=float(p_normal[0]),
             used_info=info_logits is not None,
             embeddings=None if embeddings is None else np.asarray(embeddings, np.float64),
+            calibrated_as=kind if kind in meta.calibration_by_kind else None,
         )
 
     # -- pipeline ---------------------------------------------------------------------------------
@@ -229,9 +233,12 @@ class Screener:
         """This thread's pose backend, made on first use and kept: making one can cost seconds
         (graphs, ONNX sessions, weight hashes, first-use conversion) and would otherwise be
         paid per recording. Backends reset their state at every ``estimate``."""
+        return self._thread_backend()
+
+    def _thread_backend(self, **kwargs) -> PoseBackend:
         backend = getattr(self._pose, "backend", None)
         if backend is None:
-            backend = self._pose.backend = create_backend(self.options.pose_backend)
+            backend = self._pose.backend = create_backend(self.options.pose_backend, **kwargs)
         return backend
 
     @cached_property
@@ -244,24 +251,19 @@ class Screener:
     def part_estimator(self) -> PoseBackend:
         """A pose-part thread's backend (kept like ``pose_estimator``'s), its network on its
         share of the CPU threads when the backend takes a thread count (``onnx``)."""
-        backend = getattr(self._pose, "backend", None)
-        if backend is None:
-            kwargs = {}
-            if self.options.pose_backend == "onnx":
-                kwargs["threads"] = max(1, default_threads() // self.parallel_parts)
-            backend = self._pose.backend = create_backend(self.options.pose_backend, **kwargs)
-        return backend
+        if self.options.pose_backend != "onnx":
+            return self._thread_backend()
+        return self._thread_backend(threads=max(1, default_threads() // self.parallel_parts))
 
+    @cached_property
     def _parts_pool(self):
         """Threads that pose the parts of a recording, each keeping its own backend (made by
         ``part_estimator`` in that thread); None with one part."""
         if self.parallel_parts <= 1:
             return None
-        if getattr(self, "_part_threads", None) is None:
-            from concurrent.futures import ThreadPoolExecutor
+        from concurrent.futures import ThreadPoolExecutor
 
-            self._part_threads = ThreadPoolExecutor(self.parallel_parts, "pose-part")
-        return self._part_threads
+        return ThreadPoolExecutor(self.parallel_parts, "pose-part")
 
     def screen_video(
         self,
@@ -273,7 +275,7 @@ class Screener:
         o = self.options
         seq, timings = estimate_video_pose(
             path, self.pose_estimator, o.limits, o.max_side, progress,
-            executor=self._parts_pool(), part_backend=self.part_estimator,
+            executor=self._parts_pool, part_backend=self.part_estimator,
             part_frames=PART_FRAMES.get(o.pose_backend),
         )  # fmt: skip
         return self.screen_pose(seq, infant, timings=timings)
@@ -358,9 +360,7 @@ class Screener:
         for bare tensors, whose motion cannot be described (their embeddings are compared with
         every kind the weights know, the nearest counting)."""
         meta = self.meta
-        # P(normal) was calibrated for this kind (score_logits); bare instances used the overall
-        # calibration, whichever kind the domain check finds them nearest to.
-        threshold = meta.calibrated(None if kind == "instances" else kind).risk_threshold
+        threshold = meta.calibrated(s.calibrated_as).risk_threshold
         if kind == "instances" and meta.domain is not None and s.embeddings is not None:
             kind = min(meta.domain.kinds, key=lambda k: meta.domain.check(
                 k, s.embeddings, None).score, default="instances")  # fmt: skip
@@ -411,9 +411,11 @@ class Screener:
             return ["no infant data given: the main branch alone was used (MAM w/o info)"]
         return infant.warnings()
 
-    def model_info(self, pose_backend: str, used_info: bool, kind: str | None = None) -> ModelInfo:
+    def model_info(
+        self, pose_backend: str, used_info: bool, calibrated_as: str | None = None
+    ) -> ModelInfo:
         meta = self.meta
-        cal = meta.calibrated(kind)
+        cal = meta.calibrated(calibrated_as)
         return ModelInfo(
             name=meta.name,
             version=meta.version,
@@ -460,7 +462,7 @@ class Screener:
             top_fms_clips=sorted(clips, key=lambda c: -c.fms_probability)[:TOP_CLIPS],
             quality=q,
             infant=infant,
-            model=self.model_info(seq.source, s.used_info, kind_of(seq.source)),
+            model=self.model_info(seq.source, s.used_info, s.calibrated_as),
             timings_s={k: round(v, 3) for k, v in timings.items()},
             warnings=warnings,
         )

@@ -485,11 +485,8 @@ def _frames(
     warned_order = False
     with _open(path) as container:
         stream = container.streams[plan.stream_index]
-        if threads == 1:
-            stream.codec_context.thread_count = 1
-        else:
-            stream.codec_context.thread_type = "AUTO"
-            stream.codec_context.thread_count = threads
+        stream.codec_context.thread_type = "AUTO"
+        stream.codec_context.thread_count = threads
         tb = stream.time_base or Fraction(1, _AV_TIME_BASE)
         nominal = round(1 / (info.source_fps * tb)) if info.source_fps > 0 else 0
         pts0: int | None = None

@@ -358,7 +358,7 @@ class Screening:
             fms_probability=[round(float(p), 4) for p in softmax(logits)[:, 1]],
             attention_weight=[round(float(a), 4) for a in s.attention],
             infant=infant,
-            model=sc.model_info(INSTANCES_POSE_BACKEND, s.used_info),
+            model=sc.model_info(INSTANCES_POSE_BACKEND, s.used_info, s.calibrated_as),
             warnings=sc.result_warnings(fields, infant),
         )
 

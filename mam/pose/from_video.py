@@ -115,22 +115,28 @@ def estimate_video_pose(
     )  # fmt: skip
     counter = _Progress(progress, total, bounds)
     t0 = time.perf_counter()
-    parts, decode, overlapped = [], 0.0, False
     try:
-        for k, (a, b) in enumerate(bounds):
-            lead = min(PART_WARMUP_FRAMES, a)
-            frames = _TimedIter(iter_frames(path, limits, max_side=max_side,
-                                            start_s=(a - lead) / FPS, end_s=b / FPS))  # fmt: skip
-            seq = estimator.estimate(frames, progress=counter.callback(k, lead))
-            parts.append(_drop_lead(seq, lead))
-            decode += frames.seconds
-            overlapped |= frames.overlapped
+        done = [_pose_part(path, limits, max_side, bounds[k], estimator, counter, k)
+                for k in range(len(bounds))]  # fmt: skip
     finally:
         if isinstance(backend, str):
             estimator.close()
     wall = time.perf_counter() - t0  # decode included, overlapped or not
-    pose = wall if overlapped else wall - decode
-    return _join(parts), {"decode": decode, "pose": pose, "pose_total": wall}
+    decode = sum(f.seconds for _, f in done)
+    pose = wall if any(f.overlapped for _, f in done) else wall - decode
+    return _join([p for p, _ in done]), {"decode": decode, "pose": pose, "pose_total": wall}
+
+
+def _pose_part(path, limits, max_side, bound, estimator, counter, k, threads=0):
+    """One part through ``estimator``, and its timed frames: decoded from
+    ``PART_WARMUP_FRAMES`` before its start (fewer at the recording's start), the warm-up
+    dropped again."""
+    a, b = bound
+    lead = min(PART_WARMUP_FRAMES, a)
+    frames = _TimedIter(iter_frames(path, limits, max_side=max_side, start_s=(a - lead) / FPS,
+                                    end_s=b / FPS, threads=threads))  # fmt: skip
+    seq = estimator.estimate(frames, progress=counter.callback(k, lead))
+    return _drop_lead(seq, lead), frames
 
 
 class _Progress:
@@ -159,14 +165,10 @@ def _in_parallel(path, backend, limits, max_side, progress, total, bounds, execu
     t0 = time.perf_counter()
 
     def part(k: int) -> PoseSequence:
-        a, b = bounds[k]
-        lead = min(PART_WARMUP_FRAMES, a)
-        # One decoder thread a part: the parts already spread decoding over the cores.
-        frames = iter_frames(path, limits, max_side=max_side, start_s=(a - lead) / FPS,
-                             end_s=b / FPS, threads=1)  # fmt: skip
         est = create_backend(backend) if isinstance(backend, str) else backend()
         try:
-            return _drop_lead(est.estimate(frames, progress=counter.callback(k, lead)), lead)
+            # One decoder thread a part: the parts already spread decoding over the cores.
+            return _pose_part(path, limits, max_side, bounds[k], est, counter, k, threads=1)[0]
         finally:
             if isinstance(backend, str):
                 est.close()

@@ -44,6 +44,12 @@ def fit_platt(
     )
 
 
+def own_fit_possible(normal: np.ndarray) -> bool:
+    """Whether held-out infants of one kind (their groups) can carry a calibration of its own."""
+    normal = np.asarray(normal, bool)
+    return len(normal) >= MIN_KIND_INFANTS and bool(normal.any()) and not normal.all()
+
+
 def fit_calibration(
     z_bag: np.ndarray, z_info: np.ndarray, normal: np.ndarray, label: str = "platt"
 ) -> KindCalibration:

@@ -29,7 +29,12 @@ from mam.model.network import MAM
 from mam.model.weights import ModelMeta
 from mam.pose.representation import raw_trunk_length
 from mam.screening import bag_log_odds, info_log_odds
-from mam.training.calibration import MIN_KIND_INFANTS, category_thresholds, fit_calibration
+from mam.training.calibration import (
+    MIN_KIND_INFANTS,
+    category_thresholds,
+    fit_calibration,
+    own_fit_possible,
+)
 from mam.training.train import TrainConfig, TrainRecord, train
 
 logger = logging.getLogger(__name__)
@@ -175,7 +180,7 @@ def fit(
     kinds = np.array([kind_of(r.source) for r in cal_recs])
     for kind in sorted(set(kinds)):
         m = kinds == kind
-        if m.sum() >= MIN_KIND_INFANTS and len(set(normal[m])) == 2:
+        if own_fit_possible(normal[m]):
             meta.calibration_by_kind[kind] = fit_calibration(
                 s.z_bag[m], s.z_info[m], normal[m], f"platt ({kind})"
             )
@@ -202,7 +207,7 @@ def recalibrate(
     if any(kind_of(r.source) != kind for r in records):
         raise ValueError(f"every record must be of kind {kind!r}")
     normal = np.array([r.group == "normal" for r in records])
-    if len(records) < MIN_KIND_INFANTS or normal.all() or not normal.any():
+    if not own_fit_possible(normal):
         raise ValueError(
             f"a calibration of its own needs at least {MIN_KIND_INFANTS} infants of both groups"
         )
