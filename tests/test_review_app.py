@@ -516,7 +516,9 @@ def test_export_is_the_training_layout_with_an_agreement_report(fresh, tmp_path)
         got = sorted((r["id"], float(r["start_s"]), float(r["end_s"])) for r in csv.DictReader(f))
     want = sorted([(i, a, b) for i, t in fresh.truth.items() for a, b in t["intervals"]]
                   + [("videos/fake", 0.5, 11.0)])  # fmt: skip
-    assert got == pytest.approx(want)
+    # pytest.approx compares flat sequences only (9.2 refuses nested ones): ids, then numbers.
+    assert [g[0] for g in got] == [w[0] for w in want]
+    assert [g[1:] for g in got] == [pytest.approx(w[1:]) for w in want]
     # mam train's own loader reads it as it is.
     from mam.training.dataset import load_dataset
 

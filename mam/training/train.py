@@ -13,6 +13,7 @@ meaningful when a request carries no infant data (the paper trains MAM.w/o.info 
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import sys
 import time
@@ -62,6 +63,18 @@ class TrainRecord:
     def model_input(self, representation: str) -> np.ndarray:
         """What the model sees of this recording (``mam.pose.representation``)."""
         return model_input(self.pose(), representation)
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the pose's joints (float32, C order): the same recording gives the same
+        digest whether it was posed from video, read from the batch's kept pose or exported by
+        the review app, so weights can name the data they saw without naming an infant."""
+        return pose_digest(self.joints)
+
+
+def pose_digest(joints: np.ndarray) -> str:
+    """Content digest of a pose ``[T, 17, 3]`` (see ``TrainRecord.digest``)."""
+    return hashlib.sha256(np.ascontiguousarray(joints, np.float32).tobytes()).hexdigest()
 
 
 @dataclass
