@@ -114,3 +114,40 @@ class FileTooLargeError(NotAVideoError):
     catch it; its own code lets a service answer 413)."""
 
     code = "file_too_large"
+
+
+# --- batch output folder and ledger (mam.batch) --------------------------------------------------
+class OutputNotWritableError(InputError):
+    """The output folder (or its ledger) cannot be created or written."""
+
+    code = "output_not_writable"
+
+
+class DiskFullError(InputError):
+    """Too little free space under the output folder, before a run or while it writes."""
+
+    code = "disk_full"
+
+
+class CorruptLedgerError(InputError):
+    """``ledger.sqlite`` is not a readable batch ledger (damaged, truncated, another file)."""
+
+    code = "corrupt_ledger"
+
+
+class AlteredResultError(InputError):
+    """A result stored in the ledger no longer matches the digest written with it."""
+
+    code = "altered_result"
+
+
+class UnverifiedResultError(InputError):
+    """Results in a ledger carry no digest (written before results were digested)."""
+
+    code = "unverified_result"
+
+
+class LedgerError(MamError):
+    """The ledger failed for a reason of the machine (I/O error, locked too long)."""
+
+    code = "ledger_error"

@@ -10,14 +10,22 @@ import pytest
 
 import mam.batch
 import mam.errors
+import mam.training.calibration
 import mam.training.dataset
+import mam.training.fitting
 from mam.cli import main, parse
 from mam.cli.errors import HINTS
 
 
 def _codes() -> set[str]:
     found = set()
-    for module in (mam.errors, mam.batch, mam.training.dataset):
+    for module in (
+        mam.errors,
+        mam.batch,
+        mam.training.dataset,
+        mam.training.fitting,
+        mam.training.calibration,
+    ):
         for _, cls in inspect.getmembers(module, inspect.isclass):
             if issubclass(cls, mam.errors.MamError):
                 found.add(cls.code)
@@ -66,3 +74,14 @@ def test_an_error_says_its_code_and_how_to_fix_it(capsys, tmp_path):
     lines = capsys.readouterr().err.splitlines()
     assert lines[0].startswith("error [file_not_found]: ")
     assert lines[1] == "fix: " + HINTS["file_not_found"]
+
+
+def test_dataset_check_is_a_command_with_typed_errors(capsys, tmp_path):
+    assert "check" in parse(["dataset", "check", str(tmp_path)]).func.__name__
+    assert main(["dataset", "check", str(tmp_path / "nowhere"), str(tmp_path)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "error [invalid_dataset]: 2 problems in the training data (all listed):"
+    assert lines[1].endswith("nowhere: not a folder")
+    assert lines[2].endswith("infants.csv: not found (every dataset folder needs one)")
+    assert lines[-1] == "fix: " + HINTS["invalid_dataset"]
+    assert "insufficient_data" in _codes()

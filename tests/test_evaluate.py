@@ -16,7 +16,15 @@ from mam.training.calibration import (
     youden_threshold,
 )
 from mam.training.dataset import DatasetError, load_dataset
-from mam.training.evaluate import cross_validate, evaluate, write_report
+from mam.training.evaluate import (
+    _rank_ap,
+    _rank_auc,
+    bootstrap_ci,
+    cross_validate,
+    evaluate,
+    fold_indices,
+    write_report,
+)
 from mam.training.fitting import fit
 from mam.training.train import TrainConfig, compact_model_config
 
@@ -97,6 +105,57 @@ def test_youden_and_category_thresholds():
     assert 0.6 < th["continuous"] < 0.9 and 0.1 < th["intermittent"] < 0.5
 
 
+def test_every_metric_has_a_bootstrap_interval_that_narrows_with_more_infants():
+    """PPV, NPV, PR-AUC, accuracy, the median kappa and the FMs-frequency AUC get intervals
+    beside AUC, sensitivity and specificity; each holds its point value, and 16 times the
+    infants give intervals about 4 times narrower."""
+    from sklearn.metrics import average_precision_score
+
+    def draw(n, rng):
+        y = rng.random(n) < 0.4
+        p = np.clip(0.5 + np.where(y, 0.2, -0.2) + rng.normal(0, 0.2, n), 0, 1)
+        return y, p, rng.random(n), [float(v) for v in rng.random(n)]
+
+    rng = np.random.default_rng(5)
+    y, p, f, k = draw(50, rng)
+    ci = bootstrap_ci(y, p, 0.5, n=400, kappa=[None] + k[1:], freq=f)
+    pred = p >= 0.5
+    point = {"ppv": np.mean(y[pred]), "npv": np.mean(~y[~pred]), "pr_auc":
+             average_precision_score(y, p), "median_kappa": np.median(k[1:])}  # fmt: skip
+    for key, v in point.items():
+        lo, hi = ci[f"{key}_ci"]
+        assert lo <= v <= hi and hi - lo > 0.01, key
+    assert ci["accuracy_ci"] and ci["fms_frequency_auc_ci"][0] < 0.5 < ci["fms_frequency_auc_ci"][1]
+    big = bootstrap_ci(*draw(800, rng)[:2], 0.5, n=400)
+    for key in ("ppv", "npv", "pr_auc"):
+        assert np.diff(big[f"{key}_ci"])[0] < 0.5 * np.diff(ci[f"{key}_ci"])[0], key
+    assert "median_kappa_ci" not in big  # no kappas given, no interval claimed
+
+
+def test_the_bootstraps_fast_auc_and_average_precision_equal_sklearns():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    rng = np.random.default_rng(0)
+    for n in (3, 10, 60):
+        for _ in range(50):
+            y = rng.random(n) < 0.4
+            if not 0 < y.sum() < n:
+                continue
+            s = np.round(rng.random(n), 1)  # with ties
+            assert _rank_auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+            assert _rank_ap(y, s) == pytest.approx(average_precision_score(y, s), abs=1e-12)
+
+
+def test_the_baselines_are_scored_on_the_cross_validation_folds(tmp_path):
+    from mam.training.baselines import cross_validate_baselines
+
+    recs = load_dataset(write_dataset(tmp_path / "d", infants=10, seed=4, duration_s=(20, 20)))
+    splits = fold_indices([r.group for r in recs], 3, 7)
+    for method in cross_validate_baselines(recs, 3, 7).values():
+        for f, (_, te) in zip(method["folds"], splits, strict=True):
+            assert f["per_infant"]["id"] == [recs[i].infant_id for i in te]
+
+
 def test_a_fold_without_risk_infants_is_refused_before_training(tmp_path):
     recs = load_dataset(write_dataset(tmp_path / "d", infants=8, seed=1, duration_s=(20, 20)))
     with pytest.raises(DatasetError, match="a fold would have none"):
@@ -110,6 +169,12 @@ def test_cross_validation_reports_mean_and_sd(tmp_path):
     assert sum(f["infants"] for f in res["folds"]) == 16
     assert res["auc"] == pytest.approx(np.mean([f["auc"] for f in res["folds"]]))
     assert res["auc_sd"] is not None and "median_kappa" in res
+    # the folds are fold_indices' (what the baselines are scored on), none fitted on its infants
+    splits = fold_indices([r.group for r in recs], 2, 0)
+    for f, (_, te) in zip(res["folds"], splits):
+        assert f["per_infant"]["id"] == [recs[i].infant_id for i in te]
+    assert res["leakage"]["checked"] and not res["leakage"]["leaked"]
+    assert res["pooled"]["infants"] == 16 and res["pooled"]["ppv_ci"] is not None
     files = write_report(res, tmp_path / "report", "cv")
     assert all(f.stat().st_size > 0 for f in files)
     assert files[-1].read_bytes()[:4] == b"\x89PNG"
@@ -145,12 +210,12 @@ def test_recalibrate_gives_one_kind_its_own_fit_and_leaves_the_rest(tmp_path):
     from mam.model.weights import load_weights
     from mam.screening import DEFAULT_WEIGHTS, Screener
     from mam.training.calibration import MIN_KIND_INFANTS
-    from mam.training.fitting import recalibrate
+    from mam.training.fitting import InsufficientDataError, recalibrate
 
     model, meta = load_weights(DEFAULT_WEIGHTS)
     before = meta.to_dict()
     records = load_dataset(write_dataset(tmp_path / "d", MIN_KIND_INFANTS, 7, (30.0, 40.0)))
-    with pytest.raises(ValueError, match="at least"):
+    with pytest.raises(InsufficientDataError, match="at least"):
         recalibrate(model, meta, records[:10], "pose_file")
     with pytest.raises(ValueError, match="kind"):
         recalibrate(model, meta, records, "video")

@@ -2,17 +2,21 @@
 
 A folder is walked recursively for recordings and ``.npy`` pose files; a manifest has a ``file``
 column (relative paths resolve against the CSV's folder), optional ``id`` and the four infant
-fields.
+fields, and may be saved by a spreadsheet (``mam.spreadsheet``).
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mam.dicom_video import is_dicom
 from mam.errors import FileNotFoundInputError, InputError
+from mam.spreadsheet import SpreadsheetCSV
+
+logger = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".dcm"})
 POSE_SUFFIXES = frozenset({".npy"})
@@ -67,30 +71,48 @@ def collect(input_path: str | Path) -> list[Item]:
     raise InputError(f"batch input must be a folder or a manifest .csv: {src}")
 
 
+@dataclass
+class _ManifestReport:
+    errors: list[str] = field(default_factory=list)
+    normalisations: list[str] = field(default_factory=list)
+
+
 def _read_manifest(csv_path: Path) -> list[Item]:
+    """The manifest's rows, read as a spreadsheet saves CSV (``mam.spreadsheet``: byte-order
+    mark, ``;`` and decimal comma, header case, ``F``/``M``), every bad line reported at once;
+    each normalisation is logged (column names and spellings only, never a value of a row)."""
+    report = _ManifestReport()
+    reader = SpreadsheetCSV(csv_path, "manifest", report)
     try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            header = reader.fieldnames or []
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        rows = reader.rows(["file"])
+    except OSError as e:
         raise InvalidManifestError(f"cannot read the manifest: {type(e).__name__}") from None
-    if "file" not in header:
-        raise InvalidManifestError("the manifest needs a 'file' column")
-    items, seen = [], set()
-    for line, row in enumerate(rows, start=2):
-        name = (row.get("file") or "").strip()
+    except csv.Error as e:
+        raise InvalidManifestError(f"the manifest is not CSV: {e}") from None
+    items, seen = [], {}
+    for line, row in rows:
+        name = reader.value(row, "file")
         if not name:
-            raise InvalidManifestError(f"manifest line {line}: empty 'file'")
-        ident = (row.get("id") or "").strip() or Path(name).stem
+            reader.error(line, "empty 'file'")
+            continue
+        ident = reader.value(row, "id") or Path(name).stem
         if ident in seen:
-            raise InvalidManifestError(f"manifest line {line}: duplicate id")
-        seen.add(ident)
+            reader.error(line, f"duplicate id (first on line {seen[ident]})")
+            continue
+        seen[ident] = line
         p = Path(name)
         file = p if p.is_absolute() else csv_path.parent / p
-        infant = {k: (row.get(k) or "").strip() for k in INFANT_FIELDS}
-        infant = {k: v for k, v in infant.items() if v}
-        items.append(Item(file, name, ident, infant))
+        infant = {k: reader.value(row, k) for k in INFANT_FIELDS}
+        items.append(Item(file, name, ident, {k: v for k, v in infant.items() if v}))
+    reader.report_counts()
+    if report.errors:
+        n = len(report.errors)
+        raise InvalidManifestError(
+            f"{n} problem{'s' if n > 1 else ''} in the manifest (all listed):\n"
+            + "\n".join(f"  {e}" for e in report.errors)
+        )
+    for what in report.normalisations:
+        logger.warning("normalised: %s", what)
     return items
 
 

@@ -5,17 +5,21 @@ Examples:
     mam screen --pose poses.npy --sex female --gestational-age-weeks 34 \\
         --birth-weight-g 2100 --corrected-age-weeks 12 --format json
     mam synth --out data/sim --infants 40 --seed 1
+    mam dataset check data/sim
     mam train --data data/sim --out models/my_model --epochs 8
     mam evaluate --data data/sim_test --format json
+    mam calibrate --data site/ --target-sensitivity 0.95 --out models/site_cal
     mam batch archive/ --out results/ --workers 4
     mam batch manifest.csv --out shard-0 --shard 0/4 && mam batch merge shard-* --out all
     mam batch archive/ --out results/ --service http://mam:3000 --workers 8
     mam serve --port 3000 --grpc-port 8001
+    mam build --weights models/site.json && bentoml serve mam:latest
     mam review results/ --archive archive/ --port 8080
 
 Errors print ``error [code]: message`` and a one-line ``fix:``, and exit with status 2 (bad input
-or usage) or 1. One module per command group (``screen``, ``synth``, ``train``, ``batch``,
-``serve``, ``review``); shared options in ``options``; the fixes in ``errors``.
+or usage) or 1. One module per command group (``screen``, ``synth``, ``dataset``, ``train``,
+``calibrate``, ``batch``, ``serve``, ``build``, ``review``); shared options in ``options``; the
+fixes in ``errors``.
 """
 
 from __future__ import annotations
@@ -25,12 +29,12 @@ import logging
 import sys
 
 from mam import __version__
-from mam.cli import batch, review, screen, serve, synth, train
+from mam.cli import batch, build, calibrate, dataset, review, screen, serve, synth, train
 from mam.cli.errors import hint
 from mam.cli.options import UsageError, given
 from mam.errors import InputError, MamError
 
-COMMANDS = (screen, synth, train, batch, serve, review)
+COMMANDS = (screen, synth, dataset, train, calibrate, batch, serve, build, review)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,10 +20,29 @@ HINTS: dict[str, str] = {
     "invalid_tensor": "instances are float32 [N, 240, 3, 17, 17] joint differences (README)",
     "invalid_infant_data": "give all four or none: --sex --gestational-age-weeks "
     "--birth-weight-g --corrected-age-weeks",
-    "invalid_dataset": "fix the line named; the layout is in the README (Training data layout)",
+    "invalid_dataset": "fix every line named (mam dataset check DIR lists them); layout: README, "
+    "Training data layout",
+    "insufficient_data": "add infants (minimum sizes: README, Training data layout); only below "
+    "the minimums, --accept-small-data goes on anyway",
+    "invalid_card_info": "fix the --card-info JSON: keys site, intended_use, population, contacts,"
+    " limitations",
+    "model_version_taken": 'give the weights a new version (their JSON\'s "version"), or build '
+    "the weights already stored",
+    "invalid_model_name": "name and version: lowercase letters, digits, . _ - (alphanumeric at "
+    "both ends, at most 63)",
+    "source_kind": "calibrate one source kind at a time: --kind video or --kind pose_file, with "
+    "recordings of that kind in --data",
     "invalid_manifest": "the manifest is a CSV with a 'file' column (README, mam batch)",
     "output_not_writable": "choose an --out folder you can write to",
     "disk_full": "free some space under --out, or write the results elsewhere",
+    "corrupt_ledger": "restore ledger.sqlite from a backup, or move it aside and run mam batch "
+    "again (all is screened again)",
+    "altered_result": "restore ledger.sqlite from a backup, or delete the job (sqlite3 "
+    "ledger.sqlite \"DELETE FROM jobs WHERE key='KEY'\")",
+    "unverified_result": "run mam batch INPUT --out DIR again on that folder: results without a "
+    "digest are screened again",
+    "ledger_error": "check the disk and that no other program holds ledger.sqlite, then run "
+    "mam batch again (it resumes)",
     "model_load_error": "check --weights / MAM_WEIGHTS (NAME.json beside its NAME.pt); after "
     "changing weights run python -m export onnx",
     "dependency_missing": "install what the message names (e.g. pip install -e '.[train]')",

@@ -76,12 +76,25 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ref-clips", type=int, default=16, help="reference clips per step")
     g.add_argument("--instances-per-bag", type=int, default=8, help="instances per bag per step")
     g.add_argument("--no-closeness", action="store_true", help="ablation: no closeness loss")
-    g.add_argument("--no-reference", action="store_true", help="ablation: no Ref Branch")
-    g.add_argument("--calibration-fraction", type=float, default=0.2,
-                   help="share of infants held out to calibrate P(risk)")  # fmt: skip
     g.add_argument("--representation", choices=REPRESENTATIONS, default="image2d",
                    help="pose coordinates the model sees (mam.pose.representation)")  # fmt: skip
-    g.add_argument("--seed", type=int, default=0, help="random seed")
+    add_split_options(g)
+
+
+def add_split_options(g) -> None:
+    """The options that decide what training does with the data (``mam dataset check`` shows
+    it with the same ones)."""
+    g.add_argument("--no-reference", action="store_true",
+                   help="no Ref Branch (ablation; off anyway without FMs intervals)")  # fmt: skip
+    g.add_argument("--calibration-fraction", type=float, default=0.2,
+                   help="share of infants held out to calibrate P(risk)")  # fmt: skip
+    g.add_argument("--seed", type=int, default=0, help="random seed (also of the split)")
+
+
+def add_accept_small_data(p) -> None:
+    p.add_argument("--accept-small-data", action="store_true",
+                   help="train below the documented minimum sizes (README); the weights record "
+                        "it and every result carries a warning")  # fmt: skip
 
 
 def train_config(args: argparse.Namespace):

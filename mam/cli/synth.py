@@ -19,7 +19,7 @@ def register(sub) -> None:
     s.add_argument("--widened", action="store_true", help="wider simulator ranges (external set)")
     s.add_argument("--backgrounds", choices=["simulated", "real"], default="simulated",
                    help="movement background: the simulator's rest pose, or real infant motion "
-                        "(../shared/data) with the simulated movement on top")  # fmt: skip
+                        "(shipped, mam/synth/data) with the simulated movement on top")  # fmt: skip
     s.add_argument(
         "--pool",
         choices=["train", "external"],

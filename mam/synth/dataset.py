@@ -10,6 +10,7 @@ measuring the pose stage.
 from __future__ import annotations
 
 import csv
+import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -130,4 +131,6 @@ def write_dataset(
         w = csv.DictWriter(f, fieldnames=["id", "start_s", "end_s"])
         w.writeheader()
         w.writerows(intervals)
+    # What the infants are, for the weights' provenance and model card (mam.training.dataset).
+    (out / "dataset.json").write_text(json.dumps({"data": "simulated"}) + "\n")
     return out

@@ -4,10 +4,15 @@ A stratified share of the infants (``calibration_fraction``) is kept out of trai
 model scores them, and Platt scaling, the Youden risk threshold and the FMs-frequency category
 cut-offs are fitted on those scores (``mam.training.calibration``). Used by ``mam train`` and by
 each fold of ``mam evaluate``.
+
+The documented minimum sizes live here (README, "Training data layout"). Below them the fit still
+runs (``mam train`` refuses unless ``--accept-small-data``); the weights then name every shortfall
+in ``provenance["small_data"]`` and every screening result of them carries a warning.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +29,7 @@ from mam.domain import (
     lognormal_threshold,
     motion_statistics,
 )
+from mam.errors import InputError
 from mam.features import build_instances
 from mam.model.network import MAM
 from mam.model.weights import ModelMeta
@@ -38,6 +44,111 @@ from mam.training.calibration import (
 from mam.training.train import TrainConfig, TrainRecord, train
 
 logger = logging.getLogger(__name__)
+
+# Calibration hold-out: Platt scaling has two or three parameters and the Youden threshold is
+# set by where the risk infants' scores fall; with 5 risk infants one infant moves the measured
+# sensitivity by 20 points, with fewer the threshold is set by one or two recordings.
+MIN_CALIBRATION_INFANTS = 20
+MIN_CALIBRATION_PER_GROUP = 5
+# Domain check, per source kind (mam.domain): the motion Gaussian has 15 statistics, and a
+# covariance fitted on fewer than about twice as many recordings understates the spread that new
+# recordings of the same kind show (they come back out of domain); its thresholds are log-normal
+# quantiles of held-out distances, whose spread 10 recordings estimate to about +-25%.
+MIN_DOMAIN_TRAIN = 30
+MIN_DOMAIN_HELDOUT = 10
+# Below this a kind is not described at all (refused as unknown), and held-out recordings fewer
+# than this cannot set its thresholds: the training recordings do, and as they lie closer to
+# their own fit than new recordings, too many new recordings of the kind come back out of domain.
+DOMAIN_FIT_FLOOR = 4
+SOURCE_KINDS = ("video", "pose_file")  # mam.domain.kind_of
+
+
+class InsufficientDataError(InputError):
+    """Too few infants to train or to calibrate (or, without ``--accept-small-data``, fewer than
+    the documented minimums): the message names the numbers."""
+
+    code = "insufficient_data"
+
+
+def _counts(groups: np.ndarray) -> str:
+    return f"{int((groups == 'normal').sum())} normal, {int((groups == 'risk').sum())} risk"
+
+
+def data_problem(groups: Sequence[str], held: np.ndarray) -> str | None:
+    """Why the infants cannot be trained on at all (a group missing from the training or the
+    calibration share), in plain words with the numbers; None when they can."""
+    g, held = np.asarray(groups), np.asarray(held, bool)
+    calibrating = bool(held.any())
+    need = 2 if calibrating else 1
+    short = [grp for grp in ("normal", "risk") if (g[~held] == grp).sum() < 1
+             or (calibrating and (g[held] == grp).sum() < 1)]  # fmt: skip
+    if not short and len(g):
+        return None
+    what = "one to train on and one held out to calibrate on" if calibrating else "to train on"
+    return (
+        f"the data hold {len(g)} infants ({_counts(g)}); training needs at least {need} "
+        f"infant{'s' if need > 1 else ''} of each group ({what})"
+    )
+
+
+def data_shortfalls(groups: Sequence[str], kinds: Sequence[str], held: np.ndarray) -> list[str]:
+    """Every way the split falls below the documented minimums, one plain sentence each."""
+    g, k, held = np.asarray(groups), np.asarray(kinds), np.asarray(held, bool)
+    out = []
+    hg = g[held]
+    if not held.any():
+        out.append("no calibration hold-out (calibration fraction 0): P(risk), its threshold "
+                   "and the domain thresholds are set on the training infants")  # fmt: skip
+    elif (
+        len(hg) < MIN_CALIBRATION_INFANTS
+        or min((hg == "normal").sum(), (hg == "risk").sum()) < MIN_CALIBRATION_PER_GROUP
+    ):
+        out.append(
+            f"calibrated on {len(hg)} held-out infants ({_counts(hg)}); the minimum is "
+            f"{MIN_CALIBRATION_INFANTS} with {MIN_CALIBRATION_PER_GROUP} of each group"
+        )
+    for kind in sorted(set(k.tolist())):
+        tr, ho = int(((k == kind) & ~held).sum()), int(((k == kind) & held).sum())
+        if tr < MIN_DOMAIN_TRAIN or ho < MIN_DOMAIN_HELDOUT:
+            out.append(
+                f"domain check of {kind} recordings fitted on {tr} training and {ho} held-out "
+                f"recordings; the minimum is {MIN_DOMAIN_TRAIN} and {MIN_DOMAIN_HELDOUT}"
+            )
+    return out
+
+
+def domain_coverage(train_kinds: Sequence[str], held_kinds: Sequence[str]) -> dict[str, str]:
+    """Per source kind, whether the domain check describes it and why (not), in plain words;
+    the rule of ``fit_domain``."""
+    out = {}
+    for kind in SOURCE_KINDS:
+        tr, ho = list(train_kinds).count(kind), list(held_kinds).count(kind)
+        if tr < DOMAIN_FIT_FLOOR:
+            out[kind] = (
+                f"not described: {tr} training recordings of this kind (at least "
+                f"{DOMAIN_FIT_FLOOR} needed); its recordings are refused as indeterminate"
+            )
+        elif ho < DOMAIN_FIT_FLOOR:
+            out[kind] = (
+                f"described from {tr} training recordings, thresholds set on them (only {ho} "
+                f"held out, {DOMAIN_FIT_FLOOR} needed): too many new recordings come back out "
+                "of domain"
+            )
+        else:
+            out[kind] = f"described from {tr} training recordings, thresholds from {ho} held out"
+    return out
+
+
+def reference_branch(intervals: Sequence[list | None], use_reference: bool) -> str:
+    """``"on"``, or ``"off: why"``: the Ref Branch needs annotated FMs intervals (``intervals``:
+    per infant, None where its folder has no fms_intervals.csv)."""
+    if not use_reference:
+        return "off: turned off (--no-reference)"
+    if all(iv is None for iv in intervals):
+        return "off: no FMs intervals (no fms_intervals.csv)"
+    if not any(intervals):
+        return "off: no FMs intervals (fms_intervals.csv lists none)"
+    return "on"
 
 
 @dataclass
@@ -85,13 +196,13 @@ def fit_domain(
     for kind in sorted({kind_of(r.source) for r in train_recs}):
         tr = [i for i, r in enumerate(train_recs) if kind_of(r.source) == kind]
         ho = [i for i, r in enumerate(held_recs) if kind_of(r.source) == kind]
-        if len(tr) < 4:
+        if len(tr) < DOMAIN_FIT_FLOOR:
             logger.warning("only %d training recordings of kind %s: not described", len(tr), kind)
             continue
         motion = Gaussian.fit(train.motion[tr])
         embedding = Gaussian.fit(np.concatenate([train.embeddings[i] for i in tr]))
         # Held-out infants set the thresholds; with too few, training infants do (optimistic).
-        src, idx = (held, ho) if len(ho) >= 4 else (train, tr)
+        src, idx = (held, ho) if len(ho) >= DOMAIN_FIT_FLOOR else (train, tr)
         if src is train:
             logger.warning("domain thresholds of kind %s set on training data", kind)
         motion.threshold = lognormal_threshold(motion.distance(src.motion[idx]))
@@ -143,14 +254,27 @@ def fit(
     log_csv=None,
     progress: bool | None = None,
 ) -> tuple[MAM, ModelMeta]:
-    """Train on most infants, calibrate on the rest; returns the model and its metadata."""
+    """Train on most infants, calibrate on the rest; returns the model and its metadata.
+
+    The provenance records the data seen (content digests of the training and calibration
+    poses, the infants declared simulated or recordings), the Ref Branch's state, the domain
+    check's coverage per kind and every shortfall below the documented minimums."""
     groups = [r.group for r in records]
     held = (
         stratified_split(groups, calibration_fraction, cfg.seed)
         if calibration_fraction > 0
         else np.zeros(len(records), bool)
     )
+    problem = data_problem(groups, held)
+    if problem:
+        raise InsufficientDataError(problem)
+    reference = reference_branch([r.fms_intervals_s for r in records], cfg.use_reference)
+    if reference != "on" and cfg.use_reference:
+        logger.warning("reference branch %s", reference)
+        cfg = dataclasses.replace(cfg, use_reference=False, use_closeness=False)
     train_recs = [r for r, h in zip(records, held) if not h]
+    cal_recs = [r for r, h in zip(records, held) if h]
+    small = data_shortfalls(groups, [kind_of(r.source) for r in records], held)
     model, pre = train(train_recs, cfg, log_csv=log_csv, progress=progress)
     meta = ModelMeta(
         name=name,
@@ -161,13 +285,29 @@ def fit(
         info_std=pre["info_std"],
         clip_step=cfg.clip_step,
         representation=cfg.representation,
-        provenance={**provenance, "train_config": cfg.to_dict(), "calibration": {}},
+        provenance={
+            **provenance,
+            "train_config": cfg.to_dict(),
+            "calibration": {},
+            "reference_branch": reference,
+            "small_data": small,
+            "data_digests": {
+                "train": sorted(r.digest for r in train_recs),
+                "calibration": sorted(r.digest for r in cal_recs),
+            },
+            "data_declared": {
+                "simulated": sum(r.simulated for r in records),
+                "recordings": sum(not r.simulated for r in records),
+            },
+        },
     )
-    cal_recs = [r for r, h in zip(records, held) if h]
     s_train = score_records(model, meta, train_recs)
     s = score_records(model, meta, cal_recs) if cal_recs else s_train
     meta.domain = fit_domain(s_train, train_recs, s, cal_recs, cfg.representation)
     meta.provenance["domain"] = domain_record(meta.domain, s, cal_recs)
+    meta.provenance["domain"]["coverage"] = domain_coverage(
+        [kind_of(r.source) for r in train_recs], [kind_of(r.source) for r in cal_recs]
+    )
     if not held.any():
         return model, meta
     normal = np.array([r.group == "normal" for r in cal_recs])
@@ -194,25 +334,112 @@ def fit(
         "risk_infants": int((~normal).sum()),
         "by_kind": {k: v.infants for k, v in meta.calibration_by_kind.items()},
     }
+    meta.provenance["heldout_results"] = heldout_results(meta, s, cal_recs)
     logger.info("calibrated on %d held-out infants", int(held.sum()))
     return model, meta
 
 
+def heldout_results(meta: ModelMeta, held: Scores, held_recs: Sequence[TrainRecord]) -> dict:
+    """Per kind, what the finished weights answer for the held-out infants: the share out of
+    domain, and the share called risk among those in domain (each infant's calibrated P(risk)
+    against its kind's threshold, with the Info branch where it has infant data). These are the
+    validation-time expectations a deployment's drift alerts compare live rates with; the risk
+    share is that of the held-out population (often enriched with infants at risk)."""
+    kinds = np.array([kind_of(r.source) for r in held_recs])
+    out = {}
+    for kind in sorted(set(kinds.tolist())):
+        idx = np.flatnonzero(kinds == kind)
+        cal = meta.calibrated(kind)
+        zb, zi = held.z_bag[idx], held.z_info[idx]
+        has = np.isfinite(zi)
+        p_risk = 1 - np.where(
+            has,
+            cal.calibration.apply(zb, np.where(has, zi, 0.0)),
+            cal.calibration_without_info.apply(zb),
+        )
+        flagged = np.array(
+            [
+                meta.domain is None
+                or not meta.domain.check(kind, held.embeddings[i], held.motion[i]).in_domain
+                for i in idx
+            ]
+        )
+        inside = ~flagged
+        out[kind] = {
+            "recordings": int(len(idx)),
+            "out_of_domain": float(flagged.mean()),
+            "risk": float(np.mean(p_risk[inside] >= cal.risk_threshold)) if inside.any() else None,
+        }
+    return out
+
+
 def recalibrate(
-    model: MAM, meta: ModelMeta, records: Sequence[TrainRecord], kind: str
-) -> ModelMeta:
+    model: MAM, meta: ModelMeta, records: Sequence[TrainRecord], kind: str,
+    *, target: str = "youden", value: float | None = None, accept_small_data: bool = False,
+    bootstrap: int | None = None, seed: int = 0,
+) -> ModelMeta:  # fmt: skip
     """Give ``kind`` a calibration of its own, fitted on ``records`` that the weights never
     trained on (e.g. recordings a site screened and knows the outcome of): the network, its
-    domain record and every other kind's calibration stay as they were."""
+    domain record and every other kind's calibration stay as they were.
+
+    The kind's risk threshold is the operating point ``target`` (``youden``, or
+    ``sensitivity`` / ``specificity`` >= ``value``: ``mam.training.calibration.operating_point``)
+    on the recalibrated P(risk), each recording's as screening computes it (with the Info branch
+    where it has infant data). The provenance records the operating point with its bootstrap
+    intervals, the data's size and the recordings' content digests (so that an evaluation on
+    them can be told it is not independent). Fewer than ``MIN_KIND_INFANTS`` recordings raise
+    ``InsufficientDataError`` unless ``accept_small_data``, which then records the shortfall in
+    ``provenance["small_data"]`` (every result of the weights warns of it)."""
+    from mam.training.calibration import BOOTSTRAP, operating_point
+
     if any(kind_of(r.source) != kind for r in records):
         raise ValueError(f"every record must be of kind {kind!r}")
-    normal = np.array([r.group == "normal" for r in records])
-    if not own_fit_possible(normal):
-        raise ValueError(
-            f"a calibration of its own needs at least {MIN_KIND_INFANTS} infants of both groups"
+    normal = np.array([r.group == "normal" for r in records], bool)
+    n_normal, n_risk = int(normal.sum()), int((~normal).sum())
+    counts = f"{len(records)} {kind} recordings ({n_normal} normal, {n_risk} risk)"
+    if normal.all() or not normal.any():
+        raise InsufficientDataError(f"{counts}: calibration needs both normal and risk infants")
+    enough = own_fit_possible(normal)
+    if not enough and not accept_small_data:
+        raise InsufficientDataError(
+            f"{counts}: a calibration of its own needs at least {MIN_KIND_INFANTS} infants "
+            "of both groups"
         )
+    said = f"{kind} calibration fitted on"  # replaces what an earlier one said of this kind
+    if "small_data" in meta.provenance or not enough:
+        small = meta.provenance.setdefault("small_data", [])
+        small[:] = [w for w in small if not w.startswith(said)]
+        if not enough:
+            small.append(
+                f"{said} {len(records)} recordings, {n_normal} normal and {n_risk} risk; the "
+                f"minimum is {MIN_KIND_INFANTS}"
+            )
     s = score_records(model, meta, records)
-    meta.calibration_by_kind[kind] = fit_calibration(s.z_bag, s.z_info, normal, f"platt ({kind})")
-    meta.provenance.setdefault("calibration", {}).setdefault("by_kind", {})[kind] = len(records)
+    cal = fit_calibration(s.z_bag, s.z_info, normal, f"platt ({kind})")
+    has = np.isfinite(s.z_info)
+    p_risk = 1 - np.where(
+        has,
+        cal.calibration.apply(s.z_bag, np.where(has, s.z_info, 0.0)),
+        cal.calibration_without_info.apply(s.z_bag),
+    )
+    op = operating_point(
+        p_risk, ~normal, target, value,
+        bootstrap=BOOTSTRAP if bootstrap is None else bootstrap, seed=seed,
+    )  # fmt: skip
+    cal.risk_threshold = op.threshold
+    meta.calibration_by_kind[kind] = cal
+    prov = meta.provenance
+    calib = prov.setdefault("calibration", {})
+    calib.setdefault("by_kind", {})[kind] = len(records)
+    calib.setdefault("operating_point", {})[kind] = {
+        **op.to_dict(),
+        "method": f"platt on {len(records)} recordings the weights never trained on",
+        "recordings_with_infant_data": int(has.sum()),
+        "recalibrated_from_version": meta.version,
+    }
+    digests = prov.setdefault("data_digests", {})
+    digests["calibration"] = sorted(
+        set(digests.get("calibration", [])) | {r.digest for r in records}
+    )
     logger.info("calibrated kind %s on %d infants", kind, len(records))
     return meta

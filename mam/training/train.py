@@ -54,6 +54,7 @@ class TrainRecord:
     fms_category: str | None = None  # continuous / intermittent / sporadic / absent, if known
     image_joints: np.ndarray | None = None
     source: str = "precomputed"
+    simulated: bool = False  # declared by its folder's dataset.json (mam.training.dataset)
 
     def pose(self) -> PoseSequence:
         meta = {} if self.image_joints is None else {"image_joints": self.image_joints}
@@ -315,16 +316,25 @@ def _step_losses(
 
 
 def _check_groups(records: Sequence[TrainRecord], data: _Prepared, cfg: TrainConfig):
+    from mam.training.fitting import InsufficientDataError  # fitting imports this module
+
     normal = [i for i, r in enumerate(records) if r.group == "normal"]
     risk = [i for i, r in enumerate(records) if r.group == "risk"]
     if not normal or not risk:
-        raise ValueError("training needs at least one normal and one risk infant")
+        raise InsufficientDataError(
+            f"the training share holds {len(normal)} normal and {len(risk)} risk infants; "
+            "training needs at least one of each group"
+        )
     if cfg.pretrain_epochs and not cfg.use_reference:
         raise ValueError("pre-training the clip encoder needs the reference clips")
     labels = data.ref_arr[:, 2]
-    if cfg.use_reference and (not (labels == 1).any() or not (labels == 0).any()):
-        raise ValueError("training needs FMs and non-FMs reference clips (fms_intervals)")
     n_fms, n_non = int((labels == 1).sum()), int((labels == 0).sum())
+    if cfg.use_reference and (not n_fms or not n_non):
+        raise InsufficientDataError(
+            f"the FMs intervals give {n_fms} FMs and {n_non} non-FMs reference clips of 9.6 s; "
+            "the reference branch needs both (annotate intervals of at least 9.6 s, or train "
+            "with --no-reference)"
+        )
     logger.info("training on %d normal + %d risk infants, %d FMs / %d non-FMs reference clips",
                 len(normal), len(risk), n_fms, n_non)  # fmt: skip
     return normal, risk
