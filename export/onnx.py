@@ -45,6 +45,7 @@ from torch import nn
 from mam.features import CLIP_FRAMES, difference_matrices
 from mam.model.network import MAM
 from mam.model.weights import ModelMeta, load_meta, load_weights, sha256_of
+from mam.shipped import demo_poses
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ MANIFEST_FORMAT = 1
 DEFAULT_OPSET = 18  # ONNX Runtime >= 1.14 and TensorRT 8.6-11 all parse opset 18
 PARITY_ATOL = 1e-4
 PARITY_BATCHES = (1, 7, 64)
-SHARED_POSES = Path(__file__).resolve().parents[2] / "shared" / "data" / "mam_demo_poses.npz"
+SHARED_POSES = demo_poses()  # the real infant motion shipped with the package
 
 Exporter = Literal["dynamo", "torchscript"]
 
@@ -355,8 +356,8 @@ def export_onnx(
 
     Args:
         weights: the weights' metadata file, e.g. ``models/mam_demo.json``.
-        out_dir: where ``NAME.{clip,bag,info}.onnx`` and ``NAME.onnx.json`` go (default: beside
-            the weights, so the runtime finds them).
+        out_dir: where ``NAME.{clip,bag,info}.onnx`` and ``NAME.onnx.json`` go, NAME being the
+            weights file's stem (default: beside the weights, so the runtime finds them).
         opset: ONNX opset.
         exporter: ``dynamo`` (default) or ``torchscript`` (legacy, for comparison).
         parity: run the ONNX Runtime vs PyTorch check (``ValueError`` beyond ``atol``).
@@ -377,7 +378,9 @@ def export_onnx(
     networks: dict[str, dict] = {}
     graph_model = for_export(model) if rewrite_encoders else model
     for spec in graph_specs(model):
-        path = out / f"{meta.name}.{spec.role}.onnx"
+        # Named after the weights file, not the network: two calibrations of one network
+        # exported side by side keep their own files.
+        path = out / f"{weights.stem}.{spec.role}.onnx"
         export_graph(graph_model, spec, path, opset=opset, exporter=exporter)
         files[spec.role] = path
         networks[spec.role] = {
@@ -399,6 +402,9 @@ def export_onnx(
         "version": meta.version,
         "weights": weights.name,
         "weights_sha256": weights_sha,
+        # The model's identity when exported (mam.model.weights); the graphs hold the tensors,
+        # the calibration and thresholds stay in the weights JSON.
+        "model_digest": meta.digest,
         "exporter": f"torch.onnx {exporter} (torch {torch.__version__.split('+')[0]})",
         "encoders": "ExportEncoder (sliced heads)" if rewrite_encoders else "nn.TransformerEncoder",
         "onnx_version": onnx.__version__,

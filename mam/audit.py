@@ -21,7 +21,8 @@ development only). Fields, always in this order, absent when not applicable:
                     ``auth_disabled`` when keys are off
 ``route``           a fixed endpoint name (``screen``, ``screen_submit``, ``screen_get``,
                     ``screen_pose``, ``screen_instances``, ``batch``, ``fhir_push``)
-``protocol``        ``rest``, ``grpc`` or ``batch``
+``protocol``        ``rest``, ``grpc``, ``batch`` or ``cli`` (``mam screen``, when
+                    ``MAM_AUDIT_FILE`` names a file)
 ``content_sha256``  SHA-256 of the submitted file (recording, pose or tensors), as the batch ledger
 ``result_id``       the result's id: request id (synchronous), task id, or the batch result id
                     (the FHIR DiagnosticReport.identifier of the same result)
@@ -31,6 +32,10 @@ development only). Fields, always in this order, absent when not applicable:
 ``status``          HTTP status of the answer (of the FHIR server's, for a push)
 ``duration_ms``     time to answer
 ``attempts``        tries of a FHIR push
+``model``           the screening model's name, ``model_version`` its version and ``model_digest``
+                    its identity (``mam.model.weights``: SHA-256 over the tensors and all that
+                    decides a label), on every line of a process that screens with one model
+                    (``AuditLog.set_model``) or of a job that names it
 ==================  ===============================================================================
 
 No infant data, file names, paths, patient or encounter references, DICOM attributes, results or
@@ -59,7 +64,7 @@ OFF = "off"
 STDOUT = "-"
 FIELDS = (
     "request_id", "api_key_id", "route", "protocol", "content_sha256", "result_id", "format",
-    "outcome", "status", "duration_ms", "attempts",
+    "outcome", "status", "duration_ms", "attempts", "model", "model_version", "model_digest",
 )  # fmt: skip
 EVENTS = frozenset({"screening_request", "screening_task", "fhir_push", "batch_job"})
 
@@ -107,6 +112,7 @@ class AuditLog:
         self._logger.propagate = False
         self._logger.setLevel(logging.INFO)
         self._handler: logging.Handler | None = None
+        self.model: dict[str, str] = {}  # set_model: the identity every line carries
         if not self.enabled:
             return
         if self.target == STDOUT:
@@ -137,6 +143,7 @@ class AuditLog:
         unknown = set(fields) - set(FIELDS)
         if unknown:
             raise ValueError(f"not audit fields: {sorted(unknown)}")
+        fields = {**self.model, **fields}
         line = {"audit": "mam", "time": _now(), "event": event, "service": "mam",
                 "version": __version__}  # fmt: skip
         for name in FIELDS:
@@ -146,6 +153,11 @@ class AuditLog:
         if self.enabled:
             self._logger.info(json.dumps(line, separators=(",", ":")))
         return line
+
+    def set_model(self, name: str, version: str, digest: str | None) -> None:
+        """The model this process screens with: every later line names it (``model``,
+        ``model_version``, ``model_digest``)."""
+        self.model = {"model": name, "model_version": version, "model_digest": digest}
 
     def add_handler(self, handler: logging.Handler) -> None:
         """A second destination for the same lines (e.g. a test's capture)."""

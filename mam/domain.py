@@ -1,10 +1,14 @@
-"""What the weights have seen, and how far a recording is from it (issue 14).
+"""What the weights have seen, and how far a recording is from it.
 
 A screening result is only as good as the likeness between the recording and the training data.
 At training time (``mam.training.fitting``) two descriptions of the training recordings are
 stored with the weights, one per kind of source (``video``: a recording through a pose backend;
-``pose_file``: 3D poses given by the caller), because a pose model's output and a clean pose
-file differ in jitter and scale even when the movement is the same:
+``pose_file``: 3D poses given by the caller; ``kind_of``), because a pose model's output and a
+clean pose file differ in jitter and scale even when the movement is the same. A kind needs
+training recordings of its own to be described at all (``mam.training.fitting``: at least
+``DOMAIN_FIT_FLOOR``, and the documented minimum sizes for a fit that does not call new
+recordings of the kind out of domain); recordings of a kind the weights do not describe come
+back indeterminate. The two descriptions:
 
 * **motion statistics** of the model's input (``motion_statistics``): how fast and how widely
   each body part moves relative to the trunk, how jittery the trace is, how stable the bone
@@ -93,7 +97,12 @@ EMBEDDING_REASON = (
 
 
 def kind_of(source: str) -> str:
-    """``pose_file`` for poses given by the caller, ``video`` for a pose backend's output."""
+    """``pose_file`` for poses given by the caller, ``video`` for a pose backend's output.
+
+    ``source`` is ``PoseSequence.source``: the backend's name for a recording posed here, and
+    for a pose file that names the backend that made it (``mam batch``'s kept poses, a review
+    export's; ``mam.pose.precomputed``), so such a file is screened and trained on as a video;
+    ``precomputed`` for any other pose file."""
     return "pose_file" if source == "precomputed" else "video"
 
 

@@ -146,7 +146,12 @@ class ModelInfo(BaseModel):
 
     name: str
     version: str
-    weights_sha256: str
+    digest: str = Field(
+        "", description="The model's identity: SHA-256 over the network's tensors and all that "
+        "decides a label (calibration, thresholds, domain record, preprocessing); not name, "
+        "version or provenance. Empty in results made before it was recorded."
+    )  # fmt: skip
+    weights_sha256: str = Field(description="SHA-256 of the weights file (integrity check).")
     provenance: str
     runtime: str
     device: str

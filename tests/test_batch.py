@@ -100,6 +100,7 @@ def test_archive_rows_and_error_codes(archive_run):
         )
         assert r["fms_category"] in {*FMS_CATEGORIES, "indeterminate"}
         assert 0.5 <= float(r["tracked_fraction"]) <= 1.0
+        assert r["model_name"] and len(r["model_digest"]) == 64  # tests/test_model_identity.py
     assert rows["nested/deeper/b.npy"]["id"] == "nested/deeper/b"
     # the duplicate is reported with the same result, but screened once
     dup, a = rows["dup_of_a.npy"], rows["a.npy"]
@@ -319,3 +320,95 @@ def test_run_writes_an_index_and_a_page_per_recording(archive_run):
         assert "Decision support only" in text
     for code in EXPECTED_ERRORS.values():
         assert code in index
+
+
+# -- kept poses -----------------------------------------------------------------------------------
+FAKE_BACKEND = "batch-test-fake"
+FAKE_POSED: list[int] = []  # frames of each estimation
+
+
+class _SimPose:
+    """A pose backend that 'tracks' a simulated infant through any video (one per estimate)."""
+
+    name = FAKE_BACKEND
+
+    def estimate(self, frames, progress=None):
+        from mam.pose.base import PoseSequence
+
+        n = sum(1 for _ in frames)
+        FAKE_POSED.append(n)
+        sim = simulate_infant(np.random.default_rng(7), "fake", "intermittent", n / 25 + 1)
+        joints = np.asarray(sim.joints[:n], np.float32)
+        image = joints[..., :2] * 200 + 80
+        return PoseSequence(joints, np.ones(joints.shape[:2], np.float32), source=FAKE_BACKEND,
+                            meta={"image_joints": image, "image_size": (160, 120)})  # fmt: skip
+
+    def close(self) -> None:
+        pass
+
+
+def _video_archive(root: Path) -> Path:
+    from mam.pose.base import register_backend
+
+    register_backend(FAKE_BACKEND)(lambda **kw: _SimPose())
+    (root / "v").mkdir(parents=True)
+    write_video(root / "v" / "ward.mp4", 300, size=(160, 120))
+    _pose(root / "p.npy", 4)
+    return root
+
+
+def _lines(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+
+
+def _kept(out: Path) -> list[Path]:
+    return sorted((out / "poses").glob("*.npz")) if (out / "poses").is_dir() else []
+
+
+def test_video_poses_are_kept_by_content_and_read_again(tmp_path):
+    from mam.model.weights import sha256_of
+    from mam.pose import load_pose_file
+
+    src, out = _video_archive(tmp_path / "src"), tmp_path / "out"
+    before = len(FAKE_POSED)
+    assert main(["batch", str(src), "--out", str(out), "--workers", "1", "-q",
+                 "--pose-backend", FAKE_BACKEND]) == 0  # fmt: skip
+    assert len(FAKE_POSED) == before + 1  # the video; the pose file is its own pose
+    sha = sha256_of(src / "v" / "ward.mp4")
+    kept = _kept(out)
+    assert [p.name for p in kept] == [f"{FAKE_BACKEND}-v3-{sha}.npz"]
+    seq = load_pose_file(kept[0])
+    assert seq.source == FAKE_BACKEND and seq.num_frames == 300  # the video kind, not pose_file
+    assert seq.meta["image_joints"].shape == (300, 17, 2)
+    lines = {d["path"]: d for d in _lines(out)}
+    assert lines["v/ward.mp4"]["pose_file"] == f"poses/{kept[0].name}"
+    assert "pose_file" not in lines["p.npy"]
+    # The same recording again, with other infant data (another job): its kept pose is read.
+    man = tmp_path / "manifest.csv"
+    man.write_text("file,id,sex,gestational_age_weeks,birth_weight_g,corrected_age_weeks\n"
+                   f"{src / 'v' / 'ward.mp4'},again,female,38,3100,12\n")  # fmt: skip
+    s = batch.run_batch(man, out, workers=1, pose_backend=FAKE_BACKEND)
+    assert (s.screened, s.done) == (1, 1) and len(FAKE_POSED) == before + 1
+    again = _lines(out)[0]
+    first = lines["v/ward.mp4"]
+    # the same pose: the same clips, FMs frequency and domain check (infant data change P(risk))
+    assert again["clips"] == first["clips"] and again["domain"] == first["domain"]
+    assert again["fms_frequency"] == first["fms_frequency"] and again["model"]["used_info_branch"]
+    assert again["model"]["pose_backend"] == FAKE_BACKEND and again["pose_file"]
+
+
+def test_no_keep_poses_and_merge_carries_them(tmp_path):
+    src = _video_archive(tmp_path / "src")
+    off = tmp_path / "off"
+    assert main(["batch", str(src), "--out", str(off), "--workers", "1", "-q", "--no-keep-poses",
+                 "--pose-backend", FAKE_BACKEND]) == 0  # fmt: skip
+    assert _kept(off) == [] and not any("pose_file" in d for d in _lines(off))
+    shards = [tmp_path / f"shard-{i}" for i in range(2)]
+    for i, d in enumerate(shards):
+        assert main(["batch", str(src), "--out", str(d), "--shard", f"{i}/2", "--workers", "1",
+                     "-q", "--pose-backend", FAKE_BACKEND]) == 0  # fmt: skip
+    assert sum(len(_kept(d)) for d in shards) == 1
+    merged = tmp_path / "merged"
+    assert main(["batch", "merge", *map(str, shards), "--out", str(merged)]) == 0
+    assert [p.name for p in _kept(merged)] == [p.name for d in shards for p in _kept(d)]
+    assert sum("pose_file" in d for d in _lines(merged)) == 1

@@ -36,6 +36,7 @@ def test_manifest_names_shapes_and_hashes(exported):
     meta, _, weights_sha = load_meta(DEFAULT_WEIGHTS)
     assert m["name"] == meta.name and m["version"] == meta.version
     assert m["weights_sha256"] == weights_sha and m["opset"] >= 17
+    assert m["model_digest"] == meta.digest
     assert m["normalizer"] == meta.normalizer.to_dict()
     assert m["info_mean"] == list(meta.info_mean) and m["info_std"] == list(meta.info_std)
     nets = m["networks"]

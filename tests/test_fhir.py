@@ -157,6 +157,7 @@ def test_every_kind_of_result_is_a_valid_labelled_bundle(made, kind, with_infant
         "identifier"
     ]
     assert r.model.pose_backend in json.dumps(device["property"])
+    assert {"type": {"text": "model-digest"}, "value": r.model.digest} in device["version"]
     # Provenance: the Device authored every AI-asserted resource, for the reason AIAST.
     urls = {e["resource"]["resourceType"] + str(i): e["fullUrl"] for i, e in enumerate(b["entry"])}
     dev_url = next(e["fullUrl"] for e in b["entry"] if e["resource"] is device)

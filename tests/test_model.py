@@ -276,6 +276,7 @@ def test_save_load_weights_round_trip_and_tampering(tmp_path: Path):
     loaded, meta2 = load_weights(js)
     assert not loaded.training
     assert meta2.config == cfg and meta2.normalizer == meta.normalizer and meta2.name == "test"
+    assert meta2.digest == json.loads(js.read_text())["model_digest"] and len(meta2.digest) == 64
     x = _random_clips(3, seed=5)
     info = torch.tensor([0.0, 1.0, -1.0, 0.5])
     with torch.no_grad():

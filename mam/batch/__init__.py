@@ -1,7 +1,8 @@
 """Screening archives: ``mam batch INPUT --out DIR`` and what it writes.
 
 ``archive`` (what to screen), ``ledger`` (durable progress), ``runner`` (worker processes or a
-running service, resumable, sharded), ``outputs`` (results.csv / .jsonl), ``report`` (HTML pages
+running service, resumable, sharded), ``poses`` (each video's pose, kept for the review app and
+training), ``outputs`` (results.csv / .jsonl), ``report`` (HTML pages
 clinicians read), ``review_clips`` (the top FMs clips cut with the skeleton), ``service_client``
 (``--service URL``). Every recording goes through the one pipeline, ``mam.screening``.
 """

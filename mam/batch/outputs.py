@@ -1,6 +1,11 @@
 """``results.csv`` (one row per recording), ``results.jsonl`` (full results) and
 ``results.fhir.ndjson`` (one HL7 FHIR R4 Bundle per result, ``mam.batch.fhir``), rebuilt from the
-ledger alone, written atomically, so they can be written again at any time."""
+ledger alone, written atomically, so they can be written again at any time. A result whose pose
+the batch kept (``mam.batch.poses``) names it in ``results.jsonl`` as ``pose_file`` (relative to
+the folder). ``results.csv`` names the model of each result (``model_name``, ``model_version`` and
+the full ``model_digest``, ``mam.model.weights``); empty for rows without a result. Every result
+is checked against the digest the ledger wrote with it (``mam.batch.ledger``) before anything is
+written: an altered result is an ``altered_result`` error, never a row."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from mam.batch.ledger import LEDGER, Ledger
+from mam.batch.poses import kept_pose
 from mam.files import write_atomic
 
 RESULTS_CSV = "results.csv"
@@ -28,6 +34,9 @@ CSV_COLUMNS = (
     "indeterminate_reason",
     "tracked_fraction",
     "error_code",
+    "model_name",
+    "model_version",
+    "model_digest",
 )
 
 
@@ -38,13 +47,15 @@ def write_outputs(
     fhir_contexts: dict | None = None,
 ) -> tuple[Path, Path]:
     """``results.csv``, ``results.jsonl`` and ``results.fhir.ndjson`` from the ledger (all
-    paths, or the given ones), written atomically; safe to run again at any time.
+    paths, or the given ones), written atomically; safe to run again at any time. Raises
+    ``AlteredResultError`` / ``UnverifiedResultError`` (nothing written) for a result that does
+    not match its digest / has none.
     ``fhir_contexts``: the caller's FHIR references per (path, id) (``mam.batch.fhir``)."""
     out = Path(out)
     own = ledger is None
     ledger = ledger or Ledger(out / LEDGER)
     try:
-        rows = ledger.rows(paths)
+        rows = ledger.rows(paths, verify=True)  # an altered result is an error
     finally:
         if own:
             ledger.close()
@@ -68,9 +79,14 @@ def write_outputs(
                     "indeterminate_reason": "; ".join(res["classification"]["reasons"]),
                     "tracked_fraction": res["quality"]["tracked_fraction"],
                     "error_code": "",
+                    "model_name": res["model"]["name"],
+                    "model_version": res["model"]["version"],
+                    "model_digest": res["model"].get("digest", ""),
                 }
             )
-            fj.write(json.dumps(base | {"sha256": r["sha256"]} | res) + "\n")
+            kept = kept_pose(out, res["model"]["pose_backend"], r["sha256"])
+            pose = {"pose_file": kept.relative_to(out).as_posix()} if kept else {}
+            fj.write(json.dumps(base | {"sha256": r["sha256"]} | pose | res) + "\n")
         else:
             code = r["error_code"] or "not_screened"  # not_screened: killed before its turn
             w.writerow(base | {"error_code": code})
@@ -82,3 +98,56 @@ def write_outputs(
 
     write_fhir(out, rows, fhir_contexts)
     return csv_path, jsonl_path
+
+
+SR_DIR = "sr"
+
+
+def write_dicom_sr(
+    out: str | Path,
+    input_path: str | Path,
+    shard: tuple[int, int] | None = None,
+    echo_dicom_uids: bool = False,
+) -> int:
+    """``OUT/sr/<result-id>.dcm``: a DICOM Comprehensive SR (``mam.dicom_sr``) per result of
+    ``input_path``'s recordings (those of ``shard``), rebuilt from the ledger; the result id is
+    the FHIR Bundle's (``mam.batch.fhir.row_result_id``), so both outputs name one result
+    alike. ``echo_dicom_uids``: a DICOM recording's SR joins its study and references it (read
+    from the file now). Returns how many were written."""
+    from datetime import UTC, datetime
+
+    from mam.batch.archive import collect
+    from mam.batch.fhir import contexts, row_result_id
+    from mam.dicom_sr import read_source, sr_bytes
+    from mam.errors import MamError
+    from mam.schemas import ScreeningResult
+
+    out = Path(out)
+    items = collect(input_path)
+    row_contexts = contexts(input_path, items, echo_dicom_uids)
+    if shard is not None:
+        items = items[shard[0] :: shard[1]]
+    ledger = Ledger(out / LEDGER)
+    try:
+        rows = ledger.rows([i.path for i in items], verify=True)
+    finally:
+        ledger.close()
+    folder = out / SR_DIR
+    written = 0
+    for r in rows:
+        if r["status"] != "done":
+            continue
+        rc = row_contexts.get((r["path"], r["id"]))
+        source = None
+        if rc is not None and rc.file is not None:
+            try:
+                source = read_source(rc.file)
+            except (MamError, OSError):
+                source = None  # gone or unreadable now: the SR opens its own study
+        result_id = row_result_id(r["key"], r["path"], r["id"])
+        issued = datetime.fromtimestamp(r["finished_at"], UTC) if r["finished_at"] else None
+        result = ScreeningResult.model_validate_json(r["result"])
+        folder.mkdir(exist_ok=True)
+        write_atomic(folder / f"{result_id}.dcm", sr_bytes(result, result_id, source, issued))
+        written += 1
+    return written

@@ -256,6 +256,7 @@ def _page_done(rec: _Rec, want_clips: bool) -> str:
         ("Pose", m.pose_backend),
         ("Infant data (Info branch)", "used" if m.used_info_branch else "not used"),
         ("Calibration", m.calibration),
+        ("Model digest", (m.digest or "unknown")[:16] + "…"),
         ("Weights sha256", m.weights_sha256[:16] + "…"),
         ("Provenance", m.provenance),
     ]

@@ -59,6 +59,18 @@ class ServiceClient:
         if r.status_code != 200:
             raise ConnectionError(f"service at {self.url} is not ready (HTTP {r.status_code})")
 
+    def model(self) -> dict | None:
+        """The service's ``GET /model`` (name, version, digest, ...), so that results are keyed
+        by the model that made them; None when the service does not say (an older service)."""
+        r = self._send("GET", "/model")
+        if r.status_code != 200:
+            return None
+        try:
+            info = r.json()
+        except ValueError:
+            return None
+        return info if isinstance(info, dict) else None
+
     def _send(self, method: str, path: str, **kw):
         """One request with back-off on 502/503/504 and on dropped connections."""
         import httpx

@@ -39,9 +39,15 @@ def register(sub) -> None:
         action="store_true",
         help="put DICOM recordings' study/series UIDs in results.fhir.ndjson",
     )
+    s.add_argument("--dicom-sr", action="store_true",
+                   help="also write a DICOM Comprehensive SR per result, OUT/sr/<result-id>.dcm"
+                        " (with --echo-dicom-uids, in the recording's study)")  # fmt: skip
     s.add_argument("--service", metavar="URL",
                    help="screen through a running service (API key from MAM_API_KEY); "
-                        "--workers requests at a time")  # fmt: skip
+                        "--workers requests at a time; it returns no poses to keep")  # fmt: skip
+    s.add_argument("--no-keep-poses", dest="keep_poses", action="store_false",
+                   help="do not keep each video's pose in OUT/poses/ (by default kept, so that "
+                        "mam review's skeleton and --export do not estimate it again)")  # fmt: skip
     s.set_defaults(func=run)
 
 
@@ -94,6 +100,9 @@ def run(args: argparse.Namespace) -> int:
     if args.service:
         O.reject(args, ["weights", "pose_backend"], "the service screens with its own settings")
     check_output_dir(args.out)  # fail fast, before any work or progress bar
+    if args.service and args.keep_poses and not args.quiet:
+        print("mam batch: the service returns results, not poses: none are kept (mam review "
+              "estimates a recording's pose when it first needs it)", file=sys.stderr)  # fmt: skip
     bar, progress = _progress(args.quiet)
     service = None
     if args.service:
@@ -104,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
         s = run_batch(args.input, args.out, args.workers, args.retry_failed, args.weights,
                       args.pose_backend, progress, shard=args.shard,
                       service=service, clips=args.clips,
-                      echo_dicom_uids=args.echo_dicom_uids)  # fmt: skip
+                      echo_dicom_uids=args.echo_dicom_uids,
+                      keep_poses=args.keep_poses)  # fmt: skip
     except ConnectionError as e:
         raise O.UsageError(str(e)) from None
     finally:
@@ -112,9 +122,20 @@ def run(args: argparse.Namespace) -> int:
             bar.close()
         if service is not None:
             service.close()
+    if args.dicom_sr:
+        from mam.batch.outputs import write_dicom_sr
+
+        write_dicom_sr(args.out, args.input, args.shard, args.echo_dicom_uids)
+    held = f" (model {'; '.join(s.ledger_models)})" if s.ledger_models else ""
     print(f"{s.recordings} recordings: {s.done} done, {s.failed} failed "
-          f"({s.screened} screened now, {s.skipped} from the ledger, {s.duplicates} duplicates); "
-          f"results in {args.out}")  # fmt: skip
+          f"({s.screened} screened now, {s.skipped} from the ledger{held}, "
+          f"{s.duplicates} duplicates); model {s.model}; results in {args.out}")  # fmt: skip
+    if s.unverified:
+        print(f"mam batch: {s.unverified} results in the ledger carried no digest (written before "
+              "results were digested): screened again", file=sys.stderr)  # fmt: skip
+    if s.other_model:
+        print(f"mam batch: the ledger held results of another model for {s.other_model} of them: "
+              f"screened again with {s.model}", file=sys.stderr)  # fmt: skip
     return 0
 
 

@@ -45,7 +45,8 @@ def register(sub) -> None:
                         "(default MAM_REVIEW_USERS or DIR/review_users)")  # fmt: skip
     s.add_argument("--export", type=Path, metavar="OUT",
                    help="write the finished reviews as a training folder (infants.csv, "
-                        "fms_intervals.csv, poses) with the agreement report; exit")  # fmt: skip
+                        "fms_intervals.csv, poses as mam batch kept them, dataset.json) with "
+                        "the agreement report; exit")  # fmt: skip
     s.add_argument("--add-user", metavar="NAME",
                    help="add or replace reviewer NAME (password from the terminal, or the first "
                         "line of stdin) and exit")  # fmt: skip
@@ -73,10 +74,11 @@ def _password() -> str:
 
 def run(args: argparse.Namespace) -> int:
     from mam.review.auth import UsersFileError, add_user
-    from mam.review.config import ReviewConfig
+    from mam.review.config import ReviewConfig, secure_cookie_setting
 
     config = ReviewConfig(out_dir=args.dir, archive_root=args.archive, db_url=args.db,
-                          users_file=args.users, key_hashes=service_key_hashes())  # fmt: skip
+                          users_file=args.users, key_hashes=service_key_hashes(),
+                          secure_cookie=secure_cookie_setting())  # fmt: skip
     if args.add_user is not None:
         O.reject(args, ["archive", "port", "host", "db", "export"],
                  "--add-user only writes the users file")  # fmt: skip

@@ -3,8 +3,9 @@
 What an EHR receives for one result (``build_bundle``), each resource labelled as the HL7 AI
 Transparency on FHIR guide (STU1 ballot, FHIR 4.0.1) asks:
 
-* ``Device``: the model (AI Device profile): name, version, weights SHA-256, pose backend,
-  runtime; type ``Artificial-Intelligence`` with its kinds (deep learning, video data,
+* ``Device``: the model (AI Device profile): name, version, model digest (a second
+  ``version`` entry of type ``model-digest``, ``mam.model.weights``), weights SHA-256, pose
+  backend, runtime; type ``Artificial-Intelligence`` with its kinds (deep learning, video data,
   deterministic); the weights' provenance as a note. Conditionally created on its configuration
   identifier, so a server keeps one Device per model configuration.
 * ``Observation`` (status ``preliminary``, ``meta.security`` AIAST, ``device`` = the model):
@@ -161,7 +162,8 @@ class _Builder:
     # -- resources ---------------------------------------------------------------------------------
     def device(self) -> str:
         m = self.r.model
-        key = f"{m.weights_sha256}/{m.pose_backend}/{m.runtime}/{m.precision}"
+        # The digest, not the file's hash: recalibrated weights are another Device.
+        key = f"{m.digest or m.weights_sha256}/{m.pose_backend}/{m.runtime}/{m.precision}"
         kinds = ("Deep-Learning-Models", "AI-for-Video-Data", "Deterministic-AI")
 
         def prop(code: str, text: str) -> dict:
@@ -202,7 +204,8 @@ class _Builder:
                 ],
                 "text": "AI model",
             },  # fmt: skip
-            "version": [{"value": m.version}],
+            "version": [{"value": m.version}]
+            + ([{"type": {"text": "model-digest"}, "value": m.digest}] if m.digest else []),
             "property": [
                 prop("pose-backend", m.pose_backend),
                 prop("runtime", f"{m.runtime} ({m.device})"),

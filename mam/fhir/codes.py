@@ -58,7 +58,7 @@ result id (DiagnosticReport.identifier; each Observation adds its code after a h
 WEIGHTS_SHA256_SYSTEM = "urn:uuid:4a50ac69-54ae-4f62-8d08-3329b57a96b2"
 """Identifier system of a model's weights: the SHA-256 of its weights file (Device)."""
 MODEL_CONFIGURATION_SYSTEM = "urn:uuid:099e4905-9e39-4072-acd6-90ceb792e083"
-"""Identifier system of a model configuration: weights SHA-256 / pose backend / runtime /
+"""Identifier system of a model configuration: model digest / pose backend / runtime /
 precision (Device; the key a transaction's conditional create matches on)."""
 CLIP_WINDOW_EXTENSION = "urn:uuid:7c5aecc3-7cb1-414b-8f82-29d60087a7a9"
 """Extension on a clip component: valueRange, the clip's start and end in seconds from the start

@@ -3,12 +3,23 @@
 Like torchvision's weight enums, preprocessing metadata travels with the weights: joint order,
 fps, clip length and step, normalisation statistics, Info-branch input statistics, calibration,
 decision threshold and provenance. Files: ``NAME.pt`` (state dict) and ``NAME.json``.
+
+The model's identity is ``ModelMeta.digest``: SHA-256 over the network's tensors (by name, dtype,
+shape and bytes; not the ``.pt`` file, whose bytes embed its file name) and everything in the
+metadata that decides a label (calibrations, thresholds, FMs cut-offs, domain record,
+preprocessing, network config). Name, version, provenance and metrics decide no label and are
+left out: the same weights renamed keep their digest, a hand-edited threshold changes it.
+``weights_sha256`` stays the integrity check of the ``.pt`` file.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
+import logging
+import pickle
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +32,11 @@ from mam.gma import FMS_CLIP_THRESHOLD
 from mam.model.config import MAMConfig
 from mam.skeleton import FPS, JOINT_NAMES
 
+logger = logging.getLogger(__name__)
+
 FORMAT_VERSION = 1
+# Keys of ``ModelMeta.to_dict`` that decide no label, so stay out of the digest.
+NOT_IN_DIGEST = ("format_version", "name", "version", "provenance", "metrics")
 INFO_FEATURES = ("sex_male", "gestational_age_weeks", "birth_weight_g", "corrected_age_weeks")
 
 
@@ -102,6 +117,15 @@ class ModelMeta:
     domain: DomainModel | None = None
     provenance: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
+    # Set on load: the digest of the network's tensors these metadata go with (``tensors_sha256``)
+    # and the model digest the file recorded when saved (None: not recorded).
+    tensors_sha256: str | None = field(default=None, compare=False, repr=False)
+    recorded_digest: str | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def digest(self) -> str | None:
+        """The model's identity (module docstring); None for metadata not yet tied to tensors."""
+        return None if self.tensors_sha256 is None else model_digest(self, self.tensors_sha256)
 
     def calibrated(self, kind: str | None = None) -> KindCalibration:
         """The calibration that serves ``kind``: its own where fitted, else the overall one."""
@@ -177,8 +201,81 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def model_digest(meta: ModelMeta, tensors_sha256: str) -> str:
+    """SHA-256 of a canonical JSON of what decides a label: the metadata less
+    ``NOT_IN_DIGEST``, and the tensors' digest (``tensors_digest``)."""
+    record = {k: v for k, v in meta.to_dict().items() if k not in NOT_IN_DIGEST}
+    blob = json.dumps({"meta": record, "tensors_sha256": tensors_sha256}, sort_keys=True,
+                      separators=(",", ":"))  # fmt: skip
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# torch.save's storage types -> (dtype name, numpy dtype of the stored bytes). bfloat16 has no
+# numpy dtype: its bytes are hashed as they are, under its own name.
+_STORAGES = {
+    "DoubleStorage": ("float64", "<f8"), "FloatStorage": ("float32", "<f4"),
+    "HalfStorage": ("float16", "<f2"), "BFloat16Storage": ("bfloat16", "<u2"),
+    "LongStorage": ("int64", "<i8"), "IntStorage": ("int32", "<i4"),
+    "ShortStorage": ("int16", "<i2"), "CharStorage": ("int8", "i1"),
+    "ByteStorage": ("uint8", "u1"), "BoolStorage": ("bool", "?"),
+}  # fmt: skip
+
+
+def _rebuild_tensor(storage, offset, size, stride, *_):
+    name, flat = storage
+    strides = [s * flat.itemsize for s in stride]
+    arr = np.lib.stride_tricks.as_strided(flat[offset:], shape=tuple(size), strides=strides)
+    return name, np.ascontiguousarray(arr)
+
+
+class _StateDictUnpickler(pickle.Unpickler):
+    """Reads a state dict saved by ``torch.save`` as numpy arrays, without torch (serving has
+    none), and nothing else: any other class in the file is refused."""
+
+    def __init__(self, archive: zipfile.ZipFile, prefix: str):
+        super().__init__(archive.open(prefix + "data.pkl"))
+        self.archive, self.prefix = archive, prefix
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_tensor
+        if (module, name) == ("torch._utils", "_rebuild_parameter"):
+            return lambda data, *_: data
+        if module == "torch" and name in _STORAGES:
+            return _STORAGES[name]
+        raise pickle.UnpicklingError(f"not a plain state dict ({module}.{name})")
+
+    def persistent_load(self, pid):
+        _, (name, dtype), key, _location, _numel = pid
+        return name, np.frombuffer(self.archive.read(f"{self.prefix}data/{key}"), dtype)
+
+
+def tensors_digest(pt: str | Path) -> str:
+    """SHA-256 of a ``torch.save``d state dict's tensors, in name order, each by name, dtype,
+    shape and bytes: the same tensors give the same digest whatever the file is called."""
+    try:
+        with zipfile.ZipFile(pt) as z:
+            pkl = next(n for n in z.namelist() if n.endswith("data.pkl"))
+            prefix = pkl[: -len("data.pkl")]
+            if prefix + "byteorder" in z.namelist() and z.read(prefix + "byteorder") != b"little":
+                raise ModelLoadError(f"weights file {pt} is big-endian")
+            state = _StateDictUnpickler(z, prefix).load()
+        h = hashlib.sha256()
+        for key in sorted(state):
+            dtype, arr = state[key]
+            h.update(json.dumps([key, dtype, list(arr.shape), arr.nbytes]).encode() + b"\0")
+            h.update(arr.tobytes())
+    except (OSError, zipfile.BadZipFile, StopIteration, pickle.UnpicklingError, KeyError,
+            ValueError, TypeError, AttributeError) as e:  # fmt: skip
+        raise ModelLoadError(f"weights file {pt} is not a readable state dict: {e!r}") from e
+    return h.hexdigest()
+
+
 def save_weights(model, meta: ModelMeta, path: str | Path) -> Path:
-    """Write ``path.pt`` and ``path.json``; returns the JSON path."""
+    """Write ``path.pt`` and ``path.json``; returns the JSON path. The JSON records the
+    tensors' digest and the model digest (``tensors_sha256``, ``model_digest``)."""
     import torch
 
     path = Path(path).with_suffix("")
@@ -188,21 +285,69 @@ def save_weights(model, meta: ModelMeta, path: str | Path) -> Path:
     d = meta.to_dict()
     d["weights_file"] = pt.name
     d["weights_sha256"] = sha256_of(pt)
+    d["tensors_sha256"] = tensors_digest(pt)
+    # As loading will read it back: the digest of the JSON's values, not of the objects in memory.
+    d["model_digest"] = model_digest(ModelMeta.from_dict(json.loads(json.dumps(d))),
+                                     d["tensors_sha256"])  # fmt: skip
     js = path.with_suffix(".json")
     js.write_text(json.dumps(d, indent=2) + "\n")
     return js
 
 
+def record_digest(path: str | Path) -> str:
+    """Add ``tensors_sha256`` and ``model_digest`` to a weights JSON written before they were
+    recorded (the ``.pt`` is left alone, so ``weights_sha256`` and ONNX exports stay valid);
+    returns the digest."""
+    js = Path(path).with_suffix(".json")
+    meta, pt, sha = load_meta(js)
+    if not pt.is_file() or sha256_of(pt) != sha:
+        raise ModelLoadError(f"weights file {pt} is missing or does not match its metadata")
+    d = json.loads(js.read_text())
+    d["tensors_sha256"], d["model_digest"] = meta.tensors_sha256, meta.digest
+    js.write_text(json.dumps(d, indent=2) + "\n")
+    return meta.digest
+
+
+def _tensors_identity(d: dict, pt: Path, sha: str) -> str:
+    """The tensors' digest: computed from the ``.pt`` where it is here and matches its recorded
+    sha256; else as recorded (a bento carries the JSON and the ONNX export, not the ``.pt``);
+    else, for weights saved before digests were recorded, the file's sha256."""
+    recorded = d.get("tensors_sha256")
+    if pt.is_file() and sha256_of(pt) == sha:
+        try:
+            computed = tensors_digest(pt)
+        except ModelLoadError:  # a state dict this reader does not know: still loadable by torch
+            logger.warning("weights: tensors not readable for the digest; using the file's hash")
+            return f"file-sha256:{sha}"
+        if recorded and recorded != computed:
+            logger.warning("weights: recorded tensors digest differs from the file's; "
+                           "using the file's")  # fmt: skip
+        return computed
+    return str(recorded) if recorded else f"file-sha256:{sha}"
+
+
 def load_meta(path: str | Path) -> tuple[ModelMeta, Path, str]:
-    """Metadata, the state-dict path and its recorded sha256, from ``NAME.json`` (or ``NAME``)."""
+    """Metadata, the state-dict path and its recorded sha256, from ``NAME.json`` (or ``NAME``).
+    The metadata carry the model digest (``meta.digest``), computed here."""
     js = Path(path).with_suffix(".json")
     if not js.is_file():
         raise ModelLoadError(f"model metadata not found: {js}")
     try:
         d = json.loads(js.read_text())
-        return ModelMeta.from_dict(d), js.parent / d["weights_file"], str(d["weights_sha256"])
+        meta, pt, sha = (
+            ModelMeta.from_dict(d),
+            js.parent / d["weights_file"],
+            str(d["weights_sha256"]),
+        )
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ModelLoadError(f"corrupt model metadata {js}: {e!r}") from e
+    meta.tensors_sha256 = _tensors_identity(d, pt, sha)
+    meta.recorded_digest = d.get("model_digest")
+    if meta.recorded_digest and meta.recorded_digest != meta.digest:
+        logger.warning("weights: the recorded model digest %s differs from the computed %s (the "
+                       "metadata were edited after saving); results carry the computed one",
+                       str(meta.recorded_digest)[:12], meta.digest[:12])  # fmt: skip
+    return meta, pt, sha
 
 
 def load_weights(path: str | Path):

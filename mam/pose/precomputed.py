@@ -18,6 +18,11 @@ Policy (checked here, reported as :class:`~mam.errors.InvalidPoseError` with exp
   there; such values come from a broken export and would overflow inside the network);
 * an ``.npz`` may carry ``image_joints`` ``[T, 17, 2]`` (pixels), the 2D joints of the same frames,
   as the training pose cache keeps them for the image-plane representation;
+* an ``.npz`` may name the pose backend that made it in ``source`` (a string, one of
+  ``mam.pose.available_backends()``; optional ``kind``, then ``video``), as the poses that
+  ``mam batch`` keeps and ``mam review --export`` writes do: it is then screened and trained on as
+  the ``video`` kind it came from (``mam.domain.kind_of``). Without it a file is a pose file
+  (``source`` ``precomputed``, kind ``pose_file``); a name no backend here has is refused;
 * without ``confidence``, tracked frames get confidence 1 and untracked frames 0; a given confidence
   must be finite and in [0, 1] on tracked frames (it is set to 0 on untracked frames).
 
@@ -34,8 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mam.domain import kind_of
 from mam.errors import EmptyFileError, FileNotFoundInputError, InvalidPoseError
-from mam.pose.base import PoseSequence
+from mam.pose.base import PoseSequence, available_backends
 from mam.skeleton import FPS, NUM_JOINTS
 
 logger = logging.getLogger(__name__)
@@ -45,7 +51,7 @@ MAX_COORDINATE = 1e5
 
 
 def _load_array(path: Path):
-    """``(joints, confidence, fps, image_joints)``, the last three None where absent."""
+    """``(joints, confidence, fps, image_joints, source)``, the last four None where absent."""
     suffix = path.suffix.lower()
     try:
         data = np.load(path, allow_pickle=False)
@@ -55,7 +61,7 @@ def _load_array(path: Path):
                 raise InvalidPoseError(
                     "expected a single array in the .npy file; received an archive"
                 )
-            return data, None, None, None
+            return data, None, None, None, None
         if not isinstance(data, np.lib.npyio.NpzFile):
             raise InvalidPoseError(
                 "expected an .npz archive with a 'joints' array; received one array"
@@ -77,7 +83,7 @@ def _load_array(path: Path):
                         f"{list(fps_arr.shape)}"
                     )
                 fps = float(fps_arr.reshape(()))
-            return joints, confidence, fps, image
+            return joints, confidence, fps, image, _source(data)
     except InvalidPoseError:
         raise
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
@@ -86,6 +92,34 @@ def _load_array(path: Path):
             f"could not read {suffix} pose file {path} ({type(exc).__name__}): expected a numpy "
             f"{'array' if suffix == '.npy' else 'archive'} without pickled objects"
         ) from None
+
+
+def _text(data, key: str) -> str | None:
+    if key not in data.files:
+        return None
+    arr = data[key]
+    if arr.dtype.kind != "U" or arr.size != 1:
+        raise InvalidPoseError(
+            f"expected '{key}' to be one string; received {arr.dtype} {list(arr.shape)}"
+        )
+    return str(arr.reshape(()))
+
+
+def _source(data) -> str | None:
+    """The pose backend named in ``source`` (checked against the registered ones), None where
+    the file names none; ``kind``, where given, must be the kind that backend's output is."""
+    source, kind = _text(data, "source"), _text(data, "kind")
+    if source is not None and source not in available_backends():
+        raise InvalidPoseError(
+            f"expected 'source' to name a pose backend ({', '.join(available_backends())}); "
+            f"received {source[:40]!r}"
+        )
+    if kind is not None and kind != kind_of(source or SOURCE):
+        raise InvalidPoseError(
+            f"expected 'kind' {kind_of(source or SOURCE)!r} for a pose from "
+            f"{source or 'a pose file'}; received {kind[:40]!r}"
+        )
+    return source
 
 
 def _check_float(arr: np.ndarray, name: str, shape: str) -> np.ndarray:
@@ -204,8 +238,10 @@ def load_pose_file(path: str | os.PathLike) -> PoseSequence:
         )
     if path.stat().st_size == 0:
         raise EmptyFileError(f"pose file is empty: {path}")
-    joints, confidence, fps, image = _load_array(path)
+    joints, confidence, fps, image, source = _load_array(path)
     seq = validate_pose_array(joints, confidence, fps)
+    if source is not None:
+        seq.source = source
     if image is not None:
         seq.meta["image_joints"] = _check_image_joints(image, seq.joints)
     seq.meta["format"] = path.suffix.lower().lstrip(".")

@@ -125,7 +125,12 @@ class Catalog:
                     error_code=row["error_code"] or ("" if status == "done" else status),
                     error=row["error"] or "", version=version,
                 )  # fmt: skip
-                if status == "done" and row["result"]:
+                if status == "done" and row["result"] and row.get("verified") is False:
+                    # Changed inside the ledger since it was written (mam.batch.ledger's digest):
+                    # never shown, exported or compared as if the model had said it.
+                    rec.status, rec.error_code = "failed", "altered_result"
+                    rec.error = "the stored result does not match its digest"
+                elif status == "done" and row["result"]:
                     try:
                         rec.summary = _summary(json.loads(row["result"]))
                         rec.result_json = row["result"]

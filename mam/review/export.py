@@ -7,9 +7,14 @@ done (with a category and a group):
 * ``OUT/infants.csv``: ``id, file, group, fms_category, sex, gestational_age_weeks,
   birth_weight_g, corrected_age_weeks`` (the infant data the batch run was given, if any);
 * ``OUT/fms_intervals.csv``: ``id, start_s, end_s``, the reviewer's FMs intervals;
-* ``OUT/poses/<rid>.npz`` (a video: the pose the model saw, estimated again with the backend
-  that scored it, or taken from the review app's pose cache; with its 2D image joints, so every
-  pose representation can be trained) or ``OUT/poses/<rid>.npy`` (a pose file: copied);
+* ``OUT/poses/<rid>.npz`` (a video: the pose the model saw, as ``mam batch`` kept it, estimated
+  again only where it kept none (:mod:`mam.review.pose`); with its 2D image joints, so every
+  pose representation can be trained, and the backend that made it, so ``mam train`` takes it
+  as the ``video`` kind and the weights' domain check knows recordings of that kind) or
+  ``OUT/poses/<rid>.npy`` (a pose file: copied, the ``pose_file`` kind);
+* ``OUT/dataset.json``: ``{"data": "recordings", ...}``, the declaration ``mam train`` records in
+  the weights (real recordings, not simulated ones; ``mam synth`` writes ``"simulated"``), with
+  the exported recordings per source kind;
 * ``OUT/agreement.csv`` and ``agreement.json``: the reviewer against the model per recording
   (:mod:`mam.review.agreement`), and ``OUT/export.json``: counts, and the recordings left out
   with the reason.
@@ -45,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 INFANT_COLUMNS = ("id", "file", "group", "fms_category", "sex", "gestational_age_weeks",
                   "birth_weight_g", "corrected_age_weeks")  # fmt: skip
+DATASET_JSON = "dataset.json"
 AGREEMENT_COLUMNS = ("id", "clips", "reviewer_fms_clips", "model_fms_clips", "clip_agreement",
                      "kappa", "verdicts", "verdicts_agree", "reviewer_category", "model_category",
                      "reviewer_group", "model_label", "model_usable", "category_agrees",
@@ -60,6 +66,7 @@ class ExportSummary:
     out: Path
     exported: int = 0
     groups: dict[str, int] = field(default_factory=dict)
+    kinds: dict[str, int] = field(default_factory=dict)  # mam.domain.kind_of -> recordings
     intervals: int = 0
     skipped: list[dict] = field(default_factory=list)  # {"id", "reason"}
     agreement: dict = field(default_factory=dict)
@@ -68,7 +75,8 @@ class ExportSummary:
 
     def as_dict(self) -> dict:
         return {
-            "exported": self.exported, "groups": self.groups, "intervals": self.intervals,
+            "exported": self.exported, "groups": self.groups, "kinds": self.kinds,
+            "intervals": self.intervals,
             "skipped": self.skipped, "agreement": self.agreement, "validated": self.validated,
             "seconds": round(self.seconds, 2),
         }  # fmt: skip
@@ -91,6 +99,19 @@ def _frames(pose_file: Path) -> int:
     return int(np.load(pose_file, mmap_mode="r", allow_pickle=False).shape[0])
 
 
+def _kind(pose_file: Path) -> str:
+    """The source kind ``mam train`` will take an exported pose file as (``mam.domain``)."""
+    from mam.domain import kind_of
+    from mam.pose.precomputed import SOURCE
+
+    source = SOURCE
+    if pose_file.suffix == ".npz":
+        with np.load(pose_file, allow_pickle=False) as z:
+            if "source" in z.files:
+                source = str(z["source"])
+    return kind_of(source)
+
+
 def export_annotations(
     catalog: Catalog,
     store: ReviewStore,
@@ -111,6 +132,9 @@ def export_annotations(
         summary.validated = _validate(tmp)
         summary.seconds = time.perf_counter() - t0
         (tmp / "export.json").write_text(json.dumps(summary.as_dict(), indent=2))
+        (tmp / DATASET_JSON).write_text(json.dumps(
+            {"data": "recordings", "written_by": "mam review --export",
+             "kinds": dict(sorted(summary.kinds.items()))}, indent=2))  # fmt: skip
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -185,6 +209,8 @@ def _write(catalog, store, tmp: Path, summary: ExportSummary, progress) -> None:
                 kept.append({"start_s": a, "end_s": b})
         summary.intervals += len(kept)
         summary.groups[fields["group"]] = summary.groups.get(fields["group"], 0) + 1
+        kind = _kind(tmp / rel)
+        summary.kinds[kind] = summary.kinds.get(kind, 0) + 1
         agreement.append(agreement_row(ident, result, {"fields": ann["fields"],
                                                        "intervals": kept}))  # fmt: skip
     if progress:

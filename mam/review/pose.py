@@ -1,13 +1,18 @@
 """The pose the model saw, for the skeleton overlay and the training export.
 
-The batch ledger keeps results, not poses. So a recording's pose is estimated again, on
-demand, with the backend that scored it (``result.model.pose_backend``) and the screening's own
-decode settings (:func:`mam.pose.from_video.estimate_video_pose`, frames at most 1280 px on a
-side), and kept in ``DIR/.review_cache/pose/<backend>-v<format>-<sha256>.npz`` under the content
-hash the ledger recorded, so a recording is estimated once for both uses. The file is the
-training layout's pose format (``joints``, ``confidence``, ``fps``, ``image_joints``) plus the
-frame size the 2D joints are in. Before estimating, the file's hash is checked against the
-ledger's: a recording changed since it was screened is refused, not silently re-posed.
+``mam batch`` keeps each video's pose in ``DIR/poses/<backend>-v<format>-<sha256>.npz``
+(:mod:`mam.batch.poses`), named by the backend that scored it (``result.model.pose_backend``)
+and the content hash the ledger recorded, so the overlay and the export read the very pose the
+model saw. Only where the batch kept none (``--no-keep-poses``, ``--service``, a folder from
+before poses were kept) is it estimated again, on demand, with that backend and the screening's
+own decode settings (:func:`mam.pose.from_video.estimate_video_pose`, frames at most 1280 px on
+a side), and written to the same place, so a recording is estimated at most once for both uses.
+The file is the training layout's pose format (``joints``, ``confidence``, ``fps``,
+``image_joints``) plus the frame size the 2D joints are in and the backend that made it
+(``source``), so exported training data keep the kind of input they came from. Before
+estimating, the file's hash is checked against the ledger's: a recording changed since it was
+screened is refused, not silently re-posed. Poses this app cached in ``DIR/.review_cache/pose/``
+before the batch kept them are still read (and moved to ``DIR/poses/``, backend recorded).
 
 Jobs run one at a time in a background thread (pose estimation is the heavy part of the whole
 pipeline); the page polls their progress. Logs carry counts only.
@@ -26,8 +31,8 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-CACHE_DIR = Path(".review_cache") / "pose"
-CACHE_FORMAT = 1
+LEGACY_CACHE_DIR = Path(".review_cache") / "pose"  # where this app cached poses before
+LEGACY_CACHE_FORMAT = 1
 MAX_SIDE = 1280  # as mam.screening.ScreeningOptions.max_side: the frames the model's pose saw
 
 
@@ -49,7 +54,46 @@ class PoseJob:
 
 
 def cache_path(out_dir: Path, backend: str, sha256: str) -> Path:
-    return Path(out_dir) / CACHE_DIR / f"{backend}-v{CACHE_FORMAT}-{sha256}.npz"
+    """Where a recording's pose is kept (by ``mam batch``, or by this app when it estimated it)."""
+    from mam.batch.poses import kept_pose_path
+
+    return kept_pose_path(out_dir, backend, sha256)
+
+
+def find_pose(out_dir: Path, backend: str, sha256: str) -> Path | None:
+    """The kept pose of a recording, or None. A pose this app cached under its old name is
+    moved to the kept place first, with the backend that made it recorded in the file."""
+    dest = cache_path(out_dir, backend, sha256)
+    if dest.is_file():
+        return dest
+    old = Path(out_dir) / LEGACY_CACHE_DIR / f"{backend}-v{LEGACY_CACHE_FORMAT}-{sha256}.npz"
+    if not old.is_file():
+        return None
+    try:
+        _with_source(old, backend, dest)
+    except FileNotFoundError:  # another thread moved it first
+        return dest if dest.is_file() else None
+    old.unlink(missing_ok=True)
+    return dest
+
+
+def _with_source(src: Path, backend: str, dest: Path) -> None:
+    """``src``'s arrays with the ``source`` / ``kind`` entries of ``write_pose_cache``, written
+    to ``dest`` by rename."""
+    import io
+
+    from mam.domain import kind_of
+    from mam.files import write_atomic
+    from mam.pose import available_backends
+
+    with np.load(src, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    if backend in available_backends():
+        arrays["source"], arrays["kind"] = np.asarray(backend), np.asarray(kind_of(backend))
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(dest, buf.getvalue())
 
 
 def estimate_and_cache(video: Path, sha256: str, backend: str, dest: Path, progress=None):
@@ -128,8 +172,7 @@ class PoseJobs:
         self._lock = threading.Lock()
 
     def cached(self, backend: str, sha256: str) -> Path | None:
-        p = cache_path(self.out_dir, backend, sha256)
-        return p if p.is_file() else None
+        return find_pose(self.out_dir, backend, sha256)
 
     def status(self, key: str) -> PoseJob | None:
         with self._lock:
@@ -167,10 +210,11 @@ class PoseJobs:
 
 
 def pose_for_export(out_dir: Path, video: Path | None, sha256: str, backend: str) -> Path:
-    """The cached pose file of a video recording, estimating it now if need be."""
+    """The kept pose file of a video recording, estimating it now only if none was kept."""
+    found = find_pose(out_dir, backend, sha256)
+    if found is not None:
+        return found
     dest = cache_path(out_dir, backend, sha256)
-    if dest.is_file():
-        return dest
     if video is None:
         raise PoseUnavailable(
             "recording_missing", "the recording is not in the archive and its pose was not kept"
