@@ -79,6 +79,11 @@ class VideoLimits:
     max_height: int = 3840
     min_duration_s: float = 9.6  # one 240-frame instance at 25 fps
     max_file_bytes: int = 4 * 1024**3
+    # Checked as frames are decoded, where a forged file differs from its headers: a gap
+    # between two frames (a 5 KB file of two frames 14 minutes apart would otherwise be posed
+    # as 21,000 copies of one picture), and every frame's size, not only the first's.
+    max_frame_gap_s: float = 2.0
+    max_source_fps: float = 240.0  # decoded frames per declared second, at most
 
 
 @dataclass(frozen=True)
@@ -204,6 +209,12 @@ def _video_stream(container: av.container.InputContainer, path: Path) -> av.Vide
         if not stream.disposition & av.stream.Disposition.attached_pic:
             return stream
     kinds = sorted({s.type for s in container.streams}) or ["nothing"]
+    if "audio" not in kinds and _looks_like_video_container(path):
+        # e.g. an mp4 whose index (moov) was cut off inside its track list
+        raise CorruptVideoError(
+            f"{path}: looks like a video container but holds no readable video stream "
+            f"(truncated or damaged file?; holds {', '.join(kinds)})"
+        )
     raise NotAVideoError(f"{path}: no video stream (holds {', '.join(kinds)})")
 
 
@@ -458,12 +469,12 @@ def iter_frames(
     if threads < 0:
         raise ValueError(f"threads must be >= 0, got {threads}")
     info, plan = _probe(path, limits)
-    return _frames(Path(os.fspath(path)), info, plan, rate, max_side, k0, k1, threads)
+    return _frames(Path(os.fspath(path)), info, plan, rate, max_side, k0, k1, threads, limits)
 
 
 def _frames(
     path: Path, info: VideoInfo, plan: _Plan, rate: Fraction, max_side: int | None,
-    k0: int = 0, k1: int | None = None, threads: int = 0,
+    k0: int = 0, k1: int | None = None, threads: int = 0, limits: VideoLimits = VideoLimits(),
 ) -> Iterator[np.ndarray]:  # fmt: skip
     n_out = num_output_frames(plan.declared_s, rate)
     if k1 is not None:
@@ -490,6 +501,10 @@ def _frames(
         tb = stream.time_base or Fraction(1, _AV_TIME_BASE)
         nominal = round(1 / (info.source_fps * tb)) if info.source_fps > 0 else 0
         pts0: int | None = None
+        size: tuple[int, int] | None = None
+        decoded = 0
+        max_decoded = math.ceil(max(plan.declared_s, 1.0) * limits.max_source_fps) + 10
+        max_gap = limits.max_frame_gap_s / tb
         try:
             if k0:  # time 0 is the first frame's timestamp; then seek to the keyframe before
                 first = next(container.decode(stream), None)
@@ -497,6 +512,17 @@ def _frames(
                 target = pts0 + math.floor(Fraction(k0) / rate / tb)
                 container.seek(target, stream=stream, backward=True, any_frame=False)
             for frame in container.decode(stream):
+                if (frame.width, frame.height) != size:  # a stream may change size midway
+                    size = (frame.width, frame.height)
+                    sw, sh = _display_size(frame, stream)
+                    _check_resolution(*((sh, sw) if plan.op in _SWAPS_AXES else (sw, sh)),
+                                      limits, path)  # fmt: skip
+                decoded += 1
+                if decoded > max_decoded:
+                    raise CorruptVideoError(
+                        f"{path}: more than {max_decoded} frames in {plan.declared_s:.1f} s "
+                        "(a damaged or forged file?)"
+                    )
                 if pts0 is None:
                     pts0 = frame.pts if frame.pts is not None else 0
                 if frame.pts is not None:
@@ -505,6 +531,12 @@ def _frames(
                     ticks = 0
                 else:  # no timestamp: one frame after the previous one
                     ticks = prev_ticks + (prev.duration or nominal)
+                if prev is not None and ticks - prev_ticks > max_gap:
+                    raise CorruptVideoError(
+                        f"{path}: no frame for {float((ticks - prev_ticks) * tb):.1f} s after "
+                        f"{float(prev_ticks * tb):.1f} s (more than "
+                        f"{limits.max_frame_gap_s:g} s; a damaged or forged file?)"
+                    )
                 if prev is not None and ticks <= prev_ticks and not warned_order:
                     logger.warning(
                         "%s: non-increasing frame timestamps; later frame wins", path.name

@@ -4,8 +4,11 @@ The loop of issue 7 showed why it is needed. Past saturation, a 10 MB tensors re
 most of its time waiting to be received and parsed on the event loop, before anything reaches
 the batcher. So neither BentoML's latency budget (``MAM_MAX_LATENCY_MS``) nor the queued-instance
 limit (``MAM_MAX_QUEUED_INSTANCES``) could bound latency: at 64 closed-loop clients p95 was 9 s.
-Counting requests from the moment their headers arrive, REST and gRPC together, and refusing the
-excess with 503 before their body is read keeps the work in progress bounded.
+Counting requests from the moment their body has arrived, REST and gRPC together, and refusing
+the excess with 503 before it is parsed keeps the work in progress bounded. Counting from the
+headers instead let 16 clients sending a byte a second lock every other request out; slow
+bodies are bounded by the body-read deadline (``MAM_BODY_TIMEOUT_S``) and parsing runs in
+threads, off the event loop.
 
 Video requests are not counted: they have their own slots and queue (``MAM_VIDEO_CONCURRENCY``,
 ``MAM_VIDEO_QUEUE``). Used only from the worker's event loop, so a plain counter is enough.

@@ -14,6 +14,7 @@ Serve with ``mam serve`` or ``bentoml serve service.app:Screening``.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -29,8 +30,10 @@ from pydantic import BaseModel, Field
 
 from mam import dicom_video
 from mam.audit import key_id
-from mam.errors import InvalidPoseError, MamError
+from mam.errors import InvalidPoseError, InvalidTensorError, MamError
 from mam.features import CLIP_FRAMES, expand_differences, validate_instances
+from mam.model.card import find_card
+from mam.model.card import model_document as model_document_of
 from mam.model.weights import load_meta, sha256_of
 from mam.pose import load_pose_file
 from mam.pose.from_video import estimate_video_pose
@@ -41,17 +44,24 @@ from mam.screening import ClipScores, Screener, ScreeningOptions, softmax
 from service import bentoml_compat as compat
 from service import errors as E
 from service import integration as I
+from service.admission import get_admission
 from service.auth import key_from_headers
-from service.metrics import get_metrics
+from service.metrics import get_metrics, observe_result
 from service.middleware import ServiceMiddleware
+from service.packaging import served_weights
 from service.settings import get_settings
+from service.uploads import check_instances_file, check_pose_file
 
 logger = logging.getLogger("mam.service")
 S = get_settings()
 compat.apply()  # the BentoML internals this service depends on, version-gated, in one place
+S.weights = served_weights(S.weights)  # a bento from `mam build`: the weights it names
 AUDIT = S.audit_log()  # one audit trail per process: the middleware's lines and the tasks'
+_meta = load_meta(S.weights)[0]
+AUDIT.set_model(_meta.name, _meta.version, _meta.digest)  # every audit line names the model
 
 INSTANCES_POSE_BACKEND = "none (instances given)"
+MAX_INSTANCE_VALUE = 1e4
 
 
 class RuntimeInfo(BaseModel):
@@ -78,6 +88,7 @@ class ClipModel:
         self.metrics.model_info.labels(
             name=meta.name,
             version=meta.version,
+            digest=meta.digest or "unknown",
             backend=self.engine.backend,
             precision=self.engine.precision,
             device=self.engine.device,
@@ -168,6 +179,32 @@ class _Progress:
             return self._d.get(task_id) or TaskProgress(task_id=task_id, stage="unknown")
 
 
+class _Cancel(threading.Event):
+    """The cancel flag of a video job, with why it was set."""
+
+    code, why = E.TIMEOUT, "it ran past its time limit"
+
+    def cancel(self, code: str) -> None:
+        self.code = code
+        self.why = "its client disconnected" if code == E.CLIENT_CLOSED else self.why
+        self.set()
+
+
+async def _watch_client(request, cancelled: _Cancel, every_s: float = 0.5) -> None:
+    """Set ``cancelled`` once the client of ``request`` has disconnected."""
+    try:
+        while not cancelled.is_set():
+            if await request.is_disconnected():
+                logger.info("client disconnected; cancelling its recording")
+                cancelled.cancel(E.CLIENT_CLOSED)
+                return
+            await asyncio.sleep(every_s)
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # noqa: BLE001 - a request without a readable channel: nothing to watch
+        return
+
+
 def _request_id(ctx: bentoml.Context) -> str | None:
     return ctx.request.scope.get("state", {}).get("request_id")
 
@@ -210,6 +247,27 @@ def _failure(ctx: bentoml.Context, rid, exc: Exception, where: str, upload: Path
     return _fail(ctx, E.from_exception(exc, rid))
 
 
+def _valid_instances(tensors: np.ndarray) -> np.ndarray:
+    x = validate_instances(tensors, max_instances=S.max_instances)
+    # Normalised joint differences are a few units; values this large come from a broken
+    # client and would overflow inside the network.
+    if float(np.abs(x).max()) > MAX_INSTANCE_VALUE:
+        raise InvalidTensorError(
+            f"expected normalised joint differences (|value| <= {MAX_INSTANCE_VALUE:g}); "
+            f"received values up to {float(np.abs(x).max()):.3g}"
+        )
+    return x
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception:
+        raise E.ServiceError(
+            E.MALFORMED, "'instances' is not a readable .npy array (no pickles)"
+        ) from None
+
+
 def _scrub(message: str, path: Path) -> str:
     return message.replace(str(path), "the uploaded file").replace(path.name, "the uploaded file")
 
@@ -234,6 +292,15 @@ class Screening:
         self.runtime = _SharedBatcherRuntime(local, self._clip_outputs_from_thread)
         options = ScreeningOptions(limits=S.video_limits(), pose_backend=S.pose_backend)
         self.screener = Screener(S.weights, options=options, runtime=self.runtime)
+        self.metrics.export_expectations(self.screener.meta)  # the drift alerts' bands
+        card = find_card(S.weights, self.screener.meta.name)
+        self.card_text = card.read_text(encoding="utf-8", errors="replace") if card else None
+        ident = self.screener.model_identity()
+        if ident["demo"]:
+            logger.warning("serving the DEMO weights %s %s (trained on simulated infants): not for "
+                           "clinical use", ident["name"], ident["version"])  # fmt: skip
+        logger.info("model %s %s digest %s", ident["name"], ident["version"], ident["digest"])
+        _SERVED["screening"] = self
         self.progress = _Progress()
         self._video_pool = ThreadPoolExecutor(S.video_concurrency, thread_name_prefix="video")
         # Fail at start, not on every recording, when the pose backend cannot run here (e.g.
@@ -345,15 +412,16 @@ class Screening:
         return asyncio.run_coroutine_threadsafe(self.clip_outputs(instances), self._loop).result()
 
     async def score(self, tensors: np.ndarray, infant: InfantData | None) -> InstancesResult:
-        """Validated instance tensors -> result; REST and gRPC both come here."""
-        x = validate_instances(tensors, max_instances=S.max_instances)
+        """Validated instance tensors -> result; REST and gRPC both come here. Validation
+        (copies and checks of up to ``MAM_MAX_INSTANCES`` tensors) runs in a thread."""
+        x = await asyncio.to_thread(_valid_instances, tensors)
         self.admit()
         async with asyncio.timeout(S.tensor_timeout_s):
             logits, embeddings = await self.clip_outputs(x)
         sc = self.screener
         s: ClipScores = sc.score_logits(logits, infant, embeddings)
         fields = sc.summarize(s, "instances", None, sc.instance_gates(x))
-        return InstancesResult(
+        result = InstancesResult(
             **fields,
             fms_probability=[round(float(p), 4) for p in softmax(logits)[:, 1]],
             attention_weight=[round(float(a), 4) for a in s.attention],
@@ -361,15 +429,20 @@ class Screening:
             model=sc.model_info(INSTANCES_POSE_BACKEND, s.used_info, s.calibrated_as),
             warnings=sc.result_warnings(fields, infant),
         )
+        observe_result(result)
+        return result
 
     # -- recordings -------------------------------------------------------------------------------
-    async def _run_video(self, job, timeout_s: float):
+    async def _run_video(self, job, timeout_s: float, request=None):
         """Run ``job(cancelled)`` in the video pool: a bounded queue (503 beyond it), a deadline
-        over waiting and running (504), and a cancel flag the job checks per frame."""
+        over waiting and running (504), and a cancel flag the job checks per frame. With
+        ``request`` (a synchronous call), the flag is also set when its client disconnects: no
+        one would read the answer, and the video slot is freed for the next recording."""
         m = self.metrics
         if self._video_slots.locked() and self._video_waiting >= S.video_queue:
             raise E.ServiceError(E.OVERLOADED, "too many recordings queued; retry with back-off")
-        cancelled = threading.Event()
+        cancelled = _Cancel()
+        watcher = asyncio.create_task(_watch_client(request, cancelled)) if request else None
         self._video_waiting += 1
         m.video_jobs.labels(state="waiting").inc()
         acquired = False
@@ -389,11 +462,13 @@ class Screening:
                 fut.add_done_callback(release)
                 return await asyncio.shield(fut)
         except TimeoutError:
-            cancelled.set()
+            cancelled.cancel(E.TIMEOUT)
             raise E.ServiceError(
                 E.TIMEOUT, f"screening took longer than the limit of {timeout_s:g} s"
             ) from None
         finally:
+            if watcher is not None:
+                watcher.cancel()
             if not acquired:
                 self._video_waiting -= 1
                 m.video_jobs.labels(state="waiting").dec()
@@ -403,7 +478,7 @@ class Screening:
 
         def progress(done: int, total: int) -> None:
             if cancelled.is_set():
-                raise E.ServiceError(E.TIMEOUT, "screening cancelled at its time limit")
+                raise E.ServiceError(cancelled.code, "screening cancelled: " + cancelled.why)
             if task_id and (done % 25 == 0 or done == total):
                 self.progress.set(
                     task_id, stage="pose", frames_done=done, frames_total=total,
@@ -484,9 +559,12 @@ class Screening:
             path = _neutral_name(video, "recording", suffix)
             sha, uids = await self._intake(ctx, path, headers, task_id, dicom)
             result = await self._run_video(
-                lambda c: self._screen_file(path, infant, task_id, c), timeout
+                lambda c: self._screen_file(path, infant, task_id, c),
+                timeout,
+                None if task_id else ctx.request,  # a task runs after its client has gone
             )
             self.metrics.videos.labels(outcome="ok").inc()
+            observe_result(result)
             self.progress.set(task_id, stage="done", fraction=1.0)
             self._push(result, headers, task_id or rid, uids)
             if task_id:
@@ -502,9 +580,6 @@ class Screening:
         finally:
             for p in {video, path}:
                 p.unlink(missing_ok=True)
-            if task_id:
-                # SQLite I/O (and its busy wait) off the event loop.
-                await asyncio.to_thread(compat.forget_task_input, task_id)
 
     @bentoml.api(route="/screen/progress")
     def progress_of(self, task_id: str) -> TaskProgress:
@@ -526,15 +601,19 @@ class Screening:
             suffix = ".npz" if head.startswith(b"PK") else ".npy"
             path = _neutral_name(pose, "pose", suffix)
             headers = {k.lower(): v for k, v in ctx.request.headers.items()}
-            await self._intake(ctx, path, headers)
-            seq = load_pose_file(path)
-            if seq.num_frames > S.max_pose_frames:
-                raise InvalidPoseError(
-                    f"expected at most {S.max_pose_frames} frames; received {seq.num_frames}"
-                )
-            self.admit()
-            async with asyncio.timeout(S.tensor_timeout_s):
-                result = await asyncio.to_thread(self.screener.screen_pose, seq, infant)
+            # Admitted once the body is in (BentoML has parsed it): a slow client holds no slot.
+            with get_admission().enter():
+                await self._intake(ctx, path, headers)
+                await asyncio.to_thread(check_pose_file, path, S.max_pose_frames)  # headers
+                seq = await asyncio.to_thread(load_pose_file, path)
+                if seq.num_frames > S.max_pose_frames:
+                    raise InvalidPoseError(
+                        f"expected at most {S.max_pose_frames} frames; received {seq.num_frames}"
+                    )
+                self.admit()
+                async with asyncio.timeout(S.tensor_timeout_s):
+                    result = await asyncio.to_thread(self.screener.screen_pose, seq, infant)
+            observe_result(result)
             self._push(result, headers, rid)
             return result
         except TimeoutError:
@@ -553,14 +632,11 @@ class Screening:
         ``[N, 240, 3, 17, 17]`` of smoothed, normalised joint differences; optional ``infant``)."""
         rid = _request_id(ctx)
         try:
-            await self._intake(ctx, instances, {})
-            try:
-                x = np.load(instances, allow_pickle=False)
-            except Exception:
-                raise E.ServiceError(
-                    E.MALFORMED, "'instances' is not a readable .npy array (no pickles)"
-                ) from None
-            return await self.score(x, infant)
+            with get_admission().enter():  # once the body is in, as for poses
+                await self._intake(ctx, instances, {})
+                await asyncio.to_thread(check_instances_file, instances, S.max_instances)
+                x = await asyncio.to_thread(_load_npy, instances)
+                return await self.score(x, infant)
         except TimeoutError:
             return _fail(
                 ctx, E.error_response(E.TIMEOUT, "scoring took longer than the limit", rid)
@@ -591,6 +667,43 @@ class Screening:
         self.pushes.close()
 
 
+_SERVED: dict = {}  # the Screening instance of this process, for GET /model
+
+
+def model_document() -> dict | None:
+    """The body of ``GET /model`` (``mam.model.card.model_document``); None before the service
+    has loaded its model."""
+    screening = _SERVED.get("screening")
+    if screening is None:
+        return None
+    sc = screening.screener
+    return model_document_of(sc.model_identity(), screening.card_text, sc.meta)
+
+
+class ModelRoute:
+    """``GET /model``: which model this service screens with (name, version, digest,
+    provenance, intended use, training data, ``demo``). Public like ``/livez``: it holds no
+    health data, and clients and operators read it before sending any. In front of the API-key
+    middleware, which answers every path it does not know with 404."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("path") != "/model":
+            return await self.app(scope, receive, send)
+        from starlette.responses import Response
+
+        if scope.get("method") not in ("GET", "HEAD"):
+            resp = E.error_response(E.METHOD_NOT_ALLOWED, "GET /model only")
+            resp.headers["allow"] = "GET, HEAD"
+        elif (doc := model_document()) is None:
+            resp = E.error_response(E.NOT_READY, "the model is still loading")
+        else:
+            resp = Response(json.dumps(doc, indent=2), media_type="application/json")
+        await resp(scope, receive, send)
+
+
 def _middleware_kwargs() -> dict:
     return {
         "key_hashes": S.key_hashes(),
@@ -599,12 +712,14 @@ def _middleware_kwargs() -> dict:
         "max_body_bytes": int(S.max_upload_mb * 2**20) + 64 * 1024,
         "audit": AUDIT,
         "fhir_codes": S.fhir_codes(),
+        "body_timeout_s": S.body_timeout_s,
     }
 
 
 # The clinicians' review app (mam.review), when MAM_REVIEW_DIR names a batch output folder, at
 # /review. It has its own login, sessions and CSRF checks (browsers send no API keys), so it is
 # added before, i.e. in front of, the API-key middleware; the service's keys may log in to it.
+Screening.add_asgi_middleware(ModelRoute)  # first added: in front of the review app and keys
 _review = review_from_environment(S.key_hashes())
 if _review is not None:
     Screening.add_asgi_middleware(_review[0], **_review[1])

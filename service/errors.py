@@ -26,6 +26,8 @@ UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
 OVERLOADED = "overloaded"
 RETRY_AFTER_S = "1"
 TIMEOUT = "timeout"
+BODY_TIMEOUT = "body_timeout"
+CLIENT_CLOSED = "client_closed_request"
 INTERNAL = "internal_error"
 NOT_READY = "not_ready"
 TASK_RETRY_DISABLED = "task_retry_disabled"
@@ -40,6 +42,8 @@ _STATUS: dict[str, int] = {
     OVERLOADED: 503,
     NOT_READY: 503,
     TIMEOUT: 504,
+    BODY_TIMEOUT: 408,
+    CLIENT_CLOSED: 499,  # nginx's code: the client went away; nobody reads the answer
     TASK_RETRY_DISABLED: 409,
     INTERNAL: 500,
     "model_load_error": 503,

@@ -17,6 +17,7 @@ Model ``mam``:
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import hashlib
 import logging
@@ -62,6 +63,10 @@ _OPEN_METHODS = frozenset({"ServerLive", "ServerReady", "ModelReady"})
 _INSTANCE_BYTES = CLIP_FRAMES * 3 * 17 * 17 * 4
 
 
+def _digest(x: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(x).data).hexdigest()
+
+
 class V2Model:
     """``InferenceModel`` over ``Screening.score``."""
 
@@ -86,6 +91,7 @@ class V2Model:
     def __init__(self, screening) -> None:
         self.screening = screening
         self.version = screening.screener.meta.version
+        self.digest = screening.screener.model_digest  # ModelMetadata's second version
 
     def is_ready(self) -> bool:
         return self.screening.__is_ready__()
@@ -106,7 +112,7 @@ class V2Model:
                 corrected_age_weeks=float(v[3]),
             )
         call = _CALL.get({})
-        digest = hashlib.sha256(np.ascontiguousarray(inputs["instances"]).data).hexdigest()
+        digest = await asyncio.to_thread(_digest, inputs["instances"])
         outcome = "internal_error"
         try:
             with get_admission().enter():  # the same gate as REST's tensor requests
@@ -151,17 +157,37 @@ def _status(exc: Exception) -> grpc.StatusCode:
 _default_status = make_error_status()
 
 
+# The RPCs of the v2 protocol: the only method names that become metric labels.
+_METHODS = frozenset(
+    name for name in dir(InferenceServicer) if name[:1].isupper() and not name.startswith("_")
+)
+
+
+def method_label(full_method: str | bytes) -> str:
+    """A metric label for a gRPC method path: its name when it is one of the protocol's RPCs,
+    else ``other`` (the path is the client's choice: a label per path would be unbounded)."""
+    if isinstance(full_method, bytes):
+        full_method = full_method.decode("utf-8", "replace")
+    name = full_method.rsplit("/", 1)[-1]
+    return name if name in _METHODS else "other"
+
+
 class _AuthAndMeter(grpc.aio.ServerInterceptor):
-    """API key (``authorization: Bearer <key>`` metadata) and in-flight gauge for gRPC."""
+    """API key (``authorization: Bearer <key>`` metadata) and in-flight gauge for gRPC.
+
+    The key is checked from the call's metadata before its message is read: a refused call is
+    answered by a request-streaming handler that never reads the stream, so a keyless client
+    cannot make the server receive or parse its message (grpc reads a unary request in full
+    before its handler runs)."""
 
     def __init__(self, key_hashes: frozenset[str], auth_disabled: bool) -> None:
         self.keys = KeyCheck(key_hashes, auth_disabled)
 
     def _authorised(self, metadata) -> bool:
-        return self.keys.allows({k.lower(): v for k, v in (metadata or ())})
+        return self.keys.allows({k.lower(): v for k, v in (metadata or ()) if isinstance(v, str)})
 
     async def intercept_service(self, continuation, details):
-        method = details.method.rsplit("/", 1)[-1]
+        method = method_label(details.method)
         if method in _OPEN_METHODS or self._authorised(details.invocation_metadata):
             handler = await continuation(details)
             if handler is None or handler.unary_unary is None:
@@ -169,8 +195,9 @@ class _AuthAndMeter(grpc.aio.ServerInterceptor):
             inner = handler.unary_unary
             gauge = get_metrics().in_flight.labels(protocol="grpc")
 
-            key = key_from_headers({k.lower(): v for k, v in (details.invocation_metadata or ())})
-            key_ref = key_id(key, self.keys.disabled)
+            meta = {k.lower(): v for k, v in (details.invocation_metadata or ())
+                    if isinstance(v, str)}  # fmt: skip
+            key_ref = key_id(key_from_headers(meta), self.keys.disabled)
 
             async def metered(request, context):
                 gauge.inc()
@@ -187,24 +214,24 @@ class _AuthAndMeter(grpc.aio.ServerInterceptor):
                 response_serializer=handler.response_serializer,
             )
 
-        async def deny(request, context):
+        async def deny(request_iterator, context):  # the stream is never read
             get_metrics().observe_request(method, "grpc", E.UNAUTHORIZED)
-            await context.send_initial_metadata(())
             context.set_trailing_metadata(((ERROR_CODE_KEY, E.UNAUTHORIZED),))
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED, f"{E.UNAUTHORIZED}: missing or invalid API key"
             )
 
-        handler = await continuation(details)
-        return grpc.unary_unary_rpc_method_handler(
-            deny,
-            request_deserializer=handler.request_deserializer if handler else None,
-            response_serializer=handler.response_serializer if handler else None,
-        )
+        return grpc.stream_unary_rpc_method_handler(deny)
 
 
 def _observe(method: str, code: str, seconds: float) -> None:
     get_metrics().observe_request(method, "grpc", code, seconds)
+
+
+def max_message_bytes(s) -> int:
+    """The largest message the server receives: ``MAM_MAX_INSTANCES`` instances, and no more
+    than REST's upload limit (``MAM_MAX_UPLOAD_MB``), with 1 MiB for the framing."""
+    return min(s.max_instances * _INSTANCE_BYTES, int(s.max_upload_mb * 2**20)) + 2**20
 
 
 async def start_grpc(screening, host: str, port: int) -> grpc.aio.Server:
@@ -222,7 +249,7 @@ async def start_grpc(screening, host: str, port: int) -> grpc.aio.Server:
         servicer,
         host,
         port,
-        max_message_bytes=max_instances * _INSTANCE_BYTES + 2**20,
+        max_message_bytes=max_message_bytes(s),
         interceptors=[_AuthAndMeter(s.key_hashes(), s.auth_disabled)],
     )
     logger.info("KServe v2 gRPC on %s:%d (model %r)", host, port, MODEL_NAME)

@@ -10,16 +10,106 @@ request, a recording or an infant ever becomes a label value.
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from functools import lru_cache
 from typing import Any
 
 from service.errors import OVERLOADED
 
+logger = logging.getLogger(__name__)
+
 PREFIX = "mam_"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 FPS_BUCKETS = (5, 10, 20, 40, 60, 80, 120, 160, 240, 320, 640)
+
+# -- what the model answers (model-quality monitoring) ---------------------------------------------
+# Every label value below comes from these fixed sets; a result only ever picks one of them.
+KINDS = ("video", "pose_file", "instances")  # mam.domain.kind_of, or tensors given by the caller
+CLASSIFICATIONS = ("normal", "risk", "indeterminate")
+REASONS = (
+    "out_of_domain",  # the domain check: motion statistics or clip embeddings unlike training
+    "unknown_kind",  # a kind of input the weights hold no domain record of
+    "no_domain_record",  # weights without any domain record: the check cannot run
+    "insufficient_tracking",  # the quality gate (mam.screening.MIN_TRACKED_FOR_RESULT)
+    "no_movement",  # a still skeleton
+    "other",  # a reason this table does not know yet (tests keep it unused)
+)
+EXPECTED_OUTCOMES = ("risk", "out_of_domain")
+SHARE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+DOMAIN_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
+TRACKED_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 1.0)
+
+
+@lru_cache(maxsize=1)
+def _reason_table() -> tuple[dict[str, str], tuple[tuple[str, str], ...]]:
+    """(exact sentence -> code, (sentence prefix, code)) from the modules that write them."""
+    from mam import domain, screening
+
+    exact = {s: "out_of_domain" for pair in domain._REASONS.values() for s in pair}
+    exact[domain.EMBEDDING_REASON] = "out_of_domain"
+    exact[screening.NO_DOMAIN] = "no_domain_record"
+    exact["no clip embeddings were computed"] = "no_domain_record"
+    exact[screening.STILL] = "no_movement"
+    prefixes = (
+        ("the infant was tracked in only", "insufficient_tracking"),
+        ("the model was never trained on this kind of input", "unknown_kind"),
+    )
+    return exact, prefixes
+
+
+def reason_code(reason: str) -> str:
+    """The one mapping of a result's reason (a sentence for people) to a label value."""
+    exact, prefixes = _reason_table()
+    if reason in exact:
+        return exact[reason]
+    return next((code for p, code in prefixes if reason.startswith(p)), "other")
+
+
+def result_kind(result) -> str:
+    """``instances`` for tensors given by the caller (no quality), else the domain check's kind."""
+    if getattr(result, "quality", None) is None:
+        return "instances"
+    kind = result.domain.kind
+    return kind if kind in KINDS else "video"
+
+
+def expected_rates(meta) -> dict[tuple[str, str], tuple[float, int]]:
+    """``(kind, outcome) -> (rate, recordings)``: what the weights measured on infants they never
+    trained on, for ``outcome`` risk or out_of_domain. Only rates the weights store, or that
+    follow exactly from stored counts; nothing for the rest.
+
+    * out_of_domain: ``provenance.domain.heldout_flagged`` (share of the calibration hold-out the
+      domain check flags), with ``heldout`` recordings;
+    * risk: a kind's stored operating point (``provenance.calibration.operating_point``, written
+      by recalibration): the share called risk on those recordings is
+      ``(risk * sensitivity + normal * (1 - specificity)) / infants``;
+    * ``provenance.heldout_results[kind]`` (``recordings`` and a rate per outcome), where
+      training records the rates directly, takes precedence."""
+    prov = getattr(meta, "provenance", None) or {}
+    out: dict[tuple[str, str], tuple[float, int]] = {}
+    dom = prov.get("domain") or {}
+    for kind, rate in (dom.get("heldout_flagged") or {}).items():
+        n = (dom.get("heldout") or {}).get(kind)
+        out[kind, "out_of_domain"] = (float(rate), int(n or 0))
+    for kind, op in ((prov.get("calibration") or {}).get("operating_point") or {}).items():
+        try:
+            n, risk = int(op["infants"]), int(op["risk_infants"])
+            called = risk * op["sensitivity"] + (n - risk) * (1 - op["specificity"])
+            out[kind, "risk"] = (called / n, n)
+        except (KeyError, TypeError, ZeroDivisionError):
+            continue
+    for kind, rec in (prov.get("heldout_results") or {}).items():
+        for outcome in EXPECTED_OUTCOMES:
+            if isinstance(rec, dict) and rec.get(outcome) is not None:
+                out[kind, outcome] = (float(rec[outcome]), int(rec.get("recordings") or 0))
+    return {
+        k: v
+        for k, v in out.items()
+        if k[0] in KINDS and k[1] in EXPECTED_OUTCOMES and 0 <= v[0] <= 1 and math.isfinite(v[0])
+    }
 
 
 class Metrics:
@@ -92,8 +182,55 @@ class Metrics:
         )
         self.model_info = gauge(
             "model_info",
-            "The loaded model (value 1).",
-            ("name", "version", "backend", "precision", "device"),
+            "The loaded model (value 1); digest is the model digest (mam.model.weights).",
+            ("name", "version", "digest", "backend", "precision", "device"),
+            mode="max",
+        )
+        # What the model answers. kind: video, pose_file, instances; every series of the fixed
+        # sets exists at 0 from the start, so rates see the first result too.
+        self.results = pc.Counter(
+            PREFIX + "results_total",
+            "Screening results by kind of input and classification.",
+            ("kind", "classification"),
+        )
+        self.result_reasons = pc.Counter(
+            PREFIX + "result_reasons_total",
+            "Results that carry a reason the model cannot speak for them (indeterminate), by "
+            "reason code; a result counts once under each of its codes.",
+            ("kind", "reason"),
+        )
+        hist = {
+            "risk_probability": ("P(risk) of every result.", SHARE_BUCKETS),
+            "fms_frequency": ("FMs frequency (share of clips with FMs).", SHARE_BUCKETS),
+            "domain_score": ("Domain score (in domain while <= 1), where scored.", DOMAIN_BUCKETS),
+            "tracked_fraction": (
+                "Share of frames tracked (recordings and poses only).",
+                TRACKED_BUCKETS,
+            ),
+        }
+        self.result_hist = {
+            k: pc.Histogram(PREFIX + "result_" + k, doc, ("kind",), buckets=b)
+            for k, (doc, b) in hist.items()
+        }
+        for kind in KINDS:
+            for c in CLASSIFICATIONS:
+                self.results.labels(kind=kind, classification=c)
+            for r in REASONS:
+                self.result_reasons.labels(kind=kind, reason=r)
+            for k, h in self.result_hist.items():
+                if not (k == "tracked_fraction" and kind == "instances"):
+                    h.labels(kind=kind)
+        self.expected_rate = gauge(
+            "expected_result_rate",
+            "Share of results the weights gave on held-out infants (validation time), by kind "
+            "and outcome (risk, out_of_domain); absent where the weights store none.",
+            ("kind", "outcome"),
+            mode="max",
+        )
+        self.expected_recordings = gauge(
+            "expected_result_rate_recordings",
+            "Held-out recordings behind each expected rate.",
+            ("kind", "outcome"),
             mode="max",
         )
         # FHIR push (issue 17): outcome is one of ok, failed (gave up after retries), rejected
@@ -121,7 +258,37 @@ class Metrics:
         if code == OVERLOADED:
             self.load_shed.labels(**labels).inc()
 
+    def observe_result(self, result) -> None:
+        kind = result_kind(result)
+        label = result.classification.label
+        if label in CLASSIFICATIONS:
+            self.results.labels(kind=kind, classification=label).inc()
+        for code in sorted({reason_code(r) for r in result.classification.reasons}):
+            self.result_reasons.labels(kind=kind, reason=code).inc()
+        h = self.result_hist
+        h["risk_probability"].labels(kind=kind).observe(result.risk_probability)
+        h["fms_frequency"].labels(kind=kind).observe(result.fms_frequency)
+        if result.domain.score is not None and math.isfinite(result.domain.score):
+            h["domain_score"].labels(kind=kind).observe(result.domain.score)
+        if kind != "instances":
+            h["tracked_fraction"].labels(kind=kind).observe(result.quality.tracked_fraction)
+
+    def export_expectations(self, meta) -> None:
+        """The weights' validation-time rates (``expected_rates``) as gauges."""
+        for (kind, outcome), (rate, n) in expected_rates(meta).items():
+            self.expected_rate.labels(kind=kind, outcome=outcome).set(rate)
+            self.expected_recordings.labels(kind=kind, outcome=outcome).set(n)
+
 
 @lru_cache(maxsize=1)
 def get_metrics() -> Metrics:
     return Metrics()
+
+
+def observe_result(result) -> None:
+    """Count one finished result (REST, gRPC, tasks). Metrics never fail a screening: an error
+    here is logged by type only (nothing of the result)."""
+    try:
+        get_metrics().observe_result(result)
+    except Exception as e:  # noqa: BLE001
+        logger.warning("result metrics skipped: %s", type(e).__name__)

@@ -1,5 +1,6 @@
-"""One ASGI middleware in front of every REST route: request id, API-key check, upload limit,
-content types, metering and the error envelope.
+"""One ASGI middleware in front of every REST route: request id, API-key check, upload limit
+and body deadline (with or without ``Content-Length``), content types, task ids, metering and
+the error envelope.
 
 It is pure ASGI (no buffering of request bodies) so that a 500 MB upload streams through; it only
 buffers the bodies of error responses that BentoML produced itself (validation, load shedding,
@@ -8,6 +9,7 @@ unknown routes) to put them in the service's envelope with a stable code.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -19,7 +21,6 @@ from mam.audit import AuditLog, key_id
 from mam.errors import MamError
 from service import errors as E
 from service import integration as I
-from service.admission import get_admission
 from service.auth import KeyCheck, key_from_headers
 from service.metrics import get_metrics
 
@@ -51,17 +52,21 @@ ROUTES: dict[str, Route] = {
     "/screen_pose": Route("screen_pose", MULTIPART),
     "/screen_instances": Route("screen_instances", MULTIPART),
 }
-# Tensor and pose requests pass the admission gate (service/admission.py); video has its own.
-ADMITTED = frozenset({"screen_pose", "screen_instances"})
 RETRY_DISABLED = (
     "retry is disabled: recordings are deleted once processed, so there is nothing to rerun; "
     "submit the recording again"
 )
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_TASK_ID = re.compile(r"^[0-9a-f]{32}$")  # BentoML's task ids: uuid4().hex
+TASK_ROUTES = frozenset({"screen_status", "screen_get", "screen_cancel"})
 
 
-class TooLarge(Exception):
-    pass
+class BodyRefused(Exception):
+    """The body broke a limit while the app was reading it: answered with ``code``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
 
 
 def _header(scope, name: bytes) -> str | None:
@@ -73,11 +78,14 @@ def _header(scope, name: bytes) -> str | None:
 
 class ServiceMiddleware:
     """Args: app; key_hashes: accepted SHA-256 digests; auth_disabled; max_body_bytes; audit:
-    the audit trail (``mam.audit``; None: none); fhir_codes: the site's FHIR codes."""
+    the audit trail (``mam.audit``; None: none); fhir_codes: the site's FHIR codes;
+    body_timeout_s: the time a client has to send its whole body (408 after)."""
 
     def __init__(self, app, key_hashes: frozenset[str], auth_disabled: bool, max_body_bytes: int,
-                 audit: AuditLog | None = None, fhir_codes=None):  # fmt: skip
+                 audit: AuditLog | None = None, fhir_codes=None,
+                 body_timeout_s: float = 600.0):  # fmt: skip
         self.app = app
+        self.body_timeout_s = body_timeout_s
         self.keys = KeyCheck(key_hashes, auth_disabled)
         self.max_body = max_body_bytes
         self.auth_disabled = auth_disabled
@@ -113,6 +121,10 @@ class ServiceMiddleware:
         try:
             await self._handle(scope, receive, send, route, path, rid, outcome)
         finally:
+            if outcome.get("disconnected") and outcome["code"] == E.INTERNAL:
+                # The client went away mid-request (BentoML answers its read error with a 500
+                # nobody receives): not a fault of the service.
+                outcome.update(status=E.http_status(E.CLIENT_CLOSED), code=E.CLIENT_CLOSED)
             m.in_flight.labels(protocol="rest").dec()
             dt = time.perf_counter() - t0
             code = outcome["code"]
@@ -161,14 +173,19 @@ class ServiceMiddleware:
             return await reply(E.NOT_FOUND, "no such endpoint")
         if path == "/screen/retry":
             return await reply(E.TASK_RETRY_DISABLED, RETRY_DISABLED)
+        if route.endpoint in TASK_ROUTES:
+            task_id = I.query_of(scope).get("task_id")
+            if task_id is not None and not _TASK_ID.match(task_id):
+                return await reply(E.MALFORMED, "task_id must be 32 lower-case hex characters")
         method = scope.get("method", "GET")
         if route and route.content_types and method == "POST":
             ctype = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
             if ctype not in route.content_types:
                 return await reply(
                     E.UNSUPPORTED_MEDIA_TYPE,
-                    f"expected {' or '.join(route.content_types)}; received {ctype or 'none'}",
+                    f"expected {' or '.join(route.content_types)}; received {_printable(ctype)}",
                 )
+            _lower_media_type(scope)  # media types are case-insensitive; BentoML's lookup is not
         length = _header(scope, b"content-length")
         limit_msg = f"request body larger than the limit of {self.max_body / 2**20:g} MiB"
         if length and length.isdigit() and int(length) > self.max_body:
@@ -177,17 +194,12 @@ class ServiceMiddleware:
             transform = self._transform(scope, route.endpoint, rid, outcome)
         except MamError as e:  # a patient or encounter header that is not a reference
             return await reply(e.code, e.message)
-        args = (scope, receive, send, path, rid, outcome, reply, limit_msg, transform)
-        if route.endpoint not in ADMITTED:
-            return await self._forward(*args)
-        gate = get_admission()
-        if not gate.try_acquire():  # refused before the body is read
-            e = gate.refusal()
-            return await reply(e.code, e.message)
-        try:
-            return await self._forward(*args)
-        finally:
-            gate.release()
+        except ValueError:  # an id the FHIR context refuses
+            return await reply(E.MALFORMED, "the result id or a reference header is malformed")
+        # Tensor and pose requests pass the admission gate (service/admission.py) in their
+        # handler, once their body is in: a slow client must not hold a slot.
+        return await self._forward(scope, receive, send, path, rid, outcome, reply, limit_msg,
+                                   transform)  # fmt: skip
 
     def _transform(self, scope, endpoint: str, rid: str, outcome: dict):
         """What to do with a successful answer's body before it goes out (None: nothing): the
@@ -230,15 +242,38 @@ class ServiceMiddleware:
         """Pass the request on with the body limit enforced and BentoML's errors enveloped;
         ``transform(body) -> (body, content type or None)`` rewrites a 200 answer."""
 
-        received = 0
+        received, body_done = 0, False
+        refused: BodyRefused | None = None
+        deadline = asyncio.get_running_loop().time() + self.body_timeout_s
 
         async def limited_receive():
-            nonlocal received
-            msg = await receive()
+            """The body, within its size limit and deadline (with or without Content-Length:
+            a chunked upload is counted as it arrives). BentoML turns any exception raised
+            here into its own 500, so the refusal is also noted for ``wrapped_send``."""
+            nonlocal received, body_done, refused
+            if body_done:  # after the body: only a disconnect can come
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    outcome["disconnected"] = True
+                return msg
+            try:
+                async with asyncio.timeout_at(deadline):
+                    msg = await receive()
+            except TimeoutError:
+                refused = BodyRefused(
+                    E.BODY_TIMEOUT,
+                    f"the request body did not arrive within {self.body_timeout_s:g} s",
+                )
+                raise refused from None
             if msg["type"] == "http.request":
                 received += len(msg.get("body", b""))
+                body_done = not msg.get("more_body", False)
                 if received > self.max_body:
-                    raise TooLarge
+                    refused = BodyRefused(E.TOO_LARGE, limit_msg)
+                    raise refused
+            else:
+                body_done = True
+                outcome["disconnected"] = True
             return msg
 
         started = False
@@ -248,6 +283,13 @@ class ServiceMiddleware:
 
         async def wrapped_send(msg):
             nonlocal started, held, kept
+            if refused is not None:  # BentoML's answer to the exception limited_receive raised
+                if msg["type"] == "http.response.start" and not started:
+                    started = True
+                    resp = E.error_response(refused.code, refused.message, rid)
+                    outcome.update(status=resp.status_code, code=refused.code)
+                    await resp(scope, _no_receive, send)
+                return
             if msg["type"] == "http.response.start":
                 started = True
                 headers = [(k, v) for k, v in msg.get("headers", [])]
@@ -283,10 +325,10 @@ class ServiceMiddleware:
 
         try:
             await self.app(scope, limited_receive, wrapped_send)
-        except TooLarge:
+        except BodyRefused as e:
             if not started:
-                await reply(E.TOO_LARGE, limit_msg)
-            outcome.update(status=413, code=E.TOO_LARGE)
+                await reply(e.code, e.message)
+            outcome.update(status=E.http_status(e.code), code=e.code)
 
     async def _send_transformed(self, start, body, transform, scope, send, rid, outcome):
         try:
@@ -324,6 +366,22 @@ async def _metrics(scope, receive, send):
 
     body = await anyio.to_thread.run_sync(render)
     await Response(body, media_type=pc.CONTENT_TYPE_LATEST)(scope, receive, send)
+
+
+def _printable(text: str, limit: int = 80) -> str:
+    return "".join(c if c.isprintable() else "?" for c in text[:limit]) or "none"
+
+
+def _lower_media_type(scope) -> None:
+    """``Multipart/Form-Data; boundary=X`` -> ``multipart/form-data; boundary=X`` (the boundary
+    itself is case-sensitive)."""
+    headers = []
+    for k, v in scope.get("headers", ()):
+        if k == b"content-type":
+            media, sep, params = v.partition(b";")
+            v = media.strip().lower() + sep + params
+        headers.append((k, v))
+    scope["headers"] = headers
 
 
 async def _no_receive():

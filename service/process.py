@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -16,14 +15,16 @@ SERVICE = "service.app:Screening"
 
 
 def serve_command(port: int, host: str = "127.0.0.1") -> list[str]:
-    return [sys.executable, "-m", "bentoml", "serve", SERVICE, "--port", str(port),
+    """``bentoml serve`` through ``service.launch`` (one metrics folder per instance)."""
+    return [sys.executable, "-m", "service.launch", "serve", SERVICE, "--port", str(port),
             "--host", host, "--working-dir", str(REPO)]  # fmt: skip
 
 
 def private_task_store() -> str:
-    """BentoML's task store holds each task's request until the service scrubs it: keep the
-    file in a private (0700) temporary folder rather than in BentoML's home."""
-    return str(Path(tempfile.mkdtemp(prefix="mam-tasks-")) / "task_result.db")
+    """Where BentoML's task store lives: in the worker's memory (``service.bentoml_compat``
+    keeps it there whatever this says; this only stops BentoML from naming a file in its home).
+    Nothing of a task is written to disk, and no folder is left behind by a start."""
+    return ":memory:"
 
 
 class ServerProcess:

@@ -56,7 +56,9 @@ class Settings(BaseSettings):
     )
     clip_workers: int = Field(1, ge=1, description="Processes running the clip network.")
 
-    grpc_host: str = "0.0.0.0"
+    grpc_host: str = Field(
+        "127.0.0.1", description="gRPC bind address: loopback, as `mam serve --host`."
+    )
     grpc_port: int = Field(8001, ge=0, le=65535, description="KServe v2 gRPC port (0: off).")
 
     # Authentication: SHA-256 hex digests of the accepted API keys, never the keys themselves.
@@ -75,6 +77,9 @@ class Settings(BaseSettings):
     tensor_timeout_s: float = Field(120.0, gt=0, description="Tensors and pose requests.")
     video_concurrency: int = Field(1, ge=1, description="Recordings decoded and posed at once.")
     video_queue: int = Field(8, ge=0, description="Recordings waiting beyond those; more: 503.")
+    body_timeout_s: float = Field(
+        600.0, gt=0, description="Time a client has to send a whole request body; 408 after."
+    )
 
     # -- hospital integration (issue 17): FHIR output and push, audit trail ----------------------
     fhir_codes_file: Path | None = Field(

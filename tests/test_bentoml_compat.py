@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -171,25 +172,132 @@ def test_upstream_multipart_fetches_a_string_file_field_and_ours_refuses():
     assert asyncio.run(cls.ensure_file(upload)) is upload
 
 
-# -- 3. the task store -------------------------------------------------------------------------
-def test_task_store_keeps_the_request_where_forget_task_input_clears_it(tmp_path):
+def _multipart_request(body: bytes, ctype: str):
+    from starlette.requests import Request
+
+    scope = {"type": "http", "method": "POST", "path": "/x", "query_string": b"",
+             "headers": [(b"content-type", ctype.encode())]}  # fmt: skip
+    sent = []
+
+    async def receive():
+        if sent:
+            return {"type": "http.disconnect"}
+        sent.append(1)
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return Request(scope, receive)
+
+
+def _form_input():
+    from _bentoml_sdk.io_models import IODescriptor
+
+    class Form(IODescriptor):
+        instances: Path
+        infant: dict | None = None
+
+    return Form
+
+
+def _part(name: str, data: bytes, filename: str | None = "f.npy", boundary: str = "XYZ") -> bytes:
+    disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+    return (f"--{boundary}\r\nContent-Disposition: {disposition}\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n"  # fmt: skip
+
+
+def test_upstream_multipart_errors_are_500s_and_ours_are_400s(tmp_path, monkeypatch):
+    """A body without its boundary: upstream raises starlette's HTTPException (BentoML answers
+    500); ours a BadInput (400). JSON nested too deep: upstream RecursionError (500)."""
+    import bentoml._internal.context as bctx
+    from _bentoml_impl.serde import MultipartSerde
+    from bentoml.exceptions import BadInput
+    from starlette.exceptions import HTTPException
+    from starlette.formparsers import MultiPartException
+
+    monkeypatch.setattr(bctx, "request_temp_dir", lambda: str(tmp_path))
+    form = _form_input()
+    body = _part("instances", b"data") + b"--XYZ--\r\n"
+    with pytest.raises((HTTPException, MultiPartException)):
+        asyncio.run(MultipartSerde().parse_request(_multipart_request(body, "multipart/form-data"),
+                                                   form))  # fmt: skip
+    deep = _part("instances", b"data") + _part("infant", b"[" * 5000 + b"]" * 5000, None)
+    with pytest.raises(RecursionError):
+        asyncio.run(
+            MultipartSerde().parse_request(
+                _multipart_request(deep + b"--XYZ--\r\n", "multipart/form-data; boundary=XYZ"), form
+            )
+        )
+    cls = compat.install_uploads_only_multipart()
+    deep_body = deep + b"--XYZ--\r\n"
+    for payload, ctype in ((body, "multipart/form-data"),
+                           (body, "multipart/form-data; boundary=ABC"),
+                           (deep_body, "multipart/form-data; boundary=XYZ")):  # fmt: skip
+        with pytest.raises(BadInput):
+            asyncio.run(cls().parse_request(_multipart_request(payload, ctype), form))
+
+
+def test_uploads_are_copied_under_a_neutral_name(tmp_path, monkeypatch):
+    """Upstream named the copy after the client's file name (300 characters: OSError, a 500)."""
+    import bentoml._internal.context as bctx
+
+    monkeypatch.setattr(bctx, "request_temp_dir", lambda: str(tmp_path))
+    cls = compat.install_uploads_only_multipart()
+    name = "Patient_Name_" + "x" * 300 + ".npy"
+    body = _part("instances", b"DATA" * 1000, name) + _part("infant", b'{"a": 1}', None)
+    request = _multipart_request(body + b"--XYZ--\r\n", "multipart/form-data; boundary=XYZ")
+    parsed = asyncio.run(cls().parse_request(request, _form_input()))
+    assert parsed.instances.read_bytes() == b"DATA" * 1000 and parsed.infant == {"a": 1}
+    assert parsed.instances.parent == tmp_path and "Patient" not in parsed.instances.name
+    assert parsed.instances.suffix == ".npy"
+
+
+# -- 3. the task store ------------------------------------------------------------------------
+def test_upstream_task_store_writes_the_request_to_a_file_with_our_table(tmp_path):
+    """BentoML's own init_db makes the table our in-memory store copies, in a file."""
     from _bentoml_impl.tasks.result import Sqlite3Store
 
+    compat.install_private_task_store()
     store = tmp_path / "tasks.db"
-    Sqlite3Store.init_db(str(store))
+    Sqlite3Store._mam_upstream_init_db.__func__(Sqlite3Store, str(store))
     with sqlite3.connect(store) as db:
-        cols = {r[1] for r in db.execute(f"PRAGMA table_info({compat.TASK_TABLE})")}
-        assert {"task_id", compat.TASK_INPUT} <= cols
-        db.execute(
-            f"INSERT INTO {compat.TASK_TABLE} (task_id, name, {compat.TASK_INPUT}, status) "
-            "VALUES (?, ?, ?, ?)",
-            ("t1", "screen", b"RECORDING-BYTES Authorization: Bearer secret", "in_progress"),
-        )
-    compat.forget_task_input("t1", str(store))
-    with sqlite3.connect(store) as db:
-        (stored,) = db.execute(f"SELECT {compat.TASK_INPUT} FROM result").fetchone()
-    assert json.loads(stored)["content"] == ""
-    assert b"RECORDING-BYTES" not in store.read_bytes()
+        upstream = [r[1:3] for r in db.execute(f"PRAGMA table_info({compat.TASK_TABLE})")]
+    with sqlite3.connect(":memory:") as db:
+        db.execute(compat.TASK_TABLE_DDL)
+        ours = [r[1:3] for r in db.execute(f"PRAGMA table_info({compat.TASK_TABLE})")]
+    assert upstream == ours and ("input", "BLOB") in ours
+
+
+def test_task_store_is_in_memory_and_keeps_no_request(tmp_path):
+    from _bentoml_impl.tasks.result import ResultStatus, Sqlite3Store
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    compat.install_private_task_store()
+    file = tmp_path / "tasks.db"
+    Sqlite3Store.init_db(str(file))
+    secret = b"RECORDING-BYTES patient.mp4 birth_weight_g"
+    scope = {"type": "http", "method": "POST", "path": "/screen/submit",
+             "headers": [(b"authorization", b"Bearer secret-key")]}  # fmt: skip
+
+    async def receive():
+        return {"type": "http.request", "body": secret, "more_body": False}
+
+    async def run():
+        async with Sqlite3Store(str(file)) as store:
+            request = Request(scope, receive)
+            task_id = await store.new_entry("screen", request)
+            assert await request.body() == secret  # read while the client was there
+            (stored,) = await (
+                await store._conn.execute("SELECT input FROM result WHERE task_id = ?", (task_id,))
+            ).fetchone()
+            await store.set_result(task_id, JSONResponse({"ok": 1}), ResultStatus.COMPLETED)
+            row = await store.get(task_id)
+            return stored, row
+
+    stored, row = asyncio.run(run())
+    assert b"RECORDING" not in stored and b"secret-key" not in stored
+    assert json.loads(stored)["scope"]["path"] == "/screen/submit"
+    assert row.status is ResultStatus.COMPLETED and json.loads(row.result.body) == {"ok": 1}
+    assert not file.exists() and list(tmp_path.iterdir()) == []
 
 
 # -- 4. no submitted values in BentoML's logs --------------------------------------------------
@@ -215,3 +323,58 @@ def test_request_error_logs_keep_the_line_without_the_exception():
     finally:
         lg.removeHandler(h)
     assert records == ["Exception on /screen [POST]"]
+
+
+def test_request_error_logs_escape_control_characters_and_keep_4xx_below_error():
+    from bentoml.exceptions import BadInput
+
+    f = compat.NoTracebacks()
+    rec = logging.LogRecord("bentoml.access", logging.INFO, "", 0, "path=%s", ("/x\nFORGED",), None)
+    assert f.filter(rec) and rec.getMessage() == "path=/x\\x0aFORGED"
+    try:
+        raise BadInput("bad")
+    except BadInput:
+        import sys
+
+        rec = logging.LogRecord("h", logging.ERROR, "", 0, "Exception on /x", (), sys.exc_info())
+    assert f.filter(rec) and rec.levelno == logging.INFO and rec.exc_info is None
+    try:
+        raise KeyError("x")
+    except KeyError:
+        import sys
+
+        rec = logging.LogRecord("h", logging.ERROR, "", 0, "Exception on /x", (), sys.exc_info())
+    assert f.filter(rec) and rec.levelno == logging.ERROR
+
+
+# -- 5. one Prometheus folder per instance ------------------------------------------------------
+def test_upstream_empties_the_shared_prometheus_folder(tmp_path):
+    from bentoml.serving import ensure_prometheus_dir
+
+    shared = tmp_path / "prometheus_multiproc_dir"
+    shared.mkdir()
+    (shared / "counter_123.db").write_bytes(b"another instance's metrics")
+    assert ensure_prometheus_dir(str(shared)) == str(shared)
+    assert list(shared.iterdir()) == []  # what two services on one host did to each other
+
+
+def test_each_instance_gets_its_own_prometheus_folder_removed_at_exit(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    stale = tmp_path / f"{compat.PROMETHEUS_PREFIX}999999999-abc"  # a pid that cannot exist
+    live = tmp_path / f"{compat.PROMETHEUS_PREFIX}{os.getpid()}-abc"
+    stale.mkdir(), live.mkdir()
+    code = (
+        "import os, bentoml.serving as s; from service import bentoml_compat as c; "
+        "d = c.install_private_prometheus_dir(); "
+        "assert s.ensure_prometheus_dir() == d == os.environ['PROMETHEUS_MULTIPROC_DIR']; print(d)"
+    )
+    env = os.environ | {"TMPDIR": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       cwd=Path(compat.__file__).parents[1], timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    made = Path(r.stdout.strip().splitlines()[-1])
+    assert made.parent == tmp_path and not made.exists()  # removed when the instance exited
+    assert not stale.exists() and live.exists()

@@ -4,6 +4,7 @@ in a background thread) serving a small numpy model, and the real synchronous cl
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import socket
 import threading
 from collections.abc import Coroutine, Iterator
@@ -217,6 +218,22 @@ def test_health_and_metadata(served: Served) -> None:
         ("rows", "INT64", [1]),
     ]
     assert rpc_error(c.model_metadata, "nope").code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_metadata_names_the_digest_and_requests_may_pin_it(served: Served) -> None:
+    c, digest = served.client, hashlib.sha256(b"weights").hexdigest()
+    assert list(c.model_metadata("summer").versions) == ["3"]  # a model that names no digest
+    served.model.digest = digest
+    try:
+        assert list(c.model_metadata("summer").versions) == ["3", digest]
+        assert list(c.model_metadata("summer", version=digest).versions) == ["3", digest]
+        assert c.model_ready("summer", version=digest) is True
+        raw = c.infer_request(make_request("summer", {"x": X}, model_version=digest))
+        assert raw.model_version == "3" and raw.outputs  # answered by the pinned weights
+        other = hashlib.sha256(b"other weights").hexdigest()
+        assert rpc_error(c.model_metadata, "summer", other).code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        del served.model.digest
 
 
 def test_not_ready_model(served: Served) -> None:

@@ -474,8 +474,21 @@ def test_monitoring_objects(docs):
         "MamLoadShedding",
         "MamNoReadyPods",
         "MamModelNotOnGPU",
+        "MamOutOfDomainRateHigh",
+        "MamRiskRateOutOfBand",
+        "MamMostlyIndeterminate",
+        "MamMostlyRisk",
     }
     assert wanted <= set(names)
+    # Model-quality alerts (tests/test_model_monitoring.py evaluates them): rates of a kind over
+    # one window, with a minimum count of results, a runbook for whoever is paged.
+    (quality,) = [g for g in rule["spec"]["groups"] if g["name"] == "mam.model-quality"]
+    for r in quality["rules"]:
+        assert {"summary", "description", "runbook"} <= set(r["annotations"]), r["alert"]
+        assert set(re.findall(r"\[(\w+)\]", r["expr"])) == {"1h"}, r["alert"]
+        least = r"increase\(mam_results_total[^)]*\)\)\s*>=\s*20\s*$"
+        assert re.search(least, r["expr"]), r["alert"]
+        assert "by (namespace, kind)" in r["expr"], r["alert"]
     cm = one(objs, "ConfigMap", "mam-grafana-dashboard")
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     (text,) = cm["data"].values()
@@ -668,6 +681,37 @@ def test_rules_and_dashboard_use_only_exported_metrics(scraped):
         assert on_dashboard & {fam, f"{fam}_bucket", f"{fam}_sum", f"{fam}_count"}, (
             f"{fam} is on no dashboard panel"
         )
+
+
+def test_scraped_results_count_what_the_model_answered(scraped):
+    """The scrape's one recording and one tensor call, each counted once in the classification
+    counters and the histograms (the tracked fraction only for the recording)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from service.metrics import CLASSIFICATIONS, KINDS, REASONS
+
+    got: dict[str, dict[tuple, float]] = {}
+    for fam in text_string_to_metric_families(scraped):
+        for s in fam.samples:
+            got.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+
+    def total(name: str, **labels) -> float:
+        items = got.get(name, {}).items()
+        return sum(v for k, v in items if all(dict(k).get(a) == b for a, b in labels.items()))
+
+    for kind in ("video", "instances"):
+        assert total("mam_results_total", kind=kind) == 1, kind
+        for h in ("risk_probability", "fms_frequency"):
+            assert total(f"mam_result_{h}_count", kind=kind) == 1, (h, kind)
+    assert total("mam_result_tracked_fraction_count", kind="video") == 1
+    assert total("mam_result_tracked_fraction_count", kind="instances") == 0
+    # Every series of the fixed label sets exists from the start, at 0 if nothing came.
+    for kind in KINDS:
+        for c in CLASSIFICATIONS:
+            assert (("classification", c), ("kind", kind)) in got["mam_results_total"]
+        for r in REASONS:
+            assert (("kind", kind), ("reason", r)) in got["mam_result_reasons_total"]
+    assert got["mam_expected_result_rate"], "the demo weights store held-out domain rates"
 
 
 # -- the images ------------------------------------------------------------------------------------

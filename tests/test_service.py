@@ -201,6 +201,39 @@ def test_metrics_count_by_endpoint_and_code_without_identifiers(client):
     assert 'endpoint="other"' in text  # unknown paths are one label, not the path
 
 
+def test_model_endpoint_names_the_served_weights(client, library, sims):
+    """GET /model is public (no health data) and names exactly the model results come from."""
+    r = client.get("/model")  # no key
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    meta = library.meta
+    assert (doc["name"], doc["version"], doc["digest"]) == (
+        meta.name, meta.version, library.model_digest
+    )  # fmt: skip
+    assert doc["demo"] is True  # the shipped weights
+    assert "data_digests" not in doc["provenance"] and doc["provenance"]["summary"]
+    assert doc["training_data"]["declared"] == "simulated"
+    assert doc["intended_use"]["source"] == "model card" and doc["model_card"] is True
+    got = post(client, "/screen_instances", "instances", npy_bytes(sims["absent"][2][:2])).json()
+    assert got["model"]["digest"] == doc["digest"]
+    assert client.post("/model").status_code == 405
+    from service.app import AUDIT
+
+    assert AUDIT.model["model_digest"] == doc["digest"]  # every audit line names the model
+
+
+def test_batch_through_the_service_keys_its_ledger_by_the_service_digest(client, library):
+    from mam.batch.runner import _run_model
+    from mam.batch.service_client import ServiceClient
+
+    svc = ServiceClient("http://testserver", retries=0)
+    svc.http.close()
+    svc.http = client  # the in-process service (an httpx client)
+    assert svc.model()["digest"] == library.model_digest
+    key, ident = _run_model(None, svc)
+    assert key == library.model_digest and ident["name"] == library.meta.name
+
+
 def test_openapi_documents_the_typed_api(client):
     spec = client.get("/docs.json").json()
     for path in ("/screen", "/screen/submit", "/screen_pose", "/screen_instances"):
@@ -330,7 +363,8 @@ def test_requests_beyond_the_admission_limit_are_refused_before_their_body(
     client, sims, monkeypatch
 ):
     """MAM_MAX_TENSOR_REQUESTS bounds tensor and pose requests in progress. The excess gets 503
-    with Retry-After from its headers alone: a corrupt body is not even parsed (503, not 400).
+    with Retry-After once its body has arrived, before it is parsed: a corrupt body is not even
+    read as an array (503, not 400).
     Probes and video task routes are not counted."""
     from concurrent.futures import ThreadPoolExecutor
 

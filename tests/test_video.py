@@ -385,3 +385,46 @@ def test_resolution_limit_applies_after_rotation(vid):
     with pytest.raises(ResolutionTooLargeError):
         probe(upright, limits)
     assert isinstance(probe(portrait, limits), VideoInfo)
+
+
+# --- forged files: what the headers say is checked again as frames are decoded -----------------
+@pytest.mark.parametrize("cut", [20, 200])
+def test_mp4_cut_inside_its_index_is_corrupt_not_a_non_video(vid, tmp_path, cut):
+    full = vid("faststart.mp4", 300, 25, "libx264", container_options={"movflags": "faststart"})
+    data = full.read_bytes()
+    path = tmp_path / "cut.mp4"
+    path.write_bytes(data[: data.find(b"moov") + cut])  # the track list cut off
+    with pytest.raises(CorruptVideoError):
+        probe(path)
+
+
+def test_two_frames_minutes_apart_are_not_posed_as_thousands(tmp_path):
+    """A tiny file whose two frames declare 3 minutes: a gap no recording has."""
+    path = write_video(tmp_path / "gap.mp4", 2, times_s=[0.0, 180.0])
+    assert probe(path, VideoLimits()).duration_s > 170  # the headers look fine
+    n = 0
+    with pytest.raises(CorruptVideoError, match="no frame for"):
+        for _ in iter_frames(path):
+            n += 1
+    assert n <= 2 * 25 + 1  # stopped at the gap, not after 4,500 copies
+
+
+def test_a_gap_within_the_limit_is_held(tmp_path):
+    times = [i / 25 for i in range(125)] + [5.0 + 1.5 + i / 25 for i in range(125)]
+    path = write_video(tmp_path / "dropout.mp4", 250, times_s=times)
+    assert sum(1 for _ in iter_frames(path)) == num_output_frames(probe(path).duration_s, 25)
+    with pytest.raises(CorruptVideoError):
+        list(iter_frames(path, VideoLimits(max_frame_gap_s=1.0)))
+
+
+def test_every_frame_size_is_checked_not_only_the_first(tmp_path):
+    """MPEG-TS concatenates: 10 s at 160 x 120, then frames of 640 x 480."""
+    small = write_video(tmp_path / "a.ts", 250, size=(160, 120))
+    large = write_video(tmp_path / "b.ts", 25, size=(640, 480))
+    path = tmp_path / "both.ts"
+    path.write_bytes(small.read_bytes() + large.read_bytes())
+    limits = VideoLimits(max_width=320, max_height=320)
+    assert probe(path, limits).width == 160  # the first frame passes
+    with pytest.raises(ResolutionTooLargeError):
+        for _ in iter_frames(path, limits):
+            pass

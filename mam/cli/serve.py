@@ -15,6 +15,13 @@ import sys
 from pathlib import Path
 
 from mam.cli import options as O
+from mam.screening import default_weights
+
+DEMO_BANNER = (
+    "mam serve: serving the DEMO weights {name} {version} (digest {digest}), trained on "
+    "SIMULATED infants: NOT FOR CLINICAL USE. Serve a site's weights with --weights or "
+    "MAM_WEIGHTS, or build them into a bento with `mam build --weights W`."
+)
 
 
 def register(sub) -> None:
@@ -46,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     env = dict(os.environ)
     env["MAM_GRPC_PORT"] = str(args.grpc_port)
+    if "host" in args.given:  # gRPC listens where REST does, unless MAM_GRPC_HOST says otherwise
+        env.setdefault("MAM_GRPC_HOST", args.host)
     if args.weights:
         env["MAM_WEIGHTS"] = str(args.weights.resolve())
     env["MAM_POSE_BACKEND"] = args.pose_backend
@@ -54,9 +63,26 @@ def run(args: argparse.Namespace) -> int:
         print("mam serve: API-key authentication is OFF (--no-auth); local use only",
               file=sys.stderr)  # fmt: skip
     env.setdefault("BENTOML_RESULT_STORE", private_task_store())
+    announce_model(Path(env.get("MAM_WEIGHTS") or default_weights()))
     cmd = serve_command(args.port, args.host)
     sys.stdout.flush()
     sys.stderr.flush()
     os.chdir(REPO)
     os.execvpe(cmd[0], cmd, env)  # never returns: this process is now the server
     return 0  # pragma: no cover
+
+
+def announce_model(weights: Path) -> None:
+    """Say on stderr which model will be served, loudly when it is the demo's (a site must not
+    mistake it for its own); ``GET /model`` says the same with ``demo: true``."""
+    from mam.model.card import is_demo
+    from mam.model.weights import load_meta
+
+    meta = load_meta(weights)[0]  # weights that do not load fail here, before the server starts
+    short = (meta.digest or "unknown")[:12]
+    if is_demo(weights, meta):
+        line = "!" * 78
+        text = DEMO_BANNER.format(name=meta.name, version=meta.version, digest=short)
+        print(f"{line}\n{text}\n{line}", file=sys.stderr)
+    else:
+        print(f"mam serve: serving {meta.name} {meta.version} (digest {short})", file=sys.stderr)

@@ -9,6 +9,7 @@ exceptions become INTERNAL with a generic message: tracebacks are logged here, n
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
@@ -53,6 +54,9 @@ class InferenceModel(Protocol):
     name: str
     version: str
     platform: str
+    # A model may also have ``digest`` (str): the content digest of its weights, which the
+    # metadata list as a second version, so that a client can pin exactly the weights it
+    # validated (a Protocol cannot declare an optional attribute).
     inputs: Sequence[TensorSpec | tuple[Any, ...]]
     outputs: Sequence[TensorSpec | tuple[Any, ...]]
 
@@ -197,10 +201,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         message = getattr(exc, "message", None)
         return status, code, message if isinstance(message, str) else str(exc)
 
+    def _versions(self) -> list[str]:
+        """The version and, where the model names one, its content digest: the metadata's
+        ``versions``, and the values a request's ``model_version`` may name."""
+        digest = getattr(self.model, "digest", None)
+        if digest is None:  # the service's adapter: the digest of its screener's weights
+            screener = getattr(getattr(self.model, "screening", None), "screener", None)
+            digest = getattr(screener, "model_digest", None)
+        return [self.model.version, *([str(digest)] if digest else [])]
+
     def _check_model(self, name: str, version: str) -> None:
         if name != self.model.name:
             raise _Abort(grpc.StatusCode.NOT_FOUND, "model_not_found", f"unknown model '{name}'")
-        if version and version != self.model.version:
+        if version and version not in self._versions():
             raise _Abort(
                 grpc.StatusCode.NOT_FOUND,
                 "model_not_found",
@@ -241,7 +254,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             meta = pb.ModelMetadataResponse.TensorMetadata
             return pb.ModelMetadataResponse(
                 name=self.model.name,
-                versions=[self.model.version],
+                versions=self._versions(),
                 platform=self.model.platform,
                 inputs=[meta(name=s.name, datatype=s.datatype, shape=s.shape) for s in self.inputs],
                 outputs=[
@@ -319,7 +332,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 "model_not_ready",
                 f"model '{self.model.name}' not ready",
             )
-        inputs = self._decode_inputs(request)
+        # Typed contents of a large tensor take seconds to convert: off the event loop.
+        inputs = await asyncio.to_thread(self._decode_inputs, request)
         requested = self._requested_outputs(request)
         parameters = {
             key: value
