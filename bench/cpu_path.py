@@ -28,7 +28,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mam.pose import create_backend  # noqa: E402
-from mam.pose.from_video import PART_FRAMES, estimate_video_pose  # noqa: E402
+from mam.pose.base import backend_class  # noqa: E402
+from mam.pose.from_video import estimate_video_pose  # noqa: E402
 from mam.screening import Screener, ScreeningOptions  # noqa: E402
 from mam.video import probe  # noqa: E402
 
@@ -58,8 +59,9 @@ def run(video, max_side, threads, detect_every, batch, parallel, screener):
         seq, timings = estimate_video_pose(video, make(), max_side=max_side)
     else:
         with ThreadPoolExecutor(parallel) as pool:
+            part_frames = backend_class("onnx").part_frames
             seq, timings = estimate_video_pose(video, make, max_side=max_side, executor=pool,
-                                               part_frames=PART_FRAMES["onnx"])  # fmt: skip
+                                               part_frames=part_frames)  # fmt: skip
     wall = time.perf_counter() - t
     t = time.perf_counter()
     r = screener.screen_pose(seq, timings=timings)

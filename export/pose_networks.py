@@ -9,8 +9,8 @@
 
 Each export gets ``NAME.onnx.json``: the weights' sha256 (a stale export is detectable), the network
 config, the IO names and shapes, the opset and the ONNX Runtime vs PyTorch parity on two input
-shapes. The export and parity functions are ``mam.pose.paper.backend``'s, the same the backend uses
-for its cache, so a graph exported here and one exported on first use are made the same way.
+shapes. The export and parity functions are ``mam.runtime.onnx_export``'s, the same the backend
+uses for its cache, so a graph exported here and one exported on first use are made the same way.
 Layout after ``export/onnx.py`` (timm ``timm/utils/onnx.py``).
 """
 
@@ -24,17 +24,15 @@ import numpy as np
 import torch
 
 from mam.model.weights import sha256_of
-from mam.pose.paper.backend import (
-    INPUT_H,
-    INPUT_W,
+from mam.pose.paper.backend import INPUT_H, INPUT_W, load_hrnet
+from mam.pose.paper.lifter_train import load_lifter
+from mam.runtime.onnx_export import (
     ONNX_OPSET,
     PARITY_ATOL,
     PARITY_RTOL,
-    check_onnx_parity,
-    export_onnx,
-    load_hrnet,
+    ort_parity,
+    torch_to_onnx,
 )
-from mam.pose.paper.lifter_train import load_lifter
 from mam.skeleton import NUM_JOINTS
 
 logger = logging.getLogger(__name__)
@@ -78,9 +76,9 @@ def export_hrnet(weights: str | Path, out_dir: str | Path, *, parity: bool = Tru
     shapes = [[n, 3, INPUT_H, INPUT_W] for n in HRNET_PARITY_BATCHES]
     examples = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     # NOTE: the example has N > 1 so that no exporter specialises the frame axis to 1
-    export_onnx(model, examples[-1], path, input_name="images", output_name="heatmaps",
+    torch_to_onnx(model, examples[-1], path, input_name="images", output_name="heatmaps",
                 dynamic_axes={0: "N"})  # fmt: skip
-    worst = check_onnx_parity(model, path, examples) if parity else float("nan")
+    worst = ort_parity(model, path, examples) if parity else float("nan")
     h, w = INPUT_H // 4, INPUT_W // 4
     io = {
         "inputs": [{"name": "images", "shape": ["N", 3, INPUT_H, INPUT_W], "dtype": "float32"}],
@@ -104,9 +102,9 @@ def export_lifter(weights: str | Path, out_dir: str | Path, *, parity: bool = Tr
     shapes = [[2, rf + 16, NUM_JOINTS, 2], [1, rf + 99, NUM_JOINTS, 2]]
     rng = np.random.default_rng(0)
     examples = [rng.standard_normal(s).astype(np.float32) for s in shapes]
-    export_onnx(model, examples[0], path, input_name="keypoints_2d", output_name="joints_3d",
+    torch_to_onnx(model, examples[0], path, input_name="keypoints_2d", output_name="joints_3d",
                 dynamic_axes={0: "N", 1: "T"})  # fmt: skip
-    worst = check_onnx_parity(model, path, examples) if parity else float("nan")
+    worst = ort_parity(model, path, examples) if parity else float("nan")
     io = {
         "inputs": [{"name": "keypoints_2d", "shape": ["N", "T", NUM_JOINTS, 2]}],
         "outputs": [{"name": "joints_3d", "shape": ["N", f"T-{rf - 1}", NUM_JOINTS, 3]}],

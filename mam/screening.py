@@ -23,6 +23,7 @@ import numpy as np
 from mam.domain import kind_of, motion_statistics, still
 from mam.errors import VideoTooShortError
 from mam.features import Instances, build_instances
+from mam.model.card import is_demo
 from mam.model.weights import ModelMeta, load_meta
 from mam.pose import (
     PoseBackend,
@@ -33,8 +34,8 @@ from mam.pose import (
     fill_gaps,
     load_pose_file,
 )
-from mam.pose.base import cpu_onnx_pose, default_pose_backend
-from mam.pose.from_video import PART_FRAMES, estimate_video_pose
+from mam.pose.base import backend_class, default_pose_backend
+from mam.pose.from_video import estimate_video_pose
 from mam.pose.representation import model_input, raw_trunk_length
 from mam.runtime import InferenceRuntime, create_runtime
 from mam.runtime.sessions import default_threads
@@ -47,13 +48,13 @@ from mam.schemas import (
     Quality,
     ScreeningResult,
 )
+from mam.shipped import models_dir
 from mam.skeleton import FPS
 from mam.video import VideoLimits
 
 logger = logging.getLogger(__name__)
 
-REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
-DEFAULT_WEIGHTS = REPO_MODELS / "mam_demo.json"
+DEFAULT_WEIGHTS = models_dir() / "mam_demo.json"
 TOP_CLIPS = 3
 SPORADIC_DEFAULT = 1e-6  # without a fitted cut-off: one FMs clip is sporadic, none is absent
 MIN_TRACKED_FOR_RESULT = 0.8
@@ -68,7 +69,7 @@ _EPS = 1e-6  # as mam.model.network: P(normal) is clipped before taking log-odds
 
 
 def default_weights() -> Path:
-    """``MAM_WEIGHTS`` if set, else the demo weights shipped in ``models/``."""
+    """``MAM_WEIGHTS`` if set, else the shipped demo weights (``mam.shipped``)."""
     return Path(os.environ.get("MAM_WEIGHTS", DEFAULT_WEIGHTS))
 
 
@@ -88,10 +89,11 @@ class ScreeningOptions:
     # Abstain (classification 'indeterminate') where the model cannot speak for the input;
     # False (--no-abstain) keeps the model's label for research, still marked not to be used.
     abstain: bool = True
-    # Parts of a recording (mam.pose.from_video.PART_FRAMES) posed at once, each in its own
-    # thread with its own backend; the joints are the same whatever the number. None: one per CPU
-    # thread (MAM_RUNTIME_THREADS, else the usable CPUs), each part's network on one thread, for
-    # the onnx backend on ONNX Runtime's CPU route; 1 elsewhere.
+    # Parts of a recording (the backend's part_frames, mam.pose.base.PoseBackendBase) posed at
+    # once, each in its own thread with its own backend; the joints are the same whatever the
+    # number. None: one per CPU thread (MAM_RUNTIME_THREADS, else the usable CPUs), each part's
+    # network on one thread, where the backend says parts are worth it (parts_in_parallel: on
+    # ONNX Runtime's CPU route); 1 elsewhere.
     parallel_parts: int | None = None
     min_tracked_for_result: float = MIN_TRACKED_FOR_RESULT
 
@@ -181,6 +183,7 @@ class Screener:
         self.options = o = options or ScreeningOptions()
         self.weights_path = Path(weights) if weights else default_weights()
         self.meta, _, self.weights_sha256 = load_meta(self.weights_path)
+        self.model_digest: str = self.meta.digest  # computed once: every result carries it
         self.engine = runtime or create_runtime(
             self.weights_path, o.runtime, device=o.device, precision=o.precision
         )
@@ -188,9 +191,10 @@ class Screener:
         self.runtime, self.device, self.precision = e.backend, e.device, e.precision
         self._pose = threading.local()  # one pose backend per thread: they keep per-video state
         logger.info(
-            "model %s %s on %s (%s, %s)",
+            "model %s %s (digest %s) on %s (%s, %s)",
             self.meta.name,
             self.meta.version,
+            self.model_digest[:12],
             self.runtime,
             self.device,
             self.precision,
@@ -246,12 +250,13 @@ class Screener:
         """Parts of a recording posed at once (``ScreeningOptions.parallel_parts``, resolved)."""
         if self.options.parallel_parts is not None:
             return max(1, self.options.parallel_parts)
-        return default_threads() if cpu_onnx_pose(self.options.pose_backend) else 1
+        parallel = backend_class(self.options.pose_backend).parts_in_parallel()
+        return default_threads() if parallel else 1
 
     def part_estimator(self) -> PoseBackend:
         """A pose-part thread's backend (kept like ``pose_estimator``'s), its network on its
-        share of the CPU threads when the backend takes a thread count (``onnx``)."""
-        if self.options.pose_backend != "onnx":
+        share of the CPU threads when the backend takes a thread count."""
+        if not backend_class(self.options.pose_backend).takes_threads:
             return self._thread_backend()
         return self._thread_backend(threads=max(1, default_threads() // self.parallel_parts))
 
@@ -276,7 +281,7 @@ class Screener:
         seq, timings = estimate_video_pose(
             path, self.pose_estimator, o.limits, o.max_side, progress,
             executor=self._parts_pool, part_backend=self.part_estimator,
-            part_frames=PART_FRAMES.get(o.pose_backend),
+            part_frames=backend_class(o.pose_backend).part_frames,
         )  # fmt: skip
         return self.screen_pose(seq, infant, timings=timings)
 
@@ -396,6 +401,11 @@ class Screener:
             )  # fmt: skip
             out.append(f"{what}: " + "; ".join(c.reasons) + ". P(risk) and the FMs frequency "
                        "are shown for research only and must not be used.")  # fmt: skip
+        small = self.meta.provenance.get("small_data")
+        if small:  # trained with --accept-small-data (mam.training.fitting)
+            out.append("These weights were trained below the documented minimum data sizes ("
+                       + "; ".join(small) + "): their calibration and domain check are less "
+                       "reliable than the documented figures.")  # fmt: skip
         return out + self.infant_warnings(infant)
 
     @staticmethod
@@ -411,6 +421,28 @@ class Screener:
             return ["no infant data given: the main branch alone was used (MAM w/o info)"]
         return infant.warnings()
 
+    def model_identity(self) -> dict:
+        """Which model this screener runs, for ``GET /model``, metrics labels and audit lines:
+        name, version, digest (``mam.model.weights``), the file's sha256, the runtime, whether
+        these are the shipped demo weights (that file, or weights keeping its name, such as a
+        recalibration of it: a network trained on simulated infants), and the provenance (what
+        the weights were trained on; without the training data's content digests, which only an
+        evaluation needs)."""
+        meta = self.meta
+        return {
+            "name": meta.name,
+            "version": meta.version,
+            "digest": self.model_digest,
+            "recorded_digest": meta.recorded_digest,
+            "weights_sha256": self.weights_sha256,
+            "demo": is_demo(self.weights_path, meta),
+            "runtime": self.runtime,
+            "device": self.device,
+            "precision": self.precision,
+            "representation": meta.representation,
+            "provenance": {k: v for k, v in meta.provenance.items() if k != "data_digests"},
+        }
+
     def model_info(
         self, pose_backend: str, used_info: bool, calibrated_as: str | None = None
     ) -> ModelInfo:
@@ -419,6 +451,7 @@ class Screener:
         return ModelInfo(
             name=meta.name,
             version=meta.version,
+            digest=self.model_digest,
             weights_sha256=self.weights_sha256,
             provenance=meta.provenance.get("summary", "unknown"),
             runtime=self.runtime,

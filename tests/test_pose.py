@@ -585,3 +585,53 @@ def test_a_recording_posed_in_parts_is_every_frame_once_in_order_and_the_same_ei
     whole, _ = estimate_video_pose(video, Reader(), part_frames=None)
     np.testing.assert_array_equal(whole.joints[:, 0, 0], np.arange(750))
     assert "parts" not in whole.meta
+
+
+def test_callers_ask_the_backend_class_what_it_can_do(monkeypatch, tmp_path):
+    """Part length, threads and runtimes are declared by the backend class, and the video stage
+    and the screener read them there: a new backend that declares parts is posed in parts, in
+    parallel on ONNX Runtime's CPU route with its share of the threads, no caller knowing its
+    name; ``MAM_POSE_RUNTIME`` / ``MAM_POSE_DEVICE`` are checked against what it declares."""
+    from mam.pose import base
+    from mam.pose.from_video import backend_part_frames, estimate_video_pose
+    from mam.runtime.sessions import default_threads
+    from mam.screening import Screener, ScreeningOptions
+    from tests.media import write_video
+
+    class Parted(base.PoseBackendBase):
+        name = "parted"
+        part_frames = 100
+        takes_threads = True
+        runtimes = ("onnxruntime", "pytorch")
+        devices = ("cpu", "cuda")
+
+        def __init__(self, threads=None, runtime=None, device=None):
+            self.threads = threads
+            self.runtime, self.device = self.resolve_runtime(runtime, device)
+
+        def estimate(self, frames, progress=None):
+            n = sum(1 for _ in frames)
+            return base.PoseSequence(np.zeros((n, 17, 3), np.float32), np.ones((n, 17), np.float32))
+
+        def close(self):
+            pass
+
+    monkeypatch.delenv("MAM_POSE_RUNTIME", raising=False)
+    monkeypatch.delenv("MAM_POSE_DEVICE", raising=False)
+    monkeypatch.setitem(base._BACKENDS, "parted", Parted)
+    monkeypatch.setitem(base._BACKENDS, "plain", lambda **kw: Parted())  # declares nothing
+    assert base.backend_class("parted") is Parted and backend_part_frames("parted") == 100
+    assert base.backend_class("plain") is base.PoseBackendBase
+    video = write_video(tmp_path / "v.mp4", 250)
+    assert estimate_video_pose(video, "parted")[0].meta["parts"] == 2  # 250 // 100
+    assert "parts" not in estimate_video_pose(video, "plain")[0].meta
+    s = Screener(options=ScreeningOptions(pose_backend="parted"))
+    assert s.parallel_parts == default_threads()
+    assert s.part_estimator().threads == max(1, default_threads() // s.parallel_parts)
+    assert Screener(options=ScreeningOptions(pose_backend="plain")).parallel_parts == 1
+    monkeypatch.setenv("MAM_POSE_DEVICE", "cuda")  # parts would queue for one device
+    assert not Parted.parts_in_parallel() and Parted().device == "cuda"
+    assert Parted(device="cpu").device == "cpu"  # an argument wins over the setting
+    monkeypatch.setenv("MAM_POSE_RUNTIME", "tensorrt")
+    with pytest.raises(ValueError, match="MAM_POSE_RUNTIME"):
+        Parted()

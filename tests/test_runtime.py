@@ -143,6 +143,36 @@ def test_onnxruntime_matches_pytorch(instances):
     assert np.abs(a.info(info) - b.info(info)).max() < ATOL
 
 
+def test_network_runs_in_chunks_joined_in_order():
+    """The one run loop (``mam.runtime.networks``): an input larger than ``max_batch`` goes in
+    chunks of at most that size and the outputs come back whole and in order; ``fixed_batch``
+    pads every chunk to one shape (one compiled CUDA graph) and drops the padding again."""
+    from mam.runtime.networks import OrtNetwork, TorchNetwork
+
+    seen: list[int] = []
+
+    def fn(x):
+        seen.append(len(x))
+        return x * 2, x.sum(1)
+
+    x = np.random.default_rng(1).standard_normal((7, 3)).astype(np.float32)
+    net = TorchNetwork(fn, inputs=["x"], outputs=["double", "total"], max_batch=3)
+    out = net(x)
+    assert seen == [3, 3, 1]
+    np.testing.assert_array_equal(out["double"], x * 2)
+    np.testing.assert_allclose(out["total"], x.sum(1), rtol=1e-6)
+    seen.clear()
+    padded = TorchNetwork(fn, inputs=["x"], outputs=["double", "total"], max_batch=3,
+                          fixed_batch=True)(x)  # fmt: skip
+    assert seen == [3, 3, 3] and padded["double"].shape == (7, 3)
+    np.testing.assert_array_equal(padded["double"], out["double"])
+    manifest, folder = load_manifest(DEFAULT_WEIGHTS)
+    info = OrtNetwork(folder / manifest["networks"]["info"]["file"], threads=1, max_batch=2)
+    z = np.random.default_rng(2).standard_normal((5, 4)).astype(np.float32)
+    whole = info.run({"info": z}, batch=5)["info_logits"]
+    np.testing.assert_allclose(info(z)["info_logits"], whole, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("infant", [None, PRETERM], ids=["without-info", "with-info"])
 def test_screening_same_through_onnxruntime_and_pytorch(pose, infant):
     results = {

@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import numpy as np
 
@@ -35,12 +35,10 @@ ENV_POSE_RUNTIME = "MAM_POSE_RUNTIME"
 ENV_POSE_DEVICE = "MAM_POSE_DEVICE"
 
 
-def cpu_onnx_pose(backend: str) -> bool:
-    """Whether ``backend`` is ``onnx`` on its default route, ONNX Runtime on the CPU (neither
-    ``MAM_POSE_RUNTIME`` nor ``MAM_POSE_DEVICE`` points elsewhere)."""
-    runtime = os.environ.get(ENV_POSE_RUNTIME) or "onnxruntime"
-    device = os.environ.get(ENV_POSE_DEVICE) or "cpu"
-    return backend == "onnx" and runtime == "onnxruntime" and device == "cpu"
+def pose_runtime_env() -> tuple[str | None, str | None]:
+    """``(MAM_POSE_RUNTIME, MAM_POSE_DEVICE)`` as set, None where unset or empty: the one place
+    they are read (each backend checks them against what it can run, ``resolve_runtime``)."""
+    return os.environ.get(ENV_POSE_RUNTIME) or None, os.environ.get(ENV_POSE_DEVICE) or None
 
 
 @dataclass
@@ -87,13 +85,65 @@ class PoseBackend(Protocol):
     def close(self) -> None: ...
 
 
+class PoseBackendBase:
+    """What a backend class declares about itself, so that callers (``mam.pose.from_video``,
+    ``mam.screening``) ask the class (:func:`backend_class`) and never test a backend's name.
+
+    Attributes:
+        name: the registry name (``mam screen --pose-backend NAME``).
+        part_frames: a recording is posed in parts of this many frames
+            (``mam.pose.from_video.part_bounds``); None: in one pass.
+        takes_threads: the constructor takes ``threads=`` (CPU threads of its networks), so a
+            part posed in its own thread can be given its share of the CPUs.
+        runtimes: the runtimes its networks can run on (``MAM_POSE_RUNTIME``), the default first;
+            empty where the backend runs its own (``mediapipe``).
+        devices: the devices (``MAM_POSE_DEVICE``), the default first.
+    """
+
+    name: ClassVar[str] = "unknown"
+    part_frames: ClassVar[int | None] = None
+    takes_threads: ClassVar[bool] = False
+    runtimes: ClassVar[tuple[str, ...]] = ()
+    devices: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def resolve_runtime(
+        cls, runtime: str | None = None, device: str | None = None
+    ) -> tuple[str, str]:
+        """``(runtime, device)``: the arguments, else ``MAM_POSE_RUNTIME`` / ``MAM_POSE_DEVICE``,
+        else the class's defaults; ``ValueError`` for one it cannot run on."""
+        env_runtime, env_device = pose_runtime_env()
+        runtime = runtime or env_runtime or (cls.runtimes[0] if cls.runtimes else "")
+        device = device or env_device or (cls.devices[0] if cls.devices else "")
+        if runtime not in cls.runtimes or device not in cls.devices:
+            raise ValueError(
+                f"the {cls.name} pose backend runs on {', '.join(cls.runtimes) or 'nothing'}, on "
+                f"{', '.join(cls.devices) or 'nothing'} ({ENV_POSE_RUNTIME}, {ENV_POSE_DEVICE}); "
+                f"got {runtime!r}, {device!r}"
+            )
+        return runtime, device
+
+    @classmethod
+    def parts_in_parallel(cls) -> bool:
+        """Whether a recording's parts are worth posing at once, one thread and one share of the
+        CPUs each: posed in parts, given a thread count, and on ONNX Runtime on the CPU by the
+        current settings (on a GPU the parts would queue for one device)."""
+        if not (cls.part_frames and cls.takes_threads):
+            return False
+        try:
+            return cls.resolve_runtime() == ("onnxruntime", "cpu")
+        except ValueError:
+            return False  # the backend refuses to start; its own error says why
+
+
 _BACKENDS: dict[str, Callable[..., PoseBackend]] = {}
 
 
 def register_backend(
     name: str,
 ) -> Callable[[Callable[..., PoseBackend]], Callable[..., PoseBackend]]:
-    """Register a backend factory under ``name`` (``mam screen --pose-backend NAME``)."""
+    """Register a backend factory under ``name`` (``mam screen --pose-backend NAME``): a
+    :class:`PoseBackendBase` subclass, or any callable (which then declares nothing)."""
 
     def deco(factory: Callable[..., PoseBackend]) -> Callable[..., PoseBackend]:
         _BACKENDS[name] = factory
@@ -106,10 +156,23 @@ def available_backends() -> list[str]:
     return sorted(_BACKENDS)
 
 
-def create_backend(name: str, **kwargs) -> PoseBackend:
+def _factory(name: str) -> Callable[..., PoseBackend]:
     if name not in _BACKENDS:
         raise ValueError(f"unknown pose backend {name!r}; available: {available_backends()}")
-    return _BACKENDS[name](**kwargs)
+    return _BACKENDS[name]
+
+
+def backend_class(name: str) -> type[PoseBackendBase]:
+    """The class registered as ``name``, to ask what it declares (:class:`PoseBackendBase`); a
+    factory that is no such class declares the defaults (one pass, no threads, no runtimes)."""
+    factory = _factory(name)
+    if isinstance(factory, type) and issubclass(factory, PoseBackendBase):
+        return factory
+    return PoseBackendBase
+
+
+def create_backend(name: str, **kwargs) -> PoseBackend:
+    return _factory(name)(**kwargs)
 
 
 def iter_chunks(frames: Iterable[np.ndarray], size: int) -> Iterator[list[np.ndarray]]:
@@ -143,6 +206,23 @@ def check_frame(frame: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
             f"frame size changed within one video: {size} -> {(frame.shape[1], frame.shape[0])}"
         )
     return np.ascontiguousarray(frame)
+
+
+def ort_pose_network(
+    path: str | Path, device: str, threads: int | None = None, max_batch: int | None = None
+):
+    """A pose network on ONNX Runtime (``mam.runtime.networks.OrtNetwork``): ``cpu`` pins the
+    CPU, any other device takes a GPU provider where this build has one; an ONNX Runtime that
+    cannot start is a ``DependencyMissingError`` (a fix the user can make)."""
+    from mam.errors import DependencyMissingError
+    from mam.runtime.networks import OrtNetwork
+    from mam.runtime.sessions import RuntimeUnavailable
+
+    try:
+        return OrtNetwork(path, device="cpu" if device == "cpu" else "auto", threads=threads,
+                          max_batch=max_batch)  # fmt: skip
+    except RuntimeUnavailable as exc:
+        raise DependencyMissingError(f"a pose network on ONNX Runtime: {exc}") from exc
 
 
 def pose_cache_dir() -> Path:

@@ -18,9 +18,17 @@ from typing import Literal
 import numpy as np
 
 from mam.dicom_video import is_dicom
+from mam.domain import kind_of
 from mam.files import write_atomic
 from mam.model.weights import sha256_of
-from mam.pose.base import DEFAULT_POSE_BACKEND, PoseBackend, PoseSequence, create_backend
+from mam.pose.base import (
+    DEFAULT_POSE_BACKEND,
+    PoseBackend,
+    PoseSequence,
+    available_backends,
+    backend_class,
+    create_backend,
+)
 from mam.pose.precomputed import load_pose_file
 from mam.skeleton import FPS
 from mam.video import VideoLimits, iter_frames, probe
@@ -50,15 +58,15 @@ class _TimedIter:
             self.seconds += time.perf_counter() - t
 
 
-# A recording's pose through the ``onnx`` backend is defined as posed in parts of this many frames
-# (30 s at 25 fps), each part after the first tracked from PART_WARMUP_FRAMES before its start
-# (dropped again) so that its track, crop smoothing and landmark filters have settled. Parts run
-# in parallel threads where a caller has cores for them (``mam screen``: two single-threaded parts
-# keep 2 cores busier than one part whose two network threads wait while one thread decodes and
-# crops, bench/cpu_path.py) and one after another elsewhere (the service's video threads, batch
-# workers, training data), with the same joints either way: a tracker's output depends on where
-# it starts, and a result must not depend on the machine that computed it.
-PART_FRAMES = {"onnx": 750}
+# A backend that declares ``part_frames`` (``mam.pose.base.PoseBackendBase``; the ``onnx`` backend:
+# 750, 30 s at 25 fps) defines a recording's pose as posed in parts of that many frames, each part
+# after the first tracked from PART_WARMUP_FRAMES before its start (dropped again) so that its
+# track, crop smoothing and landmark filters have settled. Parts run in parallel threads where a
+# caller has cores for them (``mam screen``: two single-threaded parts keep 2 cores busier than
+# one part whose two network threads wait while one thread decodes and crops, bench/cpu_path.py)
+# and one after another elsewhere (the service's video threads, batch workers, training data),
+# with the same joints either way: a tracker's output depends on where it starts, and a result
+# must not depend on the machine that computed it.
 PART_WARMUP_FRAMES = 25
 
 
@@ -69,8 +77,12 @@ def part_bounds(total: int, part_frames: int | None) -> list[tuple[int, int]]:
     return [(k * total // n, (k + 1) * total // n) for k in range(n)]
 
 
-def _backend_name(backend) -> str | None:
-    return backend if isinstance(backend, str) else getattr(backend, "name", None)
+def backend_part_frames(backend) -> int | None:
+    """The part length that a backend (a name, class or instance) declares; None for a function
+    that makes one, which declares nothing (one part)."""
+    if isinstance(backend, str):
+        return backend_class(backend).part_frames
+    return getattr(backend, "part_frames", None)
 
 
 def estimate_video_pose(
@@ -90,7 +102,7 @@ def estimate_video_pose(
     it. ``progress(done, total)`` is called as frames go through pose.
 
     The recording is posed in the parts of :func:`part_bounds` (``part_frames``: ``"auto"`` is
-    ``PART_FRAMES`` of the backend's name, where a factory has none: one part), joined in order.
+    what the backend declares, :func:`backend_part_frames`), joined in order.
     With an ``executor`` they run in its threads, each decoding from its own seek point with its
     own backend from ``part_backend`` (a name or factory, e.g. with fewer threads each); without
     one, one after another through ``backend``. A DICOM video object goes in one pass (its
@@ -98,7 +110,7 @@ def estimate_video_pose(
     limits = limits or VideoLimits()
     total = probe(path, limits).num_frames_25fps  # a bad file fails before any backend starts
     if part_frames == "auto":
-        part_frames = PART_FRAMES.get(_backend_name(backend) or "")
+        part_frames = backend_part_frames(backend)
     if is_dicom(path):  # a bare elementary stream: no index to seek a part's start by
         part_frames = None
     bounds = part_bounds(total, part_frames)
@@ -221,14 +233,21 @@ def _join(parts: list[PoseSequence]) -> PoseSequence:
 CACHE_FORMAT = 3  # 2: image joints and size kept (every pose representation); 3: posed in parts
 
 
+def pose_cache_name(backend: str, sha256: str) -> str:
+    """``<backend>-v<format>-<sha256>.npz``: a recording's pose named by the backend that made it
+    and the recording's content, wherever poses are kept (training's ``.pose_cache``, the
+    ``poses/`` of a ``mam batch`` output folder)."""
+    return f"{backend}-v{CACHE_FORMAT}-{sha256}.npz"
+
+
 def cached_video_pose(path: str | Path, cache_dir: str | Path, backend: str = DEFAULT_POSE_BACKEND):
     """Pose of a recording, from ``cache_dir/<backend>-v<format>-<sha256>.npz`` when it was done
     before. Keyed by content, not name, so a renamed or copied recording is not estimated
     again. The 2D image joints are kept with the 3D ones (``meta["image_joints"]``)."""
-    cache = Path(cache_dir) / f"{backend}-v{CACHE_FORMAT}-{sha256_of(Path(path))}.npz"
+    cache = Path(cache_dir) / pose_cache_name(backend, sha256_of(Path(path)))
     if cache.is_file():
         seq = load_pose_file(cache)
-        seq.source = backend
+        seq.source = backend  # entries written before the file named its backend
         return seq
     seq, _ = estimate_video_pose(path, backend)
     write_pose_cache(seq, cache)
@@ -239,12 +258,19 @@ def cached_video_pose(path: str | Path, cache_dir: str | Path, backend: str = DE
 def write_pose_cache(seq, dest: str | Path) -> Path:
     """A pose as an ``.npz`` that ``load_pose_file`` reads (``joints``, ``confidence``, ``fps``,
     and the 2D ``image_joints`` with their frame ``image_size`` where the backend gives them),
-    written by rename: an interrupted run leaves no half-written entry."""
+    written by rename: an interrupted run leaves no half-written entry.
+
+    A pose backend's output also records ``source`` (the backend's name) and ``kind``
+    (``video``), so that the file, screened or trained on, counts as the kind of input it came
+    from (``mam.domain.kind_of``), not as a pose file given by the caller."""
     arrays = {"joints": seq.joints, "confidence": seq.confidence, "fps": seq.fps}
     if "image_joints" in seq.meta:
         arrays["image_joints"] = seq.meta["image_joints"]
-    if "image_size" in seq.meta:
+    if seq.meta.get("image_size") is not None:
         arrays["image_size"] = np.asarray(seq.meta["image_size"], np.int32)
+    if seq.source in available_backends():
+        arrays["source"] = np.asarray(seq.source)
+        arrays["kind"] = np.asarray(kind_of(seq.source))
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     dest = Path(dest)

@@ -40,7 +40,7 @@ from typing import Literal, Self
 import numpy as np
 
 from mam.errors import DependencyMissingError
-from mam.pose.base import PoseSequence, check_frame, register_backend
+from mam.pose.base import PoseBackendBase, PoseSequence, check_frame, register_backend
 from mam.pose.mapping import NUM_LANDMARKS, landmarks_to_sequence
 
 logger = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def _landmarks_array(landmark_list) -> np.ndarray:
 
 
 @register_backend(NAME)
-class MediaPipePoseBackend:
+class MediaPipePoseBackend(PoseBackendBase):  # declares nothing: one pass, its own runtime
     """BlazePose (full model) through MediaPipe's legacy ``solutions.pose`` graph.
 
     One instance tracks one video at a time (not thread-safe); the graph is reset at the start of

@@ -68,7 +68,7 @@ def lift(image: np.ndarray) -> np.ndarray:
         _lifter = load_lifter_network()
     rf = 243
     x = normalize_2d(interpolate_missing(image, tracked))
-    lifted = _lifter(pad_edges(x, rf)[None])[0]
+    lifted = _lifter(pad_edges(x, rf)[None])["joints_3d"][0]
     out[tracked] = (lifted - lifted[:, :1])[tracked]
     return out
 

@@ -1,6 +1,8 @@
-"""One inference interface for every network, whatever runs it (``base``), one session factory
-(``sessions``), and the backends: ONNX Runtime, TensorRT, eager PyTorch. Importing the package
-registers the backends without importing onnxruntime, tensorrt or torch."""
+"""One inference interface for the MAM model, whatever runs it (``base``), one session factory
+(``sessions``), one network runner (``networks``: ONNX Runtime, TensorRT or PyTorch, chunked over
+the batch axis; the clip network and every pose network run through it), and the backends: ONNX
+Runtime, TensorRT, eager PyTorch. Importing the package registers the backends without importing
+onnxruntime, tensorrt or torch."""
 
 from mam.runtime import onnx_runtime, pytorch_eager, tensorrt_backend  # noqa: F401 (registers)
 from mam.runtime.base import (
@@ -14,6 +16,7 @@ from mam.runtime.base import (
     manifest_path,
     register_backend,
 )
+from mam.runtime.networks import Network, OrtNetwork, TensorRTNetwork, TorchNetwork
 from mam.runtime.sessions import RuntimeUnavailable, ort_session
 from mam.runtime.tensorrt_engines import (
     TensorRTEngine,
@@ -30,8 +33,12 @@ __all__ = [
     "CPU_BATCH",
     "DEFAULT_MAX_BATCH",
     "InferenceRuntime",
+    "Network",
+    "OrtNetwork",
     "RuntimeUnavailable",
     "TensorRTEngine",
+    "TensorRTNetwork",
+    "TorchNetwork",
     "available_backends",
     "build_engine",
     "build_engines",

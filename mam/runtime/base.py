@@ -98,12 +98,7 @@ class InferenceRuntime:
         x = np.ascontiguousarray(instances, dtype=np.float32)
         if x.ndim != 5:
             raise ValueError(f"instances must be [N, T, C, V, V], got shape {x.shape}")
-        b = self.batch()
-        parts = [self._clip(x[i : i + b]) for i in range(0, len(x), b)]
-        return (
-            np.concatenate([p[0] for p in parts]),
-            np.concatenate([p[1] for p in parts]),
-        )
+        return self._clip(x)  # in chunks of batch() (mam.runtime.networks)
 
     def bag(self, clip_logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``[B, K, 2]`` -> bag probabilities ``[B, 2]`` (column 1 = normal), attention
@@ -124,6 +119,7 @@ class InferenceRuntime:
 
     # -- for subclasses --------------------------------------------------------------------------
     def _clip(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """All of ``x``; the backend's network runs it in chunks of ``batch()``."""
         raise NotImplementedError
 
     def _bag(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""The exported MAM graphs on ONNX Runtime (sessions from ``mam.runtime.sessions``)."""
+"""The exported MAM graphs on ONNX Runtime (``mam.runtime.networks.OrtNetwork``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from mam.runtime.base import DEFAULT_MAX_BATCH, InferenceRuntime, load_manifest, register_backend
-from mam.runtime.sessions import import_onnxruntime, on_gpu, ort_session
+from mam.runtime.networks import OrtNetwork
+from mam.runtime.sessions import import_onnxruntime
 from mam.runtime.tensorrt_engines import engine_cache_dir
 
 
@@ -21,13 +22,13 @@ class OnnxRuntimeBackend(InferenceRuntime):
         ort = import_onnxruntime()
         manifest, folder = load_manifest(weights)
         nets = manifest["networks"]
-        self._clip_sess = ort_session(
+        self._clip_net = OrtNetwork(
             folder / nets["clip"]["file"], device=self.asked_device, threads=self.threads,
             tensorrt_options=self._trt_ep_options(nets["clip"]),
         )  # fmt: skip
-        self._bag_sess, self._info_sess = small_sessions(folder, nets)
-        used = self._clip_sess.get_providers()
-        self.device = "cuda" if on_gpu(self._clip_sess) else "cpu"
+        self._bag_net, self._info_net = small_networks(folder, nets)
+        used = self._clip_net.providers
+        self.device = self._clip_net.device
         self.precision = (
             "fp16" if used[0] == "TensorrtExecutionProvider" and self.asked_precision == "fp16"
             else "fp32"
@@ -55,29 +56,29 @@ class OnnxRuntimeBackend(InferenceRuntime):
         }
 
     def _clip(self, x):
-        feats, logits = self._clip_sess.run(None, {"instances": x})
-        return feats, logits
+        out = self._clip_net.run({"instances": x}, batch=self.batch())
+        return out["clip_features"], out["clip_logits"]
 
     def _bag(self, logits):
-        return run_bag(self._bag_sess, logits)
+        return run_bag(self._bag_net, logits)
 
     def _info(self, x):
-        return run_info(self._info_sess, x)
+        return run_info(self._info_net, x)
 
 
-def small_sessions(folder: Path, nets: dict):
+def small_networks(folder: Path, nets: dict) -> tuple[OrtNetwork, OrtNetwork]:
     """The bag head and Info branch (a few hundred FLOPs): one CPU thread each, whatever runs
     the clip network."""
-    return tuple(
-        ort_session(folder / nets[role]["file"], device="cpu", threads=1)
-        for role in ("bag", "info")
+    bag, info = (
+        OrtNetwork(folder / nets[role]["file"], device="cpu", threads=1) for role in ("bag", "info")
     )
+    return bag, info
 
 
-def run_bag(session, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    probs, att = session.run(None, {"clip_logits": logits})
-    return probs, att
+def run_bag(network: OrtNetwork, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    out = network(clip_logits=logits)
+    return out["bag_probs"], out["attention"]
 
 
-def run_info(session, x: np.ndarray) -> np.ndarray:
-    return session.run(None, {"info": x})[0]
+def run_info(network: OrtNetwork, x: np.ndarray) -> np.ndarray:
+    return network(info=x)["info_logits"]

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import partial
 from pathlib import Path
 
-import numpy as np
-
 from mam.runtime.base import InferenceRuntime, register_backend
+from mam.runtime.networks import TorchNetwork
 from mam.runtime.sessions import RuntimeUnavailable
 
 logger = logging.getLogger(__name__)
@@ -41,14 +41,20 @@ class PyTorchBackend(InferenceRuntime):
             logger.warning("fp16 asked on CPU: the pytorch backend runs fp32 there")
             precision = "fp32"
         model, _ = load_weights(weights)
-        self._dtype = torch.float16 if precision == "fp16" else torch.float32
-        self.model = model.to(device=device, dtype=self._dtype).eval()
-        self._device = torch.device(device)
+        dtype = torch.float16 if precision == "fp16" else torch.float32
+        self.model = model.to(device=device, dtype=dtype).eval()
         self.device, self.precision = device, precision
-        self._clips = self.model.forward_clips
+        clips = self.model.forward_clips
         self.compiled = device == "cuda" and os.environ.get(ENV_COMPILE) == "1"
         if self.compiled:
-            self._clips = torch.compile(self.model.forward_clips, mode="reduce-overhead")
+            clips = torch.compile(self.model.forward_clips, mode="reduce-overhead")
+        net = partial(TorchNetwork, device=device, dtype=precision)
+        # Compiled: every chunk padded to one batch size, so one CUDA graph serves every call.
+        self._clip_net = net(clips, inputs=["instances"], outputs=["clip_features", "clip_logits"],
+                             max_batch=self.batch(), fixed_batch=self.compiled)  # fmt: skip
+        self._bag_net = net(self.model.forward_bag, inputs=["clip_logits"],
+                            outputs=["bag_probs", "attention"])  # fmt: skip
+        self._info_net = net(self.model.forward_info, inputs=["info"], outputs=["info_logits"])
         self.details = {
             "torch": torch.__version__,
             "intra_op_threads": torch.get_num_threads(),
@@ -56,24 +62,13 @@ class PyTorchBackend(InferenceRuntime):
             "compiled": self.compiled,
         }
 
-    def _run(self, fn, *xs):
-        torch = self._torch
-        with torch.inference_mode():
-            ts = [torch.from_numpy(x).to(self._device, self._dtype) for x in xs]
-            out = fn(*ts)
-        if isinstance(out, tuple):
-            return tuple(o.float().cpu().numpy() for o in out)
-        return out.float().cpu().numpy()
-
     def _clip(self, x):
-        if not self.compiled or len(x) == self.batch():
-            return self._run(self._clips, x)
-        pad = np.zeros((self.batch() - len(x), *x.shape[1:]), x.dtype)  # one graph, one shape
-        feats, logits = self._run(self._clips, np.concatenate([x, pad]))
-        return feats[: len(x)], logits[: len(x)]
+        out = self._clip_net.run({"instances": x}, batch=self.batch())
+        return out["clip_features"], out["clip_logits"]
 
     def _bag(self, logits):
-        return self._run(self.model.forward_bag, logits)
+        out = self._bag_net(clip_logits=logits)
+        return out["bag_probs"], out["attention"]
 
     def _info(self, x):
-        return self._run(self.model.forward_info, x)
+        return self._info_net(info=x)["info_logits"]

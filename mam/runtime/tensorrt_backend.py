@@ -12,9 +12,10 @@ from mam.runtime.base import (
     manifest_path,
     register_backend,
 )
-from mam.runtime.onnx_runtime import run_bag, run_info, small_sessions
+from mam.runtime.networks import TensorRTNetwork
+from mam.runtime.onnx_runtime import run_bag, run_info, small_networks
 from mam.runtime.sessions import RuntimeUnavailable
-from mam.runtime.tensorrt_engines import TensorRTEngine, build_engines, import_tensorrt
+from mam.runtime.tensorrt_engines import build_engines, import_tensorrt
 
 
 @register_backend("tensorrt")
@@ -27,12 +28,7 @@ class TensorRTBackend(InferenceRuntime):
         if self.asked_device == "cpu":
             raise RuntimeUnavailable("TensorRT runs on CUDA devices only; device cpu was asked")
         trt = import_tensorrt()
-        try:
-            import torch
-        except ImportError as e:
-            raise RuntimeUnavailable("the tensorrt backend needs torch for CUDA buffers") from e
-        if not torch.cuda.is_available():
-            raise RuntimeUnavailable("no CUDA device visible")
+        TensorRTNetwork.require_cuda()  # before an engine is built for nothing
         manifest, folder = load_manifest(weights)
         engines = build_engines(
             manifest_path(weights),
@@ -41,10 +37,10 @@ class TensorRTBackend(InferenceRuntime):
             precision=self.asked_precision,
         )
         sidecar = json.loads(engines["clip"].with_suffix(".json").read_text())
-        self._torch = torch
-        self._engine = TensorRTEngine(engines["clip"])
+        self._clip_net = TensorRTNetwork(engines["clip"], max_batch=self.max_batch
+                                         or DEFAULT_MAX_BATCH)  # fmt: skip
         nets = manifest["networks"]
-        self._bag_sess, self._info_sess = small_sessions(folder, nets)
+        self._bag_net, self._info_net = small_networks(folder, nets)
         self.device = "cuda"
         self.precision = sidecar["precision_built"]
         self.details = {
@@ -56,16 +52,11 @@ class TensorRTBackend(InferenceRuntime):
         }
 
     def _clip(self, x):
-        torch = self._torch
-        outs = self._engine(instances=torch.from_numpy(x).to("cuda"))
-        torch.cuda.current_stream().synchronize()
-        return (
-            outs["clip_features"].float().cpu().numpy(),
-            outs["clip_logits"].float().cpu().numpy(),
-        )
+        out = self._clip_net.run({"instances": x}, batch=self.batch())
+        return out["clip_features"], out["clip_logits"]
 
     def _bag(self, logits):
-        return run_bag(self._bag_sess, logits)
+        return run_bag(self._bag_net, logits)
 
     def _info(self, x):
-        return run_info(self._info_sess, x)
+        return run_info(self._info_net, x)

@@ -25,7 +25,6 @@ same keys as the ``mediapipe`` backend plus ``stats`` (detections, crops run, re
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -35,13 +34,7 @@ from typing import Literal, Self
 
 import numpy as np
 
-from mam.pose.base import (
-    ENV_POSE_DEVICE,
-    ENV_POSE_RUNTIME,
-    PoseSequence,
-    check_frame,
-    register_backend,
-)
+from mam.pose.base import PoseBackendBase, PoseSequence, check_frame, register_backend
 from mam.pose.blazepose.landmarks import NUM_POSE, LandmarkBatch
 from mam.pose.blazepose.roi import roi_from_alignment_points
 from mam.pose.blazepose.smoothing import smooth_sequence
@@ -143,7 +136,7 @@ class _RoiTrack:
 
 
 @register_backend(NAME)
-class OnnxPoseBackend:
+class OnnxPoseBackend(PoseBackendBase):
     """BlazePose (full) in ONNX with sparse detection and batched, tracked crops.
 
     Args:
@@ -167,6 +160,13 @@ class OnnxPoseBackend:
     """
 
     name = NAME
+    # NOTE: a recording's pose through this backend is defined as posed in parts of 30 s, each
+    # tracked from a warm-up before its start (mam.pose.from_video): the parts can then run in
+    # parallel threads where a caller has the cores, with the same joints either way.
+    part_frames = 750
+    takes_threads = True
+    runtimes = ("onnxruntime", "tensorrt", "pytorch")
+    devices = ("cpu", "cuda")
 
     def __init__(
         self,
@@ -183,13 +183,7 @@ class OnnxPoseBackend:
         prefetch: int = 32,
         cache: str | Path | None = None,
     ) -> None:
-        runtime = runtime or os.environ.get(ENV_POSE_RUNTIME) or "onnxruntime"
-        device = device or os.environ.get(ENV_POSE_DEVICE) or "cpu"
-        if runtime not in ("onnxruntime", "tensorrt", "pytorch") or device not in ("cpu", "cuda"):
-            raise ValueError(
-                f"the onnx pose backend runs on onnxruntime, tensorrt or pytorch, cpu or cuda "
-                f"({ENV_POSE_RUNTIME}, {ENV_POSE_DEVICE}); got {runtime!r}, {device!r}"
-            )
+        runtime, device = self.resolve_runtime(runtime, device)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if detect_every < 0:

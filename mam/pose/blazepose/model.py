@@ -6,9 +6,10 @@ code around them ports MediaPipe's graphs (``detector``, ``roi``, ``landmarks``)
 landmarks) and is what the parity check compares; the video backend (``backend``) reuses the
 pieces with sparse detection and batched crops.
 
-Runners: ONNX Runtime (CPU, or CUDA where onnxruntime-gpu is installed) and TensorRT engines built
-from the same ONNX files with a frame-batch profile ``(1, opt, max)`` through ``mam.runtime``
-(cached by ``engine_cache_key``; skipped where TensorRT is not installed).
+Runners (``mam.runtime.networks``): ONNX Runtime (CPU, or CUDA where onnxruntime-gpu is
+installed), TensorRT engines built from the same ONNX files with a frame-batch profile
+``(1, opt, max)`` (cached by ``engine_cache_key``; skipped where TensorRT is not installed) and
+PyTorch (``torch_graph``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Literal
 
 import numpy as np
 
+from mam.pose.base import ort_pose_network
 from mam.pose.blazepose import convert, detector
 from mam.pose.blazepose.landmarks import NUM_POSE, LandmarkBatch, decode_landmarks
 from mam.pose.blazepose.roi import CROP_SIZE, crop, roi_from_alignment_points
@@ -30,55 +32,15 @@ logger = logging.getLogger(__name__)
 Runtime = Literal["onnxruntime", "tensorrt", "pytorch"]
 
 
-class _OrtRunner:
-    """One ONNX Runtime session (``mam.runtime.sessions``); ``device='cuda'`` uses the CUDA
-    provider when this build has it."""
+def _tensorrt_network(path: Path, max_batch: int, precision: str):
+    """The landmark network as a TensorRT engine with a frame-batch profile
+    ``(1, max_batch, max_batch)``, built on first use and cached."""
+    from mam.runtime.networks import TensorRTNetwork
 
-    def __init__(self, path: Path, threads: int, device: str) -> None:
-        from mam.runtime.sessions import RuntimeUnavailable, ort_session
-
-        try:
-            self.session = ort_session(path, device="auto" if device != "cpu" else "cpu",
-                                       threads=threads)  # fmt: skip
-        except RuntimeUnavailable as exc:
-            from mam.errors import DependencyMissingError
-
-            raise DependencyMissingError(f"the onnx pose backend: {exc}") from exc
-        self.outputs = [o.name for o in self.session.get_outputs()]
-        self.providers = self.session.get_providers()
-
-    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        return dict(zip(self.outputs, self.session.run(None, {"input": x})))
-
-
-class _TrtRunner:
-    """A TensorRT engine with a frame-batch profile, built on first use and cached."""
-
-    def __init__(self, path: Path, max_batch: int, precision: str) -> None:
-        from mam.runtime import RuntimeUnavailable, TensorRTEngine, cached_engine, import_tensorrt
-
-        import_tensorrt()
-        import torch
-
-        if not torch.cuda.is_available():
-            raise RuntimeUnavailable("no CUDA device visible")
-        shape = [1, CROP_SIZE, CROP_SIZE, 3]  # NHWC, as converted; axis 0 is the frame batch
-        engine, _ = cached_engine(path, path.name.split(".")[0], input_name="input",
-                                  input_shape=shape, profile=(1, max_batch, max_batch),
-                                  precision=precision)  # fmt: skip
-        self._torch = torch
-        self.engine = TensorRTEngine(engine)
-        self.max_batch = max_batch
-        self.providers = ["TensorRT"]
-
-    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        torch = self._torch
-        parts: list[dict] = []
-        for i in range(0, len(x), self.max_batch):
-            outs = self.engine(input=torch.from_numpy(x[i : i + self.max_batch]).to("cuda"))
-            torch.cuda.current_stream().synchronize()
-            parts.append({k: v.float().cpu().numpy() for k, v in outs.items()})
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    shape = [1, CROP_SIZE, CROP_SIZE, 3]  # NHWC, as converted; axis 0 is the frame batch
+    return TensorRTNetwork.from_onnx(path, path.name.split(".")[0], input_name="input",
+                                     input_shape=shape, profile=(1, max_batch, max_batch),
+                                     precision=precision)  # fmt: skip
 
 
 @dataclass
@@ -145,15 +107,15 @@ class BlazePoseOnnx:
         n_threads = default_threads(threads)  # MAM_RUNTIME_THREADS, else the usable CPUs
         det, lmk = models[convert.DETECTOR].onnx_path, models[convert.LANDMARK].onnx_path
         if runtime == "pytorch":  # the lent GPU machines' route: torch with CUDA, fp16
-            from mam.pose.blazepose.torch_graph import TorchRunner
+            from mam.pose.blazepose.torch_graph import torch_network
 
-            self.detector = TorchRunner(det, device)
-            self.landmarker = TorchRunner(lmk, device, precision)
+            self.detector = torch_network(det, device)
+            self.landmarker = torch_network(lmk, device, precision, max_batch=max_batch)
         else:
-            self.detector = _OrtRunner(det, n_threads, device)
+            self.detector = ort_pose_network(det, device, n_threads)
             self.landmarker = (
-                _TrtRunner(lmk, max_batch, precision) if runtime == "tensorrt"
-                else _OrtRunner(lmk, n_threads, device)
+                _tensorrt_network(lmk, max_batch, precision) if runtime == "tensorrt"
+                else ort_pose_network(lmk, device, n_threads, max_batch)
             )  # fmt: skip
         self.details = {
             "runtime": runtime,
@@ -195,11 +157,7 @@ class BlazePoseOnnx:
         for i, (frame, roi) in enumerate(zip(frames, rois)):
             crop(frame, roi, out=batch[i])
         t1 = time.perf_counter()
-        outs: dict[str, list[np.ndarray]] = {}
-        for i in range(0, n, self.max_batch):
-            for k, v in self.landmarker(batch[i : i + self.max_batch]).items():
-                outs.setdefault(k, []).append(v)
-        cat = {k: np.concatenate(v) for k, v in outs.items()}
+        cat = self.landmarker(batch)  # in chunks of max_batch crops
         t2 = time.perf_counter()
         lm = decode_landmarks(
             cat["landmarks"], cat["world_landmarks"], cat["pose_flag"], cat["heatmap"], rois

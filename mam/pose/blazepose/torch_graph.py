@@ -174,26 +174,28 @@ def build(onnx_path: str | Path):
     return GraphModule().eval()
 
 
-class TorchRunner:
-    """A converted BlazePose network on PyTorch (``MAM_POSE_RUNTIME=pytorch``): CUDA and fp16
-    when a GPU is there, optionally compiled; numpy in and out like the ONNX Runtime runner."""
+def torch_network(
+    path: Path,
+    device: str = "cpu",
+    precision: str = "fp32",
+    *,
+    max_batch: int | None = None,
+    compile: bool = False,
+):
+    """A converted BlazePose network on PyTorch (``MAM_POSE_RUNTIME=pytorch``) as a
+    ``mam.runtime.networks.TorchNetwork``: CUDA and fp16 when a GPU is there, optionally
+    compiled; numpy in and out like the ONNX Runtime route."""
+    from mam.runtime.networks import TorchNetwork
+    from mam.runtime.sessions import RuntimeUnavailable
 
-    def __init__(
-        self, path: Path, device: str = "cpu", precision: str = "fp32", compile: bool = False
-    ) -> None:
-        torch = _torch()
-        if device == "cuda" and not torch.cuda.is_available():
-            raise DependencyMissingError("device cuda asked, but torch sees no CUDA device")
-        self.device = torch.device(device)
-        self.dtype = torch.float16 if precision == "fp16" and device == "cuda" else torch.float32
-        module = build(path).to(self.device, self.dtype)
-        self._torch = torch
-        self.module = torch.compile(module, mode="reduce-overhead") if compile else module
-        self.providers = [f"pytorch-{device}-{str(self.dtype).split('.')[-1]}"]
-
-    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        torch = self._torch
-        with torch.inference_mode():
-            t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device, self.dtype)
-            out = self.module(t)
-            return {k: v.float().cpu().numpy() for k, v in out.items()}
+    torch = _torch()
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DependencyMissingError("device cuda asked, but torch sees no CUDA device")
+    dtype = torch.float16 if precision == "fp16" and device == "cuda" else torch.float32
+    module = build(path).to(torch.device(device), dtype)
+    fn = torch.compile(module, mode="reduce-overhead") if compile else module
+    try:
+        return TorchNetwork(fn, inputs=["input"], outputs=module.outputs, device=device,
+                            dtype=precision, max_batch=max_batch)  # fmt: skip
+    except RuntimeUnavailable as exc:
+        raise DependencyMissingError(str(exc)) from exc

@@ -19,11 +19,12 @@ Weights. No infant HRNet weights were published; a site provides its fine-tuned 
 (``hrnet_weights=`` or ``MAM_HRNET_WEIGHTS``, any HRNet width and depth in the official key layout,
 see ``mam.pose.paper.hrnet.checkpoint_filter_fn``). Without one the backend refuses to start
 (:class:`SiteWeightsRequiredError`): random or adult-only weights are never run silently. The
-lifter defaults to ``models/lifter_infant.pt``, trained here on real infant motion
-(``mam.pose.paper.lifter_train``; its sidecar records data, split and held-out MPJPE).
+lifter defaults to the shipped ``models/lifter_infant.pt`` (``mam.shipped``), trained here on real
+infant motion (``mam.pose.paper.lifter_train``; its sidecar records data, split and held-out MPJPE).
 
-Runtimes (``runtime=``): ``onnxruntime`` exports both networks once to ONNX in a cache folder keyed
-by the weights' sha256 (``MAM_POSE_CACHE``, default ``~/.cache/mam/pose``), checks ONNX Runtime
+Runtimes (``runtime=``, each network through ``mam.runtime.networks``): ``onnxruntime`` exports
+both networks once to ONNX (``mam.runtime.onnx_export``) in a cache folder keyed by the weights'
+sha256 (``MAM_POSE_CACHE``, default ``~/.cache/mam/pose``), checks ONNX Runtime
 against PyTorch on export, and afterwards needs no PyTorch; ``pytorch`` runs them eagerly (CUDA when
 available); ``tensorrt`` builds an HRNet engine with a frame-batch profile through
 ``mam.runtime.build_engine`` (GPU only; the lifter, about a GFLOP per thousand frames, stays on
@@ -32,7 +33,6 @@ ONNX Runtime). ``auto`` is ``onnxruntime`` when it can be had, else ``pytorch``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -46,17 +46,19 @@ from typing import Literal, Self
 import numpy as np
 
 from mam.errors import DependencyMissingError, ModelLoadError
-from mam.files import write_atomic
 from mam.model.weights import sha256_of
 from mam.pose.base import (
-    ENV_POSE_DEVICE,
-    ENV_POSE_RUNTIME,
+    PoseBackendBase,
     PoseSequence,
     check_frame,
     iter_chunks,
+    ort_pose_network,
     pose_cache_dir,
     register_backend,
 )
+from mam.runtime.networks import Network
+from mam.runtime.onnx_export import cached_onnx
+from mam.shipped import models_dir
 from mam.skeleton import FPS, NUM_JOINTS
 
 logger = logging.getLogger(__name__)
@@ -64,12 +66,9 @@ logger = logging.getLogger(__name__)
 NAME = "hrnet-videopose3d"
 ENV_HRNET_WEIGHTS = "MAM_HRNET_WEIGHTS"
 ENV_LIFTER_WEIGHTS = "MAM_LIFTER_WEIGHTS"
-DEFAULT_LIFTER = Path(__file__).resolve().parents[3] / "models" / "lifter_infant.pt"
+DEFAULT_LIFTER = models_dir() / "lifter_infant.pt"
 INPUT_H, INPUT_W = 256, 192  # HRNet-W32 256x192 (mam.pose.paper.hrnet.INPUT_SIZE, without torch)
 STRIDE = 4
-ONNX_OPSET = 18
-PARITY_RTOL = 1e-3  # of the largest reference value, plus
-PARITY_ATOL = 1e-4
 
 Runtime = Literal["auto", "onnxruntime", "pytorch", "tensorrt"]
 BoxFn = Callable[[int, np.ndarray], tuple[float, float, float, float]]
@@ -120,72 +119,6 @@ def interpolate_missing(x: np.ndarray, tracked: np.ndarray) -> np.ndarray:
     return flat.reshape(x.shape)
 
 
-# -- ONNX export with parity (used by the backend's cache and by export/pose_networks.py) --------
-def export_onnx(
-    module,
-    example: np.ndarray,
-    path: Path,
-    *,
-    input_name: str,
-    output_name: str,
-    dynamic_axes: dict[int, str],
-    opset: int = ONNX_OPSET,
-) -> Path:
-    """Export a one-input, one-output torch module with named, dynamic axes; ``onnx.checker``.
-
-    The TorchScript exporter is used: both networks are plain convolution stacks, it handles the
-    lifter's dynamic time axis (whose output length is ``T - receptive_field + 1``) directly, and it
-    exports HRNet-W32 in seconds."""
-    import io
-    import warnings
-
-    import onnx
-    import torch
-
-    module = module.eval()
-    buf = io.BytesIO()
-    axes = {input_name: dynamic_axes, output_name: dict(dynamic_axes)}
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notices
-        torch.onnx.export(module, (torch.from_numpy(example),), buf, dynamo=False,
-                          input_names=[input_name], output_names=[output_name],
-                          dynamic_axes=axes, opset_version=opset)  # fmt: skip
-    proto = onnx.load_from_string(buf.getvalue())
-    onnx.checker.check_model(proto)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return write_atomic(path, proto.SerializeToString())  # concurrent first uses are safe
-
-
-def check_onnx_parity(
-    module,
-    path: Path,
-    examples: Iterable[np.ndarray],
-    *,
-    rtol: float = PARITY_RTOL,
-    atol: float = PARITY_ATOL,
-) -> float:
-    """Largest ONNX Runtime (CPU) vs PyTorch difference relative to ``atol + rtol * max|torch|``
-    over ``examples`` (give two shapes); ``ValueError`` when it exceeds 1."""
-    import torch
-
-    from mam.runtime.sessions import ort_session
-
-    sess = ort_session(path, device="cpu")
-    name = sess.get_inputs()[0].name
-    worst = 0.0
-    for x in examples:
-        with torch.inference_mode():
-            ref = module.eval()(torch.from_numpy(x)).numpy()
-        got = sess.run(None, {name: x})[0]
-        if got.shape != ref.shape:
-            raise ValueError(f"ONNX output shape {got.shape} != torch {ref.shape}")
-        ratio = float(np.abs(got - ref).max() / (atol + rtol * np.abs(ref).max()))
-        worst = max(worst, ratio)
-    if worst > 1.0:
-        raise ValueError(f"ONNX Runtime vs PyTorch parity failed ({worst:.2f} x tolerance)")
-    return worst
-
-
 # -- networks: loading ---------------------------------------------------------------------------
 def hrnet_config_from_state(state: dict) -> dict:
     """Width, joints and depth of an HRNet state dict (official key layout), so that W32, W48 and
@@ -232,100 +165,13 @@ def load_hrnet(weights: Path):
     return model.eval(), cfg
 
 
-def _key(sha: str, extra: dict) -> str:
-    blob = json.dumps({"sha256": sha, **extra}, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:20]
+def _torch_network(model, device: str, output: str):
+    """A torch module as a ``mam.runtime.networks.TorchNetwork`` (``auto``: CUDA if present)."""
+    from mam.runtime.networks import TorchNetwork
 
-
-class _Network:
-    """One network behind one call on numpy arrays, whatever runs it."""
-
-    def __init__(self, fn: Callable[[np.ndarray], np.ndarray], runtime: str, detail: dict) -> None:
-        self.fn, self.runtime, self.detail = fn, runtime, detail
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.fn(np.ascontiguousarray(x, dtype=np.float32))
-
-
-def _torch_network(model, device: str) -> _Network:
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = model.to(device).eval()
-
-    def run(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return model(torch.from_numpy(x).to(device)).float().cpu().numpy()
-
-    return _Network(run, "pytorch", {"device": device, "torch": torch.__version__})
-
-
-def _ort_network(path: Path, threads: int | None, device: str) -> _Network:
-    from mam.runtime.sessions import RuntimeUnavailable, ort_session
-
-    try:
-        sess = ort_session(path, device="cpu" if device == "cpu" else "auto", threads=threads)
-    except RuntimeUnavailable as e:
-        raise DependencyMissingError(str(e)) from e
-    name = sess.get_inputs()[0].name
-
-    def run(x: np.ndarray) -> np.ndarray:
-        return sess.run(None, {name: x})[0]
-
-    return _Network(run, "onnxruntime", {"providers": sess.get_providers(), "onnx": path.name})
-
-
-def cached_onnx(
-    role: str,
-    weights: Path,
-    build: Callable[[], tuple[object, dict]],
-    example_shapes: tuple[tuple[int, ...], tuple[int, ...]],
-    *,
-    input_name: str,
-    output_name: str,
-    dynamic_axes: dict[int, str],
-    cache_dir: Path,
-    weights_sha256: str | None = None,
-) -> tuple[Path, dict]:
-    """``cache_dir/<role>-<key>.onnx`` (+ ``.json``), keyed by the weights' sha256 and the export
-    settings; exported and parity-checked on first use (needs torch), reused afterwards."""
-    sha = weights_sha256 or sha256_of(weights)  # callers that already hashed it pass it
-    key = _key(sha, {"role": role, "opset": ONNX_OPSET, "shape": list(example_shapes[0])})
-    path = cache_dir / f"{role}-{key}.onnx"
-    info_path = path.with_suffix(".json")
-    if path.is_file() and info_path.is_file():
-        try:
-            info = json.loads(info_path.read_text())
-        except (OSError, ValueError):
-            info = {}  # unreadable: stale, exported again below
-        if info.get("onnx_sha256") == sha256_of(path):
-            return path, info
-        logger.warning("cached %s export does not match its record; exporting again", role)
-    model, config = build()
-    rng = np.random.default_rng(0)
-    examples = [rng.standard_normal(s).astype(np.float32) for s in example_shapes]
-    t0 = time.perf_counter()
-    export_onnx(model, examples[0], path, input_name=input_name, output_name=output_name,
-                dynamic_axes=dynamic_axes)  # fmt: skip
-    worst = check_onnx_parity(model, path, examples)
-    info = {
-        "role": role,
-        "weights_sha256": sha,
-        "config": config,
-        "opset": ONNX_OPSET,
-        "onnx_sha256": sha256_of(path),
-        "parity": {
-            "shapes": [list(s) for s in example_shapes],
-            "worst_vs_tolerance": worst,
-            "rtol": PARITY_RTOL,
-            "atol": PARITY_ATOL,
-        },  # fmt: skip
-    }
-    write_atomic(info_path, (json.dumps(info, indent=2) + "\n").encode())
-    logger.info("exported %s to ONNX in %.1f s (parity %.3f of tolerance)", role,
-                time.perf_counter() - t0, worst)  # fmt: skip
-    return path, info
+    net = TorchNetwork(model.eval(), outputs=[output], device=device)
+    model.to(net.device)
+    return net
 
 
 def load_lifter_network(
@@ -336,8 +182,9 @@ def load_lifter_network(
     cache_dir: Path | None = None,
     receptive_field: int | None = None,
     weights_sha256: str | None = None,
-) -> _Network:
-    """The VideoPose3D lifter as one call on ``[N, T + rf - 1, 17, 2]`` -> ``[N, T, 17, 3]``:
+) -> Network:
+    """The VideoPose3D lifter as one network, ``keypoints_2d`` ``[N, T + rf - 1, 17, 2]`` ->
+    ``joints_3d`` ``[N, T, 17, 3]``:
     ONNX Runtime from a cached, parity-checked export where it can be had, else PyTorch. Shared
     by this backend and the ``lifted`` pose representation (``mam.pose.representation``)."""
     if receptive_field is None:
@@ -360,7 +207,7 @@ def load_lifter_network(
                 dynamic_axes={0: "N", 1: "T"}, cache_dir=cache_dir or pose_cache_dir(),
                 weights_sha256=weights_sha256,
             )  # fmt: skip
-            return _ort_network(path, threads, "cpu")
+            return ort_pose_network(path, "cpu", threads)
         except (DependencyMissingError, ImportError) as e:
             if runtime == "onnxruntime":
                 raise
@@ -369,12 +216,12 @@ def load_lifter_network(
         model, _ = build()
     except ImportError as e:
         raise DependencyMissingError("the lifter needs PyTorch or an ONNX export") from e
-    return _torch_network(model, device)
+    return _torch_network(model, device, "joints_3d")
 
 
 # -- the backend ----------------------------------------------------------------------------------
 @register_backend(NAME)
-class HRNetVideoPose3DBackend:
+class HRNetVideoPose3DBackend(PoseBackendBase):
     """HRNet 2D keypoints + VideoPose3D lifting (the paper's route); see the module docstring.
 
     Args:
@@ -393,6 +240,9 @@ class HRNetVideoPose3DBackend:
     """
 
     name = NAME
+    takes_threads = True
+    runtimes = ("auto", "onnxruntime", "pytorch", "tensorrt")
+    devices = ("auto", "cpu", "cuda")
 
     def __init__(
         self,
@@ -407,12 +257,7 @@ class HRNetVideoPose3DBackend:
         threads: int | None = None,
         cache_dir: str | Path | None = None,
     ) -> None:
-        runtime = runtime or os.environ.get(ENV_POSE_RUNTIME) or "auto"
-        device = device or os.environ.get(ENV_POSE_DEVICE) or "auto"
-        if runtime not in ("auto", "onnxruntime", "pytorch", "tensorrt"):
-            raise ValueError(f"runtime must be auto, onnxruntime, pytorch or tensorrt: {runtime!r}")
-        if device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+        runtime, device = self.resolve_runtime(runtime, device)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0.0 <= min_confidence <= 1.0:
@@ -466,7 +311,7 @@ class HRNetVideoPose3DBackend:
             cache_dir=self.cache, weights_sha256=self._sha["hrnet"],
         )  # fmt: skip
 
-    def _load_hrnet(self, runtime: str, device: str, threads: int | None) -> _Network:
+    def _load_hrnet(self, runtime: str, device: str, threads: int | None) -> Network:
         reasons = []
         if runtime == "tensorrt":
             try:
@@ -480,7 +325,7 @@ class HRNetVideoPose3DBackend:
             try:
                 path, info = self._hrnet_onnx()
                 self._hrnet_config = info["config"]
-                net = _ort_network(path, threads, device)
+                net = ort_pose_network(path, device, threads)
                 net.detail["fallbacks"] = reasons
                 return net
             except (DependencyMissingError, ImportError) as e:
@@ -489,39 +334,24 @@ class HRNetVideoPose3DBackend:
                 reasons.append(f"onnxruntime: {e}")
                 logger.warning("ONNX route unavailable (%s); running HRNet in PyTorch", e)
         model, self._hrnet_config = load_hrnet(self.hrnet_path)
-        net = _torch_network(model, device)
+        net = _torch_network(model, device, "heatmaps")
         net.detail["fallbacks"] = reasons
         return net
 
-    def _tensorrt_hrnet(self) -> _Network:
-        from mam.runtime import TensorRTEngine, cached_engine, import_tensorrt
+    def _tensorrt_hrnet(self) -> Network:
+        from mam.runtime.networks import TensorRTNetwork
 
-        import_tensorrt()
-        import torch
-
-        if not torch.cuda.is_available():
-            raise RuntimeError("no CUDA device visible")
+        TensorRTNetwork.require_cuda()  # before an export that only this route would need
         onnx_path, info = self._hrnet_onnx()
-        profile = (1, self.batch_size, max(self.batch_size, 64))
-        engine_path, _ = cached_engine(
+        net = TensorRTNetwork.from_onnx(
             onnx_path, "hrnet", input_name="images", input_shape=["N", 3, INPUT_H, INPUT_W],
-            profile=profile, precision="fp16", cache_dir=self.cache,
-            onnx_sha256=info["onnx_sha256"],
+            profile=(1, self.batch_size, max(self.batch_size, 64)), precision="fp16",
+            cache_dir=self.cache, onnx_sha256=info["onnx_sha256"],
         )  # fmt: skip
-        engine = TensorRTEngine(engine_path)
+        net.detail["config"] = info["config"]
+        return net
 
-        def run(x: np.ndarray) -> np.ndarray:
-            outs = []
-            for i in range(0, len(x), profile[2]):
-                out = engine(images=torch.from_numpy(x[i : i + profile[2]]).to("cuda"))["heatmaps"]
-                torch.cuda.current_stream().synchronize()
-                outs.append(out.float().cpu().numpy())
-            return np.concatenate(outs)
-
-        return _Network(run, "tensorrt", {"engine": engine_path.name, "profile": list(profile),
-                                          "config": info["config"]})  # fmt: skip
-
-    def _load_lifter(self, runtime: str, device: str, threads: int | None) -> _Network:
+    def _load_lifter(self, runtime: str, device: str, threads: int | None) -> Network:
         return load_lifter_network(self.lifter_path, runtime, device, threads, self.cache,
                                    self.receptive_field, self._sha["lifter"])  # fmt: skip
 
@@ -556,7 +386,7 @@ class HRNetVideoPose3DBackend:
                     box = fit_aspect(self.box_fn(done + k, frame))
                 boxes.append(box)
                 crops.append(crop(frame, box))
-            heat = self._hrnet(normalize_images(np.stack(crops)))
+            heat = self._hrnet(normalize_images(np.stack(crops)))["heatmaps"]
             xy, maxval = decode_heatmaps(heat)
             b = np.array(boxes, np.float32)  # [n, 4] x, y, w, h
             scale = (b[:, 2] / (heat.shape[-1] * 1.0))[:, None, None]  # image px per heatmap px
@@ -590,7 +420,8 @@ class HRNetVideoPose3DBackend:
         joints = np.full((T, NUM_JOINTS, 3), np.nan, np.float32)
         if tracked.any():
             screen = normalize_screen_coordinates(interpolate_missing(image_joints, tracked), *size)
-            lifted = self._lifter(pad_edges(normalize_2d(screen), self.receptive_field)[None])[0]
+            padded = pad_edges(normalize_2d(screen), self.receptive_field)[None]
+            lifted = self._lifter(padded)["joints_3d"][0]
             joints[tracked] = (lifted - lifted[:, :1])[tracked]
         confidence[~tracked] = 0.0
         elapsed = time.perf_counter() - start
