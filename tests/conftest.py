@@ -1,5 +1,6 @@
 """Shared fixtures. Data from ``../shared`` (beside the repository) are optional: tests that
-need them skip with the reason when the folder is absent."""
+need them skip with the reason when the folder is absent. The real infant motion ships with the
+package (``mam.shipped.demo_poses``), so its tests run in a clean clone too."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from mam.shipped import demo_poses
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-DEMO_NPZ = SHARED / "data" / "mam_demo_poses.npz"
+DEMO_NPZ = demo_poses()
 REFERENCE = SHARED / "reference"
 
 

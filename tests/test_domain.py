@@ -9,6 +9,8 @@ without the gate, or a gate that passes everything or nothing, fails one of them
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -17,6 +19,7 @@ from mam.pose.precomputed import validate_pose_array
 from mam.screening import DEFAULT_WEIGHTS, Screener, ScreeningOptions
 from mam.synth import shifted
 from mam.synth.motion import SimParams, simulate_infant
+from mam.synth.real_motion import default_data_path
 
 SECONDS = 40.0
 
@@ -24,6 +27,15 @@ SECONDS = 40.0
 @pytest.fixture(scope="module")
 def screener() -> Screener:
     return Screener(DEFAULT_WEIGHTS)
+
+
+@pytest.fixture(scope="module")
+def real_motion() -> Path:
+    """The real infant motion the shifted sets draw on (shipped in mam/synth/data)."""
+    path = Path(default_data_path())
+    if not path.is_file():
+        pytest.skip(f"real infant motion not found: {path} (mam/synth/data/ or MAM_DEMO_POSES)")
+    return path
 
 
 def _screen(screener, joints, infant=None):
@@ -78,7 +90,7 @@ def _shifted_sets(seed: int) -> dict[str, list[np.ndarray]]:
     }
 
 
-def test_recordings_unlike_the_training_data_are_flagged_and_indeterminate(screener):
+def test_recordings_unlike_the_training_data_are_flagged_and_indeterminate(screener, real_motion):
     sets = _shifted_sets(7)
     flagged, total = 0, 0
     for name, recordings in sets.items():
@@ -93,7 +105,7 @@ def test_recordings_unlike_the_training_data_are_flagged_and_indeterminate(scree
     assert flagged / total >= 0.95, (flagged, total)
 
 
-def test_without_the_gate_the_same_recordings_get_confident_labels(screener):
+def test_without_the_gate_the_same_recordings_get_confident_labels(screener, real_motion):
     """The gate, not the network, is what stops a confident answer on real motion alone: with
     abstention off the model says normal or risk, marked as not to be used."""
     research = Screener(DEFAULT_WEIGHTS, ScreeningOptions(abstain=False))

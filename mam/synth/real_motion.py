@@ -2,8 +2,9 @@
 
 Source and credit: the demo tensors published with the reference implementation of the MAM
 paper, github.com/qiang-Blazer/MAM, folder ``prepared_data/`` (MIT licence, copyright 2023
-qiang-Blazer). ``/work/shared/data/mam_demo_poses.npz`` holds them re-packed as root-relative
-Human3.6M 17-joint clips (see that folder's README). The poses are in the authors' per-axis
+qiang-Blazer). ``mam/synth/data/mam_demo_poses.npz``, shipped with the package beside its licence
+notice, holds them re-packed as root-relative Human3.6M 17-joint clips (see that folder's README);
+``MAM_DEMO_POSES`` names another copy. The poses are in the authors' per-axis
 standardised units, so they are rescaled, rotated into a camera-aligned frame and retargeted to
 infant bone lengths here before :mod:`mam.synth.render` draws them.
 
@@ -20,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mam.errors import FileNotFoundInputError
+from mam.shipped import demo_poses
 from mam.skeleton import BONES, NUM_JOINTS, PARENTS
 
 CLIP_LEN = 240
@@ -55,14 +58,22 @@ assert set(INFANT_BONES_M) == set(BONES)
 
 
 def default_data_path() -> str:
-    """``$MAM_DEMO_POSES``, else ``shared/data/mam_demo_poses.npz`` beside the repository."""
-    repo = Path(__file__).resolve().parents[2]
-    return os.environ.get("MAM_DEMO_POSES") or str(repo.parent / "shared/data/mam_demo_poses.npz")
+    """``$MAM_DEMO_POSES``, else the copy shipped with the package (``mam.shipped``)."""
+    return os.environ.get("MAM_DEMO_POSES") or str(demo_poses())
 
 
 def load_clips(npz_path: str | os.PathLike) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Return ``(clips, groups)``: clips float32 ``[N, 240, 17, 3]`` (root-relative, authors'
-    units) and ``{"group:<folder>": int32 clip ids in file order}``."""
+    units) and ``{"group:<folder>": int32 clip ids in file order}``.
+
+    Raises:
+        FileNotFoundInputError: no file at ``npz_path`` (e.g. ``MAM_DEMO_POSES`` names none).
+    """
+    if not Path(npz_path).is_file():
+        raise FileNotFoundInputError(
+            f"expected the real infant motion (mam_demo_poses.npz) at {os.fspath(npz_path)}; "
+            "there is no such file (set MAM_DEMO_POSES to a copy, or unset it for the shipped one)"
+        )
     with np.load(npz_path) as data:
         clips = data["clips"].astype(np.float32)
         groups = {k: np.asarray(data[k]) for k in data.files if k.startswith("group:")}
