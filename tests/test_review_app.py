@@ -81,7 +81,8 @@ def fresh(batch, tmp_path) -> H.Batch:
 
 def client(b: H.Batch, **kw) -> TestClient:
     base = kw.pop("base_url", "http://testserver")
-    return TestClient(create_app(H.config(b, **kw)), base_url=base)
+    addr = kw.pop("client", ("testclient", 50000))
+    return TestClient(create_app(H.config(b, **kw)), base_url=base, client=addr)
 
 
 def _rows(b: H.Batch) -> list[dict]:
@@ -139,7 +140,7 @@ def test_nothing_is_reachable_without_login(fresh):
         assert page.status_code == 200 and "<style nonce=" in page.text
 
 
-def test_login_wrong_missing_and_lockout(fresh):
+def test_login_wrong_missing_and_throttled(fresh):
     with client(fresh) as c:
         token = re.search(r'name="csrf_token" value="([^"]+)"', c.get("/login").text).group(1)
 
@@ -157,9 +158,10 @@ def test_login_wrong_missing_and_lockout(fresh):
         assert "mam_review_session" not in c.cookies
         for _ in range(4):
             attempt("alice", "wrong-password")
-        locked = attempt("alice", H.PASSWORDS["alice"])  # the right password, too late
-        assert locked.status_code == 429 and "Too many" in locked.text
-        ok = attempt("bob", H.PASSWORDS["bob"])  # other names are not locked
+        slowed = attempt("alice", H.PASSWORDS["alice"])  # this client must wait first
+        assert slowed.status_code == 429 and "Too many" in slowed.text
+        assert int(slowed.headers["retry-after"]) >= 1
+        ok = attempt("bob", H.PASSWORDS["bob"])  # other names are not slowed
         assert ok.status_code == 303 and ok.headers["location"] == "/"
         assert c.get("/").status_code == 200
         csrf = re.search(r'name="csrf-token" content="([^"]+)"', c.get("/").text).group(1)
@@ -458,7 +460,71 @@ def test_skeleton_overlay_comes_from_the_recordings_backend_once(fresh):
         csrf = H.login(c)
         assert _wait(c, rid, csrf)["state"] == "done"
     assert len(FAKE_CALLS) == calls + 1
-    assert list((fresh.out / ".review_cache" / "pose").glob(f"{FAKE_BACKEND}-v1-*.npz"))
+    kept = list((fresh.out / "poses").glob(f"{FAKE_BACKEND}-v3-*.npz"))
+    assert len(kept) == 1  # where mam batch keeps poses, the backend recorded in the file
+    with np.load(kept[0]) as z:
+        assert (str(z["source"]), str(z["kind"])) == (FAKE_BACKEND, "video")
+
+
+def _keep_fake_pose(b: H.Batch, path: str, legacy: bool = False) -> tuple[str, Path]:
+    """A video row whose pose the batch kept (or, ``legacy``, the app cached under its old
+    name, without the backend in the file); returns its rid and the pose file."""
+    from mam.batch.poses import kept_pose_path
+    from mam.model.weights import sha256_of
+    from mam.pose.from_video import write_pose_cache
+
+    rid = H.add_video_row(b.out, b.archive, path, pose_backend=FAKE_BACKEND)
+    sha = sha256_of(b.archive / path)
+    seq = _FakePose().estimate(np.zeros((300, 120, 160, 3), np.uint8))
+    FAKE_CALLS.pop()  # made here, not estimated by the app
+    if legacy:
+        seq.source = "unknown"
+        dest = b.out / ".review_cache" / "pose" / f"{FAKE_BACKEND}-v1-{sha}.npz"
+    else:
+        dest = kept_pose_path(b.out, FAKE_BACKEND, sha)
+    return rid, write_pose_cache(seq, dest)
+
+
+def test_overlay_and_export_take_the_pose_the_batch_kept(fresh, tmp_path):
+    from mam.training.dataset import load_dataset
+
+    rid, kept = _keep_fake_pose(fresh, "videos/kept.mp4")
+    calls = len(FAKE_CALLS)
+    with client(fresh) as c:
+        csrf = H.login(c)
+        r = c.get(f"/r/{rid}/pose").json()  # drawn at once: nothing to estimate
+        assert r["state"] == "done" and r["overlay"]["frames"] == 300
+        assert (r["overlay"]["width"], r["overlay"]["height"]) == (160, 120)
+        _review_all(c, fresh, csrf)
+        assert put(c, rid, csrf, category="continuous", group="normal", state="done").is_success
+    out = tmp_path / "training"
+    assert main(["review", str(fresh.out), "--archive", str(fresh.archive),
+                 "--export", str(out)]) == 0  # fmt: skip
+    assert len(FAKE_CALLS) == calls  # neither the overlay nor the export estimated it again
+    with open(out / "infants.csv") as f:
+        row = next(r for r in csv.DictReader(f) if r["id"] == "videos/kept")
+    with np.load(kept) as a, np.load(out / row["file"]) as b:
+        assert set(a.files) == set(b.files) and str(b["source"]) == FAKE_BACKEND
+        assert all(np.array_equal(a[k], b[k]) for k in a.files)
+    # Trained on, the exported pose is the video kind it came from; the pose files stay theirs.
+    kinds = {r.infant_id: r.source for r in load_dataset(out)}
+    assert kinds["videos/kept"] == FAKE_BACKEND
+    assert {kinds[i] for i in fresh.truth} == {"precomputed"}
+    declared = json.loads((out / "dataset.json").read_text())
+    assert declared["data"] == "recordings"
+    assert declared["kinds"] == {"pose_file": len(fresh.truth), "video": 1}
+
+
+def test_a_pose_cached_before_the_batch_kept_poses_is_moved_not_estimated(fresh):
+    rid, old = _keep_fake_pose(fresh, "videos/old.mp4", legacy=True)
+    calls = len(FAKE_CALLS)
+    with client(fresh) as c:
+        H.login(c)
+        assert c.get(f"/r/{rid}/pose").json()["state"] == "done"
+    assert len(FAKE_CALLS) == calls and not old.exists()
+    (moved,) = (fresh.out / "poses").glob(f"{FAKE_BACKEND}-v3-*.npz")
+    with np.load(moved) as z:
+        assert (str(z["source"]), str(z["kind"])) == (FAKE_BACKEND, "video")
 
 
 def test_skeleton_refuses_a_recording_changed_since_screening(fresh):
@@ -634,3 +700,221 @@ def test_the_review_package_has_no_network_assets():
         assert "http://" not in text.replace("http://www.w3.org/2000/svg", ""), f.name
         assert "https://" not in text, f.name
     assert os.path.getsize(root / "static" / "recording.js") < 64_000
+
+
+# -- login throttle, access log, secure cookies, defects -------------------------------------------
+def _attempt(c, name, password):
+    page = c.get("/login")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+    return c.post("/login", data={"name": name, "password": password, "csrf_token": token},
+                  follow_redirects=False)  # fmt: skip
+
+
+def test_wrong_passwords_slow_one_client_and_never_lock_the_name(fresh):
+    app = create_app(H.config(fresh))
+    review = app.state.review
+    now = [1_000_000.0]
+    review.throttle.clock = lambda: now[0]
+    wrong = "wrong-password-xyz"
+    with TestClient(app, client=("10.0.0.1", 5000)) as a:
+        # Six wrong passwords from one client: three free, then 1, 2, 4 s waits (429), each
+        # answered before the password is even checked.
+        statuses, waits = [], []
+        while statuses.count(401) < 6:
+            r = _attempt(a, "alice", wrong)
+            statuses.append(r.status_code)
+            if r.status_code == 429:
+                assert "Too many failed logins" in r.text
+                waits.append(int(r.headers["retry-after"]))
+                now[0] += waits[-1]
+        assert statuses == [401] * 3 + [429, 401] * 3
+        assert waits == [1, 2, 4]
+        # The right password from another client: in at once (the name is not locked).
+        b = TestClient(app, client=("10.0.0.2", 5001))
+        r = _attempt(b, "alice", H.PASSWORDS["alice"])
+        assert r.status_code == 303
+        # The first client is slowed, not locked: after the wait, the right password works.
+        r = _attempt(a, "alice", H.PASSWORDS["alice"])
+        assert r.status_code == 429 and r.headers["retry-after"] == "8"
+        now[0] += 8
+        assert _attempt(a, "alice", H.PASSWORDS["alice"]).status_code == 303
+        # A password typed as a name is not kept: unknown names are logged as such.
+        assert _attempt(a, "my-Secret-pw", wrong).status_code == 401
+        # The counters are in the database: a restart does not reset them.
+        for _ in range(3):
+            _attempt(a, "bob", wrong)
+        again = create_app(H.config(fresh))
+        again.state.review.throttle.clock = lambda: now[0]
+        with TestClient(again, client=("10.0.0.1", 5000)) as a2:
+            assert _attempt(a2, "bob", H.PASSWORDS["bob"]).status_code == 429
+        events = review.store.events()
+    failed = [e for e in events if e["outcome"] == "failed"]
+    assert [(e["user"], e["client"]) for e in failed] == (
+        [("alice", "10.0.0.1")] * 6 + [("(unknown name)", "10.0.0.1")] + [("bob", "10.0.0.1")] * 3
+    )
+    assert sum(e["outcome"] == "throttled" for e in events) == 5
+    ok = [
+        (e["user"], e["client"]) for e in events if e["event"] == "login" and e["outcome"] == "ok"
+    ]
+    assert ok == [("alice", "10.0.0.2"), ("alice", "10.0.0.1")]
+    db = b"".join(p.read_bytes() for p in fresh.out.glob("review.sqlite*"))
+    for secret in (wrong, H.PASSWORDS["alice"], "my-Secret-pw"):
+        assert secret.encode() not in db
+
+
+def test_the_access_log_records_logins_logouts_exports_and_downloads(fresh):
+    with client(fresh, client=("10.1.2.3", 4000)) as c:
+        csrf = H.login(c)
+        assert c.get("/export/download").status_code == 404
+        _review_all(c, fresh, csrf)
+        assert (
+            c.post("/export", data={"csrf_token": csrf}, follow_redirects=False).status_code == 303
+        )
+        t0 = time.monotonic()
+        while c.get("/export/status").json()["state"] == "running":
+            assert time.monotonic() - t0 < 60
+            time.sleep(0.1)
+        assert c.get("/export/download").status_code == 200
+        page = c.get("/audit", headers=HTML)
+        assert page.status_code == 200
+        c.post("/logout", data={"csrf_token": csrf}, follow_redirects=False)
+        assert "/login" in c.get("/audit", headers=HTML, follow_redirects=False).headers["location"]
+        events = [(e["event"], e["user"], e["client"], e["outcome"])
+                  for e in c.app.state.review.store.events()]  # fmt: skip
+    who = ("alice", "10.1.2.3")
+    assert events == [("login", *who, "ok"), ("download", *who, "no_export"),
+                      ("export", *who, "started"), ("export", *who, "done"),
+                      ("download", *who, "ok"), ("logout", *who, "ok")]  # fmt: skip
+    rows = re.findall(r'<tr class="ev [a-z_]+"><td>[^<]+</td><td>(\w+)</td><td>(\w+)</td>'
+                      r"<td>([\d.]+)</td><td>(\w+)</td></tr>", page.text)  # fmt: skip
+    assert rows == [e for e in events[::-1] if e[0] != "logout"]  # newest first
+    assert not any(rid in page.text for rid in fresh.rids.values())
+
+
+def test_export_job_survives_a_restart(fresh):
+    with client(fresh) as c:
+        csrf = H.login(c)
+        _review_all(c, fresh, csrf)
+        c.post("/export", data={"csrf_token": csrf})
+        t0 = time.monotonic()
+        while (status := c.get("/export/status").json())["state"] == "running":
+            assert time.monotonic() - t0 < 60
+            time.sleep(0.1)
+    with client(fresh) as c:  # the app restarted: the finished export is still offered
+        H.login(c)
+        assert c.get("/export/status").json() == status
+        assert 'id="export-download"' in c.get("/export").text
+        assert c.get("/export/download").status_code == 200
+        # An export the restart cut short says so instead of "running" for ever.
+        c.app.state.review.store.save_export_job({**status, "state": "running"})
+    with client(fresh) as c:
+        H.login(c)
+        assert c.get("/export/status").json()["state"] == "interrupted"
+        page = c.get("/export").text
+        assert 'id="export-interrupted"' in page and "start it again" in page
+        assert c.get("/export/download").status_code == 404
+
+
+def test_secure_cookie_setting_is_honoured_by_mam_review_and_the_service(fresh, monkeypatch):
+    from mam.review.config import ReviewConfig
+
+    def cookie_attrs(config, scheme="http"):
+        """The attributes of the login form's cookie and of the session cookie."""
+        with TestClient(create_app(config), base_url=f"{scheme}://testserver") as c:
+            page = c.get("/login")
+            token = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+            # Sent by hand: the test client, like a browser, keeps a Secure cookie off http.
+            r = c.post("/login", headers={"cookie": f"mam_review_login={token}"},
+                       data={"name": "alice", "password": H.PASSWORDS["alice"],
+                             "csrf_token": token}, follow_redirects=False)  # fmt: skip
+        assert r.status_code == 303
+        attrs = set()
+        for resp, name in ((page, "mam_review_login="), (r, "mam_review_session=")):
+            cookie = next(v for k, v in resp.headers.multi_items()
+                          if k == "set-cookie" and v.startswith(name))  # fmt: skip
+            attrs.add("secure" in {a.strip().split("=")[0].lower() for a in cookie.split(";")})
+        assert len(attrs) == 1  # both cookies alike
+        return {"secure"} if attrs.pop() else set()
+
+    H.config(fresh)  # the users file
+    served = []
+    monkeypatch.setattr("mam.cli.review._serve", lambda config, host, port: served.append(config))
+    monkeypatch.setenv("MAM_REVIEW_SECURE_COOKIE", "1")
+    main(["review", str(fresh.out), "--archive", str(fresh.archive)])
+    assert "secure" in cookie_attrs(served[-1])  # over plain http too: the proxy speaks https
+    monkeypatch.setenv("MAM_REVIEW_DIR", str(fresh.out))
+    assert "secure" in cookie_attrs(ReviewConfig.from_env())
+    monkeypatch.setenv("MAM_REVIEW_SECURE_COOKIE", "0")
+    main(["review", str(fresh.out)])
+    assert "secure" not in cookie_attrs(served[-1], "https")
+    monkeypatch.delenv("MAM_REVIEW_SECURE_COOKIE")
+    main(["review", str(fresh.out)])
+    assert "secure" in cookie_attrs(served[-1], "https")
+    assert "secure" not in cookie_attrs(served[-1], "http")
+
+
+def test_login_page_style_is_css_and_a_wrong_password_keeps_the_name(fresh):
+    with client(fresh) as c:
+        page = c.get("/login").text
+        style = re.search(r"<style[^>]*>(.*?)</style>", page, re.S).group(1)
+        assert "'Segoe UI'" in style and "&#39;" not in style and "&amp;" not in style
+        r = _attempt(c, "alice", "wrong-password")
+        assert r.status_code == 401
+        assert re.search(r'<input id="name" [^>]*value="alice"', r.text)
+        assert re.search(r'<input id="password" [^>]*autofocus', r.text)
+        r = _attempt(c, 'x"><script>alert(1)</script>', "wrong-password")
+        assert "<script>alert" not in r.text
+
+
+def test_an_empty_write_changes_nothing(fresh):
+    rid = fresh.rids["videos/ward_B_infant"]
+    with client(fresh) as c:
+        csrf = H.login(c)
+        for value in ("", "   "):
+            r = put(c, rid, csrf, note=value)
+            assert r.status_code == 200 and r.json()["fields"] == {}
+        assert c.get(f"/api/r/{rid}").json()["history"] == []
+        row = re.search(rf'<tr data-state="(\w+)"[^>]*data-rid="{rid}"', c.get("/").text)
+        assert row.group(1) == "not_reviewed"
+        # A real note, then cleared: two changes, the second to nothing.
+        put(c, rid, csrf, note="seen")
+        put(c, rid, csrf, note="")
+        hist = c.get(f"/api/r/{rid}").json()["history"]
+        assert [(h["old"], h["new"]) for h in hist] == [("seen", None), (None, "seen")]
+
+
+def test_clips_have_one_name_in_the_tables_the_timeline_and_the_history(fresh):
+    rid = fresh.rids["videos/ward_B_infant"]
+    with client(fresh) as c:
+        H.login(c)
+        page = c.get(f"/r/{rid}").text
+    top = re.search(r'<table id="top-clips">.*?</table>', page, re.S).group(0)
+    assert "<th>Clip</th>" in top
+    cells = re.findall(r'<tr data-i="(\d+)"><td class="num">(\d+)</td>', top)
+    assert cells and all(i == shown for i, shown in cells)  # the clip's number, not its rank
+    assert any(i != str(k) for k, (i, _) in enumerate(cells, start=1))  # (ranks would differ)
+    marks = re.findall(r'<g class="clip top" data-i="(\d+)".*?<text class="rank"[^>]*>(\d+)<',
+                       page, re.S)  # fmt: skip
+    assert marks and all(i == shown for i, shown in marks)
+    assert "top FMs clip 1" not in page
+
+
+def test_a_result_altered_inside_the_ledger_is_never_shown_as_the_models(fresh):
+    """The ledger's per-result digest (mam.batch.ledger): a P(risk) edited in place reads as a
+    failed recording, not as what the model said."""
+    import sqlite3
+
+    from mam.review.catalog import Catalog
+
+    ident = next(i for i in fresh.rids if i.startswith("poses/"))
+    db = sqlite3.connect(fresh.out / "ledger.sqlite")
+    key = db.execute("SELECT key FROM paths WHERE id = ?", (ident,)).fetchone()[0]
+    (result,) = db.execute("SELECT result FROM jobs WHERE key = ?", (key,)).fetchone()
+    changed = json.loads(result)
+    changed["risk_probability"] = 1 - changed["risk_probability"]
+    db.execute("UPDATE jobs SET result = ? WHERE key = ?", (json.dumps(changed), key))
+    db.commit()
+    db.close()
+    recs = {r.id: r for r in Catalog(fresh.out, fresh.archive).all()}
+    assert recs[ident].status == "failed" and recs[ident].error_code == "altered_result"
+    assert all(r.status == "done" for i, r in recs.items() if i != ident and i.startswith("poses/"))

@@ -9,8 +9,13 @@ export. The demo's pose is estimated once, with the default backend, into the re
 own pose cache, and its screening result comes from that pose (what ``mam batch`` would store);
 eight simulated infants screened by the real batch runner complete the training set.
 
-``MAM_REVIEW_SCREENSHOTS=DIR`` also saves the worklist and recording page there (the README's
-pictures: ``MAM_REVIEW_SCREENSHOTS=docs/review python -m pytest tests/test_review_browser.py``).
+A second session works with the keyboard alone and on a 768 px tablet: the shortcuts after a
+click on a choice, Space on a focused button, the worklist without sideways scrolling, a finger-
+sized FMs lane.
+
+``MAM_REVIEW_SCREENSHOTS=DIR`` also saves the worklist and recording page there, at 1440 and at
+768 px (the README's pictures: ``MAM_REVIEW_SCREENSHOTS=docs/review python -m pytest
+tests/test_review_browser.py``).
 """
 
 from __future__ import annotations
@@ -131,12 +136,23 @@ def _wait(driver, cond, timeout=30.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _shot(driver, tmp: Path, name: str, height: int = 1000) -> Path:
-    """The page from its top, ``height`` px tall (then back to the usual window)."""
+def _viewport(driver, width: int, height: int) -> None:
+    """The page's viewport exactly ``width`` x ``height`` CSS px (the window is a little larger
+    where the browser draws anything around the page)."""
+    driver.set_window_size(width, height)
+    dw, dh = driver.execute_script(
+        "return [window.outerWidth - window.innerWidth, window.outerHeight - window.innerHeight]"
+    )
+    if dw or dh:
+        driver.set_window_size(width + dw, height + dh)
+
+
+def _shot(driver, tmp: Path, name: str, height: int = 1000, width: int = 1440) -> Path:
+    """The page from its top, ``width`` x ``height`` px (then back to the usual window)."""
     dest_dir = Path(os.environ.get("MAM_REVIEW_SCREENSHOTS") or tmp)
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / name
-    driver.set_window_size(1440, height)
+    _viewport(driver, width, height)
     driver.execute_script("window.scrollTo(0, 0); document.activeElement.blur()")
     time.sleep(0.5)  # the overlay follows the resize
     driver.save_screenshot(str(dest))
@@ -290,9 +306,11 @@ def test_a_reviewers_session_in_a_real_browser(driver, site, tmp_path):
     assert demo == [(2.0, 13.5), (30.0, 42.0)]
     assert len(infants) == 7  # the demo and the six reviews marked done
 
-    # mam train reads the export as it is.
+    # mam train reads the export as it is (a handful of infants: below the documented minimums,
+    # so the shortfall is accepted explicitly).
     weights = tmp_path / "site_model"
-    assert main(["train", "--data", str(export), "--out", str(weights), "--epochs", "1"]) == 0
+    assert main(["train", "--data", str(export), "--out", str(weights), "--epochs", "1",
+                 "--accept-small-data"]) == 0  # fmt: skip
     assert weights.with_suffix(".json").is_file()
 
     # The worklist now: review states and the reviewers' categories beside the model's.
@@ -301,3 +319,106 @@ def test_a_reviewers_session_in_a_real_browser(driver, site, tmp_path):
               d.find_elements(By.CSS_SELECTOR, "#worklist tbody tr")]  # fmt: skip
     assert sorted(states) == ["done"] * 7 + ["in_progress"] * 2
     _shot(d, tmp_path, "worklist.png", height=900)
+
+
+def _login(d, url: str, name: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    d.delete_all_cookies()
+    d.get(url + "/login")
+    d.find_element(By.ID, "name").send_keys(name)
+    d.find_element(By.ID, "password").send_keys(H.PASSWORDS[name] + Keys.ENTER)
+    _wait(d, lambda: d.title == "MAM review: worklist", what="the worklist")
+
+
+def _no_sideways_scroll(d) -> bool:
+    return d.execute_script(
+        "const e = document.scrollingElement; return e.scrollWidth <= e.clientWidth"
+    )
+
+
+def test_keyboard_alone_and_a_tablet_in_a_real_browser(driver, site, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    url, d = site["url"], driver
+    _viewport(d, 1440, 1000)
+    _login(d, url, "bob")
+    keys = ActionChains(d)
+
+    # The worklist with the keyboard: a column header sorts on Enter, a recording opens on Enter.
+    risk = d.find_element(By.CSS_SELECTOR, 'th[data-col="risk"]')
+    d.execute_script("arguments[0].focus()", risk)
+    keys.send_keys(Keys.ENTER).perform()
+    assert risk.get_attribute("aria-sort") == "ascending"
+    link = d.find_element(By.CSS_SELECTOR, f'tr[data-rid="{site["demo"]}"] a.rec-link')
+    d.execute_script("arguments[0].focus()", link)
+    ActionChains(d).send_keys(Keys.ENTER).perform()
+    _wait(d, lambda: d.find_element(By.ID, "save-status").text == "all changes saved",
+          what="the recording page")  # fmt: skip
+    _wait(d, lambda: d.execute_script("return document.getElementById('video').readyState") >= 1,
+          what="the video")  # fmt: skip
+    clips = sorted(site["result"].clips, key=lambda c: c.start_s)
+
+    # After a click on a category, the shortcuts still work: n (next clip), 2 (intermittent).
+    d.find_element(By.CSS_SELECTOR, 'input[name="category"][value="sporadic"]').click()
+    d.execute_script("mamReview.seek(0)")
+    _wait(d, lambda: d.execute_script(VIDEO_TIME) == 0, what="seek")
+    ActionChains(d).send_keys("n").perform()
+    _wait(d, lambda: abs(d.execute_script(VIDEO_TIME) - clips[1].start_s) < 0.05,
+          what="n to seek to the next clip")  # fmt: skip
+    ActionChains(d).send_keys("2").perform()
+    _wait(d, lambda: d.find_element(
+        By.CSS_SELECTOR, 'input[name="category"][value="intermittent"]').is_selected(),
+        what="2 to choose intermittent")  # fmt: skip
+    assert d.find_element(By.CSS_SELECTOR, 'input[name="group"][value="normal"]').is_selected()
+
+    # Space on a focused button presses the button; it does not play the video.
+    done = d.find_element(By.ID, "done")
+    before = d.find_element(By.ID, "state").text
+    d.execute_script("arguments[0].focus()", done)
+    ActionChains(d).send_keys(Keys.SPACE).perform()
+    _wait(d, lambda: d.find_element(By.ID, "state").text != before, what="the button pressed")
+    time.sleep(0.3)
+    assert d.execute_script("return document.getElementById('video').paused")
+    # ...and Space anywhere else is play / pause.
+    d.execute_script("document.activeElement.blur()")
+    ActionChains(d).send_keys(Keys.SPACE).perform()
+    _wait(d, lambda: not d.execute_script("return document.getElementById('video').paused"),
+          what="space to play")  # fmt: skip
+    ActionChains(d).send_keys(Keys.SPACE).perform()
+    _wait(d, lambda: d.find_element(By.ID, "save-status").text == "all changes saved",
+          what="saving")  # fmt: skip
+    # The history names clips as the tables do ("clip N", N the clip's number).
+    top = site["result"].top_fms_clips[0]
+    d.find_element(By.CSS_SELECTOR, f'#top-clips .verdict[data-clip="{top.index}"] '
+                                    'button[data-v="disagree"]').click()  # fmt: skip
+    _wait(d, lambda: f"view of clip {top.index}:" in d.find_element(By.ID, "history").text,
+          what="the verdict in the history")  # fmt: skip
+    first = d.find_element(By.CSS_SELECTOR, "#top-clips tbody tr td").text
+    assert first == str(top.index)
+
+    # A 768 px tablet: the recording page fits, and the FMs lane is finger-sized.
+    _viewport(d, 768, 1024)
+    _wait(d, lambda: d.execute_script(
+        "return document.getElementById('lane').getBoundingClientRect().height") >= 32,
+        what="a lane at least 32 px tall")  # fmt: skip
+    assert _no_sideways_scroll(d)
+    lane = d.execute_script("return document.getElementById('lane').getBoundingClientRect()")
+    ticks = d.execute_script("return document.getElementById('ticks').getBoundingClientRect()")
+    assert ticks["top"] >= lane["bottom"] - 1  # the time axis moved down, under the lane
+    _shot(d, tmp_path, "recording-768.png", height=1300, width=768)
+
+    # The worklist at 768 px: no sideways scrolling, every column on screen.
+    d.get(url + "/")
+    _viewport(d, 768, 1024)
+    assert _no_sideways_scroll(d)
+    right = d.execute_script(
+        "return Math.max(...Array.from(document.querySelectorAll('#worklist th'),"
+        " (th) => th.getBoundingClientRect().right))"
+    )
+    assert right <= d.execute_script("return document.documentElement.clientWidth")
+    _shot(d, tmp_path, "worklist-768.png", height=1024, width=768)
+    _viewport(d, 1440, 1000)

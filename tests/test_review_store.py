@@ -183,6 +183,31 @@ def test_sessions_expire_and_end(store):
     assert store.session("a" * 64) is None
 
 
+def test_access_log_login_counters_and_export_job(store):
+    store.log_event("login", "alice", "10.0.0.1", "failed")
+    store.log_event("login", "alice", "10.0.0.2", "ok")
+    assert [(e["event"], e["user"], e["client"], e["outcome"]) for e in store.events()] == [
+        ("login", "alice", "10.0.0.1", "failed"), ("login", "alice", "10.0.0.2", "ok")
+    ]  # fmt: skip
+    assert [e["client"] for e in store.events(limit=1)] == ["10.0.0.2"]  # the newest
+    key = "f" * 64
+    assert store.login_failures("10.0.0.1", key) == (0, 0.0)
+    assert [store.add_login_failure("10.0.0.1", key, at) for at in (5.0, 6.0)] == [1, 2]
+    assert store.login_failures("10.0.0.1", key) == (2, 6.0)
+    assert store.login_failures("10.0.0.2", key) == (0, 0.0)  # per client
+    store.clear_login_failures("10.0.0.1", key)
+    assert store.login_failures("10.0.0.1", key) == (0, 0.0)
+    assert store.export_job() is None
+    store.save_export_job({"state": "running", "done": 1})
+    store.save_export_job({"state": "done", "done": 3})
+    assert store.export_job() == {"state": "done", "done": 3}
+
+
+def test_an_empty_note_is_no_change(store):
+    fields, _ = store.set_fields(RID, "alice", {"note": ("", 0)})
+    assert fields == {} and store.history(RID) == [] and store.summaries() == {}
+
+
 def test_kappa_matches_sklearn():
     sk = pytest.importorskip("sklearn.metrics")
     rng = np.random.default_rng(0)

@@ -2,9 +2,10 @@
 
 Pages: the worklist (``/``), a recording (``/r/<rid>``: the video synchronised with the per-clip
 P(FMs) timeline, the top FMs clips, the skeleton overlay, the reviewer's judgement), the export
-(``/export``) and the login (``/login``). JSON under ``/api/r/<rid>`` saves the reviewer's
-changes one at a time as they work (:mod:`mam.review.store`). ``/r/<rid>/video`` serves the
-recording with HTTP range requests (Starlette's ``FileResponse``), so the player can seek.
+(``/export``), the access log (``/audit``) and the login (``/login``). JSON under
+``/api/r/<rid>`` saves the reviewer's changes one at a time as they work
+(:mod:`mam.review.store`). ``/r/<rid>/video`` serves the recording with HTTP range requests
+(Starlette's ``FileResponse``), so the player can seek.
 
 Security, in one place (:class:`Gate`, the outermost layer):
 
@@ -13,8 +14,11 @@ Security, in one place (:class:`Gate`, the outermost layer):
 * every request that changes something (not GET/HEAD) carries the session's CSRF token in an
   ``X-CSRF-Token`` header or a ``csrf_token`` form field, else 403; the login form has its own
   double-submit token;
-* the session cookie is ``HttpOnly; SameSite=Strict`` (``Secure`` over https), the token is
-  random and the store keeps only its hash;
+* the session cookie is ``HttpOnly; SameSite=Strict`` (``Secure`` over https, or always with
+  ``MAM_REVIEW_SECURE_COOKIE=1``), the token is random and the store keeps only its hash;
+* failed logins slow down the client that makes them, per name (:class:`mam.review.auth.
+  Throttle`: 429 with ``Retry-After``), without locking the name; logins, failed logins,
+  logouts, exports and downloads go to the access log in the store (``/audit``);
 * the browser only ever names a recording by its opaque id; files come from
   :meth:`mam.review.catalog.Catalog.locate`, which refuses anything outside the archive root;
 * a strict Content-Security-Policy (scripts and styles from the app itself; no CDN: everything
@@ -42,6 +46,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, quote
 
 import jinja2
+from markupsafe import Markup
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -60,7 +65,7 @@ from mam import DISCLAIMER, __version__
 from mam.batch.report import REVIEW_NOTE, mmss
 from mam.gma import FMS_CATEGORIES, GROUP_OF, GROUPS
 from mam.review import pose as P
-from mam.review.auth import Authenticator, new_token, same, token_digest
+from mam.review.auth import Authenticator, Throttle, new_token, same, token_digest
 from mam.review.catalog import Catalog, Recording
 from mam.review.config import ReviewConfig
 from mam.review.export import ExportError, export_annotations
@@ -74,7 +79,7 @@ LOGIN_COOKIE = "mam_review_login"
 SAFE_METHODS = frozenset({"GET", "HEAD"})
 MAX_BODY = 1 << 20
 _RID = r"rec-[0-9a-f]{16}"
-_NEXT = re.compile(rf"^/(r/{_RID}|export)?$")
+_NEXT = re.compile(rf"^/(r/{_RID}|export|audit)?$")
 MEDIA_TYPES = {".mp4": "video/mp4", ".m4v": "video/mp4", ".mov": "video/quicktime",
                ".webm": "video/webm", ".mkv": "video/x-matroska",
                ".avi": "video/x-msvideo"}  # fmt: skip
@@ -90,6 +95,10 @@ def _route_path(scope) -> str:
     if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
         path = path[len(root) :]
     return path or "/"
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
 
 
 def _json_error(status: int, code: str, message: str, **extra) -> JSONResponse:
@@ -226,22 +235,40 @@ def _replay(body: bytes):
 
 
 class _Export:
-    """The export button's one job at a time."""
+    """The export button's one job at a time, kept in the store as it starts and ends: after a
+    restart a finished export can still be downloaded, and one the restart cut short says so
+    (state ``interrupted``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: ReviewStore, exports_dir: Path) -> None:
         self.lock = threading.Lock()
-        self.state = "idle"  # idle | running | done | failed
+        self.store, self.exports_dir = store, exports_dir
+        self.state = "idle"  # idle | running | done | failed | interrupted
         self.done = self.total = 0
         self.folder: Path | None = None
         self.summary: dict | None = None
         self.message = ""
         self.by = ""
+        self.client = ""
         self.at = 0.0
+        kept = store.export_job()
+        if kept:
+            self.state, self.done, self.total = kept["state"], kept["done"], kept["total"]
+            name = kept.get("name")
+            self.folder = exports_dir / name if name and "/" not in name else None
+            self.summary, self.message = kept.get("summary"), kept.get("message") or ""
+            self.by, self.at = kept.get("by") or "", kept.get("at") or 0.0
+            if self.state == "running":  # this process did not start it: the app stopped
+                self.state = "interrupted"
+                self.message = "the app stopped before this export finished; start it again"
+                self.save()
 
     def as_dict(self) -> dict:
         return {"state": self.state, "done": self.done, "total": self.total,
                 "name": self.folder.name if self.folder else None, "summary": self.summary,
                 "message": self.message, "by": self.by, "at": self.at}  # fmt: skip
+
+    def save(self) -> None:
+        self.store.save_export_job(self.as_dict())
 
 
 class ReviewApp:
@@ -256,8 +283,9 @@ class ReviewApp:
         self.catalog = Catalog(config.out_dir, config.archive_root)
         self.store = ReviewStore(config.database_url)
         self.auth = Authenticator(config.users_file, config.key_hashes)
+        self.throttle = Throttle(self.store)
         self.poses = P.PoseJobs(config.out_dir)
-        self.export = _Export()
+        self.export = _Export(self.store, config.exports_dir)
         self._overlays: OrderedDict[str, dict] = OrderedDict()
         self._rows: tuple[tuple | None, dict[str, tuple]] = (None, {})
         self.env = jinja2.Environment(
@@ -269,7 +297,9 @@ class ReviewApp:
         self.env.filters["prob"] = _prob
         self.env.globals.update(DISCLAIMER=DISCLAIMER, VERSION=__version__,
                                 STATE_LABELS=STATE_LABELS)  # fmt: skip
-        self.css = (HERE / "static" / "review.css").read_text()
+        # The login page carries the stylesheet inline (nothing else is served before login);
+        # it is the package's own file, so it is marked safe rather than HTML-escaped.
+        self.css = Markup((HERE / "static" / "review.css").read_text())
 
     def close(self) -> None:
         self.poses.close()
@@ -292,17 +322,29 @@ class ReviewApp:
 
     # -- login -----------------------------------------------------------------------------------
     def login_page(
-        self, request: Request, status: int = 200, message: str = "", nxt: str | None = None
-    ) -> Response:
+        self, request: Request, status: int = 200, message: str = "", nxt: str | None = None,
+        name: str = "", retry_after: int | None = None,
+    ) -> Response:  # fmt: skip
         token = request.cookies.get(LOGIN_COOKIE) or secrets.token_urlsafe(24)
         nxt = request.query_params.get("next", "") if nxt is None else nxt
         resp = self.render(
             request, "login.html", status, message=message, login_csrf=token,
             next=nxt if _NEXT.match(nxt) else "", css=self.css,
-            configured=self.auth.configured,
+            configured=self.auth.configured, login_name=name[:64],
         )  # fmt: skip
+        if retry_after is not None:
+            resp.headers["retry-after"] = str(retry_after)
         self._cookie(request, resp, LOGIN_COOKIE, token, max_age=3600)
         return resp
+
+    def log(self, request: Request, event: str, user: str, outcome: str) -> None:
+        """One line of the access log (never a password, never a recording)."""
+        self.store.log_event(event, user, _client(request), outcome)
+
+    def _logged_name(self, name: str) -> str:
+        # Only names of the users file are logged as typed: a failed login's "name" may be a
+        # password typed into the wrong field.
+        return name if self.auth.known(name) else "(unknown name)"
 
     async def login(self, request: Request) -> Response:
         if request.method == "GET":
@@ -315,38 +357,52 @@ class ReviewApp:
             return self.login_page(request, 403, "The login form expired; please try again.")
         name = (form.get("name") or "").strip()
         nxt = form.get("next") or ""
-        if self.auth.locked_out(name):
-            return self.login_page(request, 429, "Too many failed logins for this name; wait a "
-                                   "minute and try again.", nxt)  # fmt: skip
+        client = _client(request)
+        wait = await run_in_threadpool(self.throttle.wait_s, client, name)
+        if wait > 0:
+            await run_in_threadpool(self.log, request, "login", self._logged_name(name),
+                                    "throttled")  # fmt: skip
+            secs = max(1, int(wait + 0.999))
+            return self.login_page(request, 429, f"Too many failed logins from this computer "
+                                   f"for this name: wait {secs} s and try again.", nxt, name,
+                                   retry_after=secs)  # fmt: skip
         reviewer = await run_in_threadpool(self.auth.check, name, form.get("password") or "")
         if reviewer is None:
-            return self.login_page(request, 401, "Wrong name or password.", nxt)
+            await run_in_threadpool(self.throttle.failed, client, name)
+            await run_in_threadpool(self.log, request, "login", self._logged_name(name), "failed")
+            return self.login_page(request, 401, "Wrong name or password.", nxt, name)
+        await run_in_threadpool(self.throttle.succeeded, client, name)
+        await run_in_threadpool(self.log, request, "login", reviewer, "ok")
         token, digest = new_token()
         await run_in_threadpool(self.store.create_session, digest, reviewer,
                                 secrets.token_hex(32), self.config.session_ttl_s)  # fmt: skip
         resp = RedirectResponse(_root(request) + (nxt if _NEXT.match(nxt) else "/"), 303)
         self._cookie(request, resp, SESSION_COOKIE, token, max_age=int(self.config.session_ttl_s))
-        resp.delete_cookie(LOGIN_COOKIE, path=self._cookie_path(request))
+        resp.delete_cookie(LOGIN_COOKIE, path=self._cookie_path(request),
+                           secure=self._secure(request))  # fmt: skip
         return resp
 
     def logout(self, request: Request) -> Response:
         token = request.cookies.get(SESSION_COOKIE)
         if token:
             self.store.delete_session(token_digest(token))
+        self.log(request, "logout", request.state.review_session.reviewer, "ok")
         resp = RedirectResponse(_root(request) + "/login", 303)
         resp.delete_cookie(SESSION_COOKIE, path=self._cookie_path(request), httponly=True,
-                           samesite="strict")  # fmt: skip
+                           samesite="strict", secure=self._secure(request))  # fmt: skip
         return resp
 
     def _cookie_path(self, request: Request) -> str:
         return _root(request) or "/"
 
-    def _cookie(self, request, resp: Response, name: str, value: str, max_age: int) -> None:
+    def _secure(self, request: Request) -> bool:
         secure = self.config.secure_cookie
-        if secure is None:
-            secure = request.url.scheme == "https"
+        return request.url.scheme == "https" if secure is None else secure
+
+    def _cookie(self, request, resp: Response, name: str, value: str, max_age: int) -> None:
         resp.set_cookie(name, value, max_age=max_age, path=self._cookie_path(request),
-                        httponly=True, samesite="strict", secure=secure)  # fmt: skip
+                        httponly=True, samesite="strict",
+                        secure=self._secure(request))  # fmt: skip
 
     # -- pages -----------------------------------------------------------------------------------
     def worklist(self, request: Request) -> Response:
@@ -416,6 +472,13 @@ class ReviewApp:
         states = self.store.summaries()
         done = sum(s.get("state") == "done" for s in states.values())
         return self.render(request, "export.html", done=done, job=self.export.as_dict())
+
+    def audit_page(self, request: Request) -> Response:
+        """The access log, newest first (every reviewer may read it until roles exist)."""
+        events = self.store.events(500)[::-1]
+        for e in events:
+            e["time"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["at"]))
+        return self.render(request, "audit.html", events=events)
 
     # -- files -----------------------------------------------------------------------------------
     def video(self, request: Request) -> Response:
@@ -574,6 +637,9 @@ class ReviewApp:
                 job.state, job.done, job.total, job.folder = "running", 0, 0, folder
                 job.summary, job.message = None, ""
                 job.by, job.at = request.state.review_session.reviewer, time.time()
+                job.client = _client(request)
+                job.save()
+                self.log(request, "export", job.by, "started")
                 threading.Thread(target=self._run_export, args=(folder,), daemon=True,
                                  name="review-export").start()  # fmt: skip
         if "application/json" in request.headers.get("accept", ""):
@@ -594,14 +660,22 @@ class ReviewApp:
         except Exception as e:  # noqa: BLE001 - reported on the page
             job.state, job.message = "failed", f"the export failed ({type(e).__name__})"
             logger.warning("review: export failed (%s)", type(e).__name__)
+        try:
+            job.save()
+            self.store.log_event("export", job.by, job.client, job.state)
+        except Exception as e:  # noqa: BLE001 - the page still shows the job
+            logger.warning("review: export job not saved (%s)", type(e).__name__)
 
     def export_status(self, request: Request) -> Response:
         return JSONResponse(self.export.as_dict())
 
     def export_download(self, request: Request) -> Response:
         job = self.export
+        reviewer = request.state.review_session.reviewer
         if job.state != "done" or job.folder is None or not job.folder.is_dir():
+            self.log(request, "download", reviewer, "no_export")
             return _json_error(404, "no_export", "no finished export to download")
+        self.log(request, "download", reviewer, "ok")
         archive = job.folder.with_suffix(".zip")
         if not archive.is_file():
             tmp = archive.with_name(archive.name + ".part")
@@ -672,6 +746,7 @@ def create_app(config: ReviewConfig) -> Starlette:
         Route("/export", review.start_export, methods=["POST"]),
         Route("/export/status", review.export_status),
         Route("/export/download", review.export_download),
+        Route("/audit", review.audit_page),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
 

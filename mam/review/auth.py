@@ -7,7 +7,10 @@
   logs in with a name and a key as the password and is recorded as ``name~key-<digest[:8]>``
   (the name is self-declared, the key says who vouched for it).
 * Sessions: a random 256-bit token in an ``HttpOnly; SameSite=Strict`` cookie; the store keeps
-  its SHA-256 only, with the session's CSRF token. Failed logins are throttled per name.
+  its SHA-256 only, with the session's CSRF token.
+* Failed logins are throttled per client address and name (:class:`Throttle`), never per name
+  alone: wrong passwords from one machine slow that machine down and cannot lock a colleague
+  out of their own name.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import hmac
 import os
 import re
 import secrets
-import threading
 import time
 from pathlib import Path
 
@@ -29,8 +31,8 @@ USERS_FILE = "review_users"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 _SCRYPT = (2**14, 8, 1)  # N, r, p: about 16 MiB and tens of ms per check
 MIN_PASSWORD = 8
-MAX_FAILURES = 5
-LOCKOUT_S = 60.0
+FREE_FAILURES = 3  # failures from one client for one name before the backoff starts
+MAX_DELAY_S = 60.0
 
 
 class UsersFileError(ValueError):
@@ -90,7 +92,7 @@ def add_user(path: Path, name: str, password: str) -> None:
 
 
 class Authenticator:
-    """Checks a name and a password (or a service key) and throttles failures per name.
+    """Checks a name and a password (or a service key); :class:`Throttle` slows the failures.
 
     Args:
         users_file: the local user list (re-read when it changes, so added users can log in
@@ -103,8 +105,6 @@ class Authenticator:
         self.key_hashes = frozenset(h.lower() for h in key_hashes)
         self._users: dict[str, str] = {}
         self._stamp: tuple | None = None
-        self._failures: dict[str, list[float]] = {}
-        self._lock = threading.Lock()
         # A fixed hash to check against for unknown names, so timing does not tell names apart.
         self._dummy = hash_password(secrets.token_hex(8))
 
@@ -122,15 +122,13 @@ class Authenticator:
     def configured(self) -> bool:
         return bool(self.users()) or bool(self.key_hashes)
 
-    def locked_out(self, name: str) -> bool:
-        now = time.monotonic()
-        with self._lock:
-            recent = [t for t in self._failures.get(name, []) if now - t < LOCKOUT_S]
-            self._failures[name] = recent
-            return len(recent) >= MAX_FAILURES
+    def known(self, name: str) -> bool:
+        """Whether ``name`` is in the users file (the access log names only known users: a
+        password typed into the name field must not be kept)."""
+        return (name or "").strip() in self.users()
 
     def check(self, name: str, password: str) -> str | None:
-        """The reviewer id for a good login, else None (and the failure is counted)."""
+        """The reviewer id for a good login, else None."""
         name = (name or "").strip()
         if not NAME.match(name) or not password or len(password) > 1024:
             return None
@@ -141,9 +139,46 @@ class Authenticator:
         digest = key_digest(password)
         if any([hmac.compare_digest(digest, h) for h in self.key_hashes]):
             return f"{name}~key-{digest[:8]}"
-        with self._lock:
-            self._failures.setdefault(name, []).append(time.monotonic())
         return None
+
+
+class Throttle:
+    """Exponential backoff on failed logins per (client address, name), kept in the review
+    store so a restart does not reset it.
+
+    The first :data:`FREE_FAILURES` failures cost nothing (typos); after that each attempt from
+    that client for that name must wait 1, 2, 4 ... s (at most :data:`MAX_DELAY_S`) after the
+    previous failure. A good login clears the count. The name itself is never locked: the right
+    password from another client works at once.
+
+    Args:
+        store: a :class:`mam.review.store.ReviewStore`.
+    """
+
+    def __init__(self, store) -> None:
+        self.store = store
+        self.clock = time.time
+
+    @staticmethod
+    def _key(name: str) -> str:
+        return hashlib.sha256((name or "").strip().encode()).hexdigest()
+
+    @staticmethod
+    def delay_after(failures: int) -> float:
+        if failures < FREE_FAILURES:
+            return 0.0
+        return min(MAX_DELAY_S, 2.0 ** (failures - FREE_FAILURES))
+
+    def wait_s(self, client: str, name: str) -> float:
+        """Seconds this client must still wait before trying ``name`` again (0: go ahead)."""
+        failures, last = self.store.login_failures(client, self._key(name))
+        return max(0.0, last + self.delay_after(failures) - self.clock()) if failures else 0.0
+
+    def failed(self, client: str, name: str) -> None:
+        self.store.add_login_failure(client, self._key(name), self.clock())
+
+    def succeeded(self, client: str, name: str) -> None:
+        self.store.clear_login_failures(client, self._key(name))
 
 
 def new_token() -> tuple[str, str]:

@@ -12,6 +12,18 @@ from mam.review.auth import USERS_FILE
 EXPORTS_DIR = "review_exports"
 
 
+def secure_cookie_setting() -> bool | None:
+    """``MAM_REVIEW_SECURE_COOKIE``: 1/true/yes: always ``Secure``; 0/false/no: never; unset
+    (or anything else): ``Secure`` when the request came over https. Read by ``mam review`` and
+    the service alike."""
+    raw = (os.environ.get("MAM_REVIEW_SECURE_COOKIE") or "").strip().lower()
+    if raw in ("1", "true", "yes"):
+        return True
+    if raw in ("0", "false", "no"):
+        return False
+    return None
+
+
 @dataclass
 class ReviewConfig:
     """Args:
@@ -57,7 +69,6 @@ class ReviewConfig:
         out = os.environ.get("MAM_REVIEW_DIR")
         if not out:
             return None
-        secure = os.environ.get("MAM_REVIEW_SECURE_COOKIE")
         return cls(
             out_dir=Path(out),
             archive_root=Path(os.environ["MAM_REVIEW_ARCHIVE"])
@@ -66,5 +77,5 @@ class ReviewConfig:
             users_file=Path(os.environ["MAM_REVIEW_USERS"])
             if os.environ.get("MAM_REVIEW_USERS") else None,
             key_hashes=key_hashes,
-            secure_cookie=None if secure is None else secure.strip() in ("1", "true", "yes"),
+            secure_cookie=secure_cookie_setting(),
         )  # fmt: skip

@@ -16,7 +16,12 @@ What is stored, per recording (``rid``: the hash of its ledger path and id, neve
   duplicate): two reviewers adding intervals at once never collide; an edit of an interval
   someone deleted is refused (:class:`Gone`), not dropped;
 * the audit trail: every change with reviewer id, time, old and new value;
-* login sessions (the SHA-256 of the cookie's token, never the token; the CSRF token).
+* login sessions (the SHA-256 of the cookie's token, never the token; the CSRF token);
+* the access log (:meth:`ReviewStore.log_event`): logins, failed logins, logouts, exports and
+  downloads with time, user, client address and outcome (never a password, never a recording);
+* failed-login counters per client address and name (the name as its SHA-256: a password typed
+  into the name field is not kept), so a restart does not reset the login throttle;
+* the export button's last job, so a restart does not forget a finished export.
 
 Nothing here logs; the database holds health data and is the site's to protect.
 """
@@ -102,6 +107,32 @@ sessions_t = Table(
     Column("expires_at", Float, nullable=False),
 )
 
+events_t = Table(
+    "review_events",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False),
+    Column("event", String(32), nullable=False),
+    Column("user", String(160), nullable=False),
+    Column("client", String(64), nullable=False),
+    Column("outcome", String(32), nullable=False),
+)
+login_failures_t = Table(
+    "review_login_failures",
+    metadata,
+    Column("client", String(64), primary_key=True),
+    Column("name_sha256", String(64), primary_key=True),
+    Column("failures", Integer, nullable=False),
+    Column("last_at", Float, nullable=False),
+)
+export_job_t = Table(
+    "review_export_job",
+    metadata,
+    Column("id", Integer, primary_key=True),  # one row: the export button's last job
+    Column("job", Text, nullable=False),  # JSON
+    Column("updated_at", Float, nullable=False),
+)
+
 
 class ReviewInputError(ValueError):
     """A change the store refuses (unknown field, bad value, bad interval): HTTP 400."""
@@ -141,7 +172,9 @@ def check_field(name: str, value: Any) -> Any:
         return value
     if not isinstance(value, str) or len(value) > MAX_NOTE:  # note
         raise ReviewInputError(f"note must be text of at most {MAX_NOTE} characters")
-    return value
+    # An empty note is no note: storing "" over nothing would be a change that changes nothing
+    # (a history line "(empty) -> (empty)" and a recording marked in progress).
+    return value if value.strip() else None
 
 
 def check_interval(
@@ -402,6 +435,80 @@ class ReviewStore:
     def audit_count(self) -> int:
         with self.engine.connect() as c:
             return int(c.execute(select(func.count()).select_from(audit_t)).scalar_one())
+
+    # -- access log, login throttle, export job --------------------------------------------------
+    def log_event(self, event: str, user: str, client: str, outcome: str) -> None:
+        """One line of the access log (who did what from where, and how it went)."""
+        with self._lock, self.engine.begin() as c:
+            c.execute(
+                events_t.insert().values(at=time.time(), event=event[:32], user=user[:160],
+                                         client=client[:64], outcome=outcome[:32])
+            )  # fmt: skip
+
+    def events(self, limit: int | None = None) -> list[dict]:
+        """The access log, oldest first (the newest ``limit`` lines when given)."""
+        q = select(events_t).order_by(events_t.c.seq.desc())
+        if limit is not None:
+            q = q.limit(limit)
+        with self.engine.connect() as c:
+            rows = c.execute(q).all()
+        return [
+            {"at": r.at, "event": r.event, "user": r.user, "client": r.client,
+             "outcome": r.outcome}
+            for r in reversed(rows)
+        ]  # fmt: skip
+
+    def login_failures(self, client: str, name_sha256: str) -> tuple[int, float]:
+        """``(failures since the last good login, time of the last)`` for a client and name."""
+        with self.engine.connect() as c:
+            r = c.execute(
+                select(login_failures_t).where(
+                    login_failures_t.c.client == client[:64],
+                    login_failures_t.c.name_sha256 == name_sha256,
+                )
+            ).one_or_none()
+        return (0, 0.0) if r is None else (r.failures, r.last_at)
+
+    def add_login_failure(self, client: str, name_sha256: str, at: float) -> int:
+        """Count one more failure; returns the count. Counters untouched for a day are dropped
+        (so names tried once each cannot fill the table)."""
+        insert = self._insert()
+        with self._lock, self.engine.begin() as c:
+            c.execute(login_failures_t.delete().where(login_failures_t.c.last_at < at - 86400))
+            c.execute(
+                insert(login_failures_t)
+                .values(client=client[:64], name_sha256=name_sha256, failures=0, last_at=at)
+                .on_conflict_do_nothing()
+            )
+            where = (login_failures_t.c.client == client[:64],
+                     login_failures_t.c.name_sha256 == name_sha256)  # fmt: skip
+            n = c.execute(self._locked(select(login_failures_t.c.failures).where(*where))).scalar()
+            c.execute(login_failures_t.update().where(*where).values(failures=n + 1, last_at=at))
+        return n + 1
+
+    def clear_login_failures(self, client: str, name_sha256: str) -> None:
+        with self._lock, self.engine.begin() as c:
+            c.execute(
+                login_failures_t.delete().where(
+                    login_failures_t.c.client == client[:64],
+                    login_failures_t.c.name_sha256 == name_sha256,
+                )
+            )
+
+    def save_export_job(self, job: dict) -> None:
+        insert = self._insert()
+        doc, now = json.dumps(job), time.time()
+        with self._lock, self.engine.begin() as c:
+            c.execute(
+                insert(export_job_t)
+                .values(id=1, job=doc, updated_at=now)
+                .on_conflict_do_update(index_elements=["id"], set_={"job": doc, "updated_at": now})
+            )
+
+    def export_job(self) -> dict | None:
+        with self.engine.connect() as c:
+            r = c.execute(select(export_job_t.c.job).where(export_job_t.c.id == 1)).scalar()
+        return None if r is None else json.loads(r)
 
     # -- sessions --------------------------------------------------------------------------------
     def create_session(self, token_sha256: str, reviewer: str, csrf: str, ttl_s: float) -> None:

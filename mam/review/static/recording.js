@@ -17,6 +17,7 @@
   const video = $("video");
   const svg = $("timeline");
   const W = 1000;
+  let laneH = 24;  // the FMs lane's height in the timeline's units (layoutLane)
   const clips = D.clips.slice().sort((a, b) => a.start - b.start);
   const byIndex = {};
   clips.forEach((c) => { byIndex[c.i] = c; });
@@ -298,7 +299,7 @@
     rows.replaceChildren();
     for (const iv of ivs) {
       const r = svgEl("rect", { class: "iv" + (S.selected === iv.id ? " sel" : ""), x: xOf(iv.start_s), y: 128,
-        width: Math.max(1, xOf(iv.end_s) - xOf(iv.start_s)), height: 20, "data-id": iv.id });
+        width: Math.max(1, xOf(iv.end_s) - xOf(iv.start_s)), height: laneH - 4, "data-id": iv.id });
       const title = svgEl("title", {});
       title.textContent = `FMs ${mmss(iv.start_s, true)}-${mmss(iv.end_s, true)}` + (iv.by ? ` (${iv.by})` : "");
       r.appendChild(title);
@@ -495,7 +496,7 @@
   // -- marking intervals -----------------------------------------------------------------------
   let markStart = null, draft = null, markNotice = null;
   function showDraft(a, b) {
-    if (!draft) { draft = svgEl("rect", { class: "draft", y: 128, height: 20 }); $("intervals").after(draft); }
+    if (!draft) { draft = svgEl("rect", { class: "draft", y: 128, height: laneH - 4 }); $("intervals").after(draft); }
     const x0 = xOf(Math.min(a, b)), x1 = xOf(Math.max(a, b));
     draft.setAttribute("x", x0); draft.setAttribute("width", Math.max(1, x1 - x0));
   }
@@ -518,6 +519,24 @@
   $("mark-start").addEventListener("click", markIn);
   $("mark-end").addEventListener("click", markOut);
   const lane = $("lane");
+  // The FMs lane is at least LANE_PX screen pixels tall however narrow the page (a finger on a
+  // tablet): the drawing below it moves down as the lane grows.
+  const LANE_PX = 34;
+  function layoutLane() {
+    const w = svg.getBoundingClientRect().width;
+    if (!w) return;
+    const h = Math.max(24, Math.ceil(LANE_PX / (w / 1040)));
+    if (h === laneH) return;
+    laneH = h;
+    const dy = h - 24;
+    lane.setAttribute("height", h);
+    $("lane-label").setAttribute("y", 142 + dy / 2);
+    $("ticks").setAttribute("transform", `translate(0 ${dy})`);
+    $("playhead").setAttribute("y2", 168 + dy);
+    svg.setAttribute("viewBox", `-30 0 1040 ${200 + dy}`);
+    render();
+  }
+  window.addEventListener("resize", layoutLane);
   let drag = null;
   lane.addEventListener("pointerdown", (e) => { drag = tOf(e); lane.setPointerCapture(e.pointerId); showDraft(drag, drag); });
   lane.addEventListener("pointermove", (e) => { if (drag !== null) showDraft(drag, tOf(e)); });
@@ -574,10 +593,18 @@
 
   // -- keyboard --------------------------------------------------------------------------------
   document.addEventListener("keydown", (e) => {
-    const tag = (e.target.tagName || "").toLowerCase();
-    if (["input", "textarea", "select"].includes(tag) || e.ctrlKey || e.metaKey || e.altKey) return;
-    const speeds = Array.from($("speed").options, (o) => Number(o.value));
+    const t = e.target;
+    const tag = (t.tagName || "").toLowerCase();
+    // A category or verdict choice keeps the shortcuts (clicking one focuses it); only fields
+    // that take text or a selection keep their keys.
+    const choice = tag === "input" && (t.type === "radio" || t.type === "checkbox");
+    if ((["input", "textarea", "select"].includes(tag) && !choice) || e.ctrlKey || e.metaKey || e.altKey) return;
     const k = e.key;
+    // Space and Enter belong to the focused control (press the button, open the details, tick
+    // the choice), and the arrows move within a group of choices.
+    if ((k === " " || k === "Enter") && (choice || ["button", "a", "summary"].includes(tag))) return;
+    if (choice && k.startsWith("Arrow")) return;
+    const speeds = Array.from($("speed").options, (o) => Number(o.value));
     let handled = true;
     if (k === " " && video) video.paused ? video.play() : video.pause();
     else if (k === "ArrowLeft") seek(now() - (e.shiftKey ? 5 : 1));
@@ -613,5 +640,6 @@
   // For tests and the curious: the page's state, read-only by intent.
   window.mamReview = { state: S, queue: () => queue.slice(), seek };
   refresh(true).then(() => pump());
+  layoutLane();
   tick(0);
 })();
