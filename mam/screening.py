@@ -166,6 +166,10 @@ def fms_category(frequency: float, thresholds: dict[str, float]) -> str:
     return "sporadic" if frequency >= thresholds.get("sporadic", SPORADIC_DEFAULT) else "absent"
 
 
+class ScreeningCancelled(Exception):
+    """``Screener.screen_video`` stopped because its ``cancelled`` hook said so."""
+
+
 class Screener:
     """Loads the model once; screens recordings, pose files or ready-made instances.
 
@@ -275,11 +279,24 @@ class Screener:
         path: str | Path,
         infant: InfantData | None = None,
         progress: Callable[[int, int], None] | None = None,
+        cancelled: Callable[[], bool] | threading.Event | None = None,
     ) -> ScreeningResult:
-        """Screen one recording. ``progress(done, total)`` is called per frame."""
+        """Screen one recording. ``progress(done, total)`` is called per frame (from the pose
+        threads). ``cancelled`` (a function or an event) is checked per frame; once true, the
+        screening stops with :class:`ScreeningCancelled`: a service stops a recording whose
+        client has gone or whose time is up, and frees its threads for the next."""
         o = self.options
+        is_set = getattr(cancelled, "is_set", cancelled)
+
+        def per_frame(done: int, total: int) -> None:
+            if is_set is not None and is_set():
+                raise ScreeningCancelled("screening cancelled")
+            if progress is not None:
+                progress(done, total)
+
         seq, timings = estimate_video_pose(
-            path, self.pose_estimator, o.limits, o.max_side, progress,
+            path, self.pose_estimator, o.limits, o.max_side,
+            per_frame if progress is not None or is_set is not None else None,
             executor=self._parts_pool, part_backend=self.part_estimator,
             part_frames=backend_class(o.pose_backend).part_frames,
         )  # fmt: skip

@@ -47,6 +47,10 @@ _STATUS: dict[str, int] = {
     TASK_RETRY_DISABLED: 409,
     INTERNAL: 500,
     "model_load_error": 503,
+    # The v2 protocol's own (service.grpc_v2.server), on its REST routes.
+    "model_not_found": 404,
+    "invalid_request": 400,
+    "model_not_ready": 503,
     "dependency_missing": 500,
     "file_not_found": 400,
 }
@@ -83,6 +87,16 @@ def error_response(code: str, message: str, request_id: str | None = None) -> JS
     if code == OVERLOADED:
         headers["retry-after"] = RETRY_AFTER_S  # every refusal under load says when to come back
     return JSONResponse(body.model_dump(), status_code=http_status(code), headers=headers)
+
+
+def v2_error_response(code: str, message: str) -> JSONResponse:
+    """An error on the KServe v2 REST routes: the protocol's ``{"error": "..."}``, which its
+    clients read, as ``"<code>: <message>"`` like gRPC's details; status and headers as
+    :func:`error_response`'s."""
+    headers = {ERROR_HEADER: code} | ({"retry-after": RETRY_AFTER_S} if code == OVERLOADED else {})
+    return JSONResponse(
+        {"error": f"{code}: {message}"}, status_code=http_status(code), headers=headers
+    )
 
 
 def from_exception(exc: Exception, request_id: str | None = None) -> JSONResponse:

@@ -1,43 +1,28 @@
-"""The tensors-in model over KServe v2 gRPC, served beside REST from the same process.
+"""The tensors-in model over KServe v2 gRPC, served beside REST from the same process: an
+adapter over ``service.core.DataPlane``.
 
 BentoML cannot serve gRPC for new-style services, so ``Screening``'s start-up hook starts this
-``grpc.aio`` server on its own port. ModelInfer calls ``Screening.score``, the same coroutine as
-REST's ``/screen_instances``, so both protocols share one adaptive batcher.
-
-Model ``mam``:
-  inputs  ``instances`` FP32 ``[N, 240, 3, 17, 17]``; optional ``infant`` FP32 ``[1, 4]`` =
-          sex (1 male, 0 female), gestational age (weeks), birth weight (g), corrected age (weeks)
-  outputs ``normal_probability`` / ``risk_probability`` / ``fms_frequency`` FP32 ``[1]``,
-          ``fms_probability`` / ``attention_weight`` FP32 ``[N]``, ``classification`` INT32
-          ``[1]`` (0 normal, 1 risk, 2 indeterminate), ``probabilities_usable`` and
-          ``in_domain`` BOOL ``[1]``, ``domain_score`` FP32 ``[1]`` (NaN: not scored). v2 has
-          no enum type, and BYTES is not served here, so the label travels as its index in
-          ``CLASSIFICATION_LABELS``; the reasons are REST's (``/screen_instances``).
+``grpc.aio`` server on its own port. ModelInfer runs ``core.V2Model`` (the model, its inputs
+and outputs are described there), which scores through the same data plane as REST's
+``/screen_instances`` and the v2 REST routes, so every protocol shares one adaptive batcher.
+This module adds only what gRPC has of its own: the API key from the call's metadata, status
+codes, and the metered calls.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
-import hashlib
 import logging
 import time
 
 import grpc
-import numpy as np
 
-import mam
 from mam.audit import key_id
-from mam.errors import InvalidInfantDataError
-from mam.features import CLIP_FRAMES
-from mam.schemas import InfantData
 from service import errors as E
-from service.admission import get_admission
 from service.auth import KeyCheck, key_from_headers
+from service.core import CALLER, CLASSIFICATION_LABELS, INSTANCE_BYTES, MODEL_NAME, V2Model
 from service.grpc_v2.server import (
     ERROR_CODE_KEY,
     InferenceServicer,
-    TensorSpec,
     make_error_status,
     start_server,
 )
@@ -46,104 +31,8 @@ from service.settings import get_settings
 
 logger = logging.getLogger("mam.service.grpc")
 
-MODEL_NAME = "mam"
-_CALL: contextvars.ContextVar[dict] = contextvars.ContextVar("mam_grpc_call")  # key id, start
-
-
-def _audit():
-    """The process's audit trail (the REST service's, ``service.app.AUDIT``)."""
-    from service.app import AUDIT
-
-    return AUDIT
-
-
-CLASSIFICATION_LABELS = ("normal", "risk", "indeterminate")
 # Health RPCs answer without a key, as /livez and /readyz do.
 _OPEN_METHODS = frozenset({"ServerLive", "ServerReady", "ModelReady"})
-_INSTANCE_BYTES = CLIP_FRAMES * 3 * 17 * 17 * 4
-
-
-def _digest(x: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(x).data).hexdigest()
-
-
-class V2Model:
-    """``InferenceModel`` over ``Screening.score``."""
-
-    name = MODEL_NAME
-    platform = "onnxruntime"
-    inputs = [
-        TensorSpec("instances", "FP32", [-1, CLIP_FRAMES, 3, 17, 17]),
-        TensorSpec("infant", "FP32", [1, 4], optional=True),
-    ]
-    outputs = [
-        TensorSpec("normal_probability", "FP32", [1]),
-        TensorSpec("risk_probability", "FP32", [1]),
-        TensorSpec("fms_frequency", "FP32", [1]),
-        TensorSpec("fms_probability", "FP32", [-1]),
-        TensorSpec("attention_weight", "FP32", [-1]),
-        TensorSpec("classification", "INT32", [1]),
-        TensorSpec("probabilities_usable", "BOOL", [1]),
-        TensorSpec("in_domain", "BOOL", [1]),
-        TensorSpec("domain_score", "FP32", [1]),
-    ]
-
-    def __init__(self, screening) -> None:
-        self.screening = screening
-        self.version = screening.screener.meta.version
-        self.digest = screening.screener.model_digest  # ModelMetadata's second version
-
-    def is_ready(self) -> bool:
-        return self.screening.__is_ready__()
-
-    async def infer(self, inputs: dict[str, np.ndarray], parameters: dict) -> dict[str, np.ndarray]:
-        infant = None
-        if "infant" in inputs:
-            v = np.asarray(inputs["infant"], np.float64).reshape(-1)
-            if not np.isfinite(v).all() or v[0] not in (0.0, 1.0):
-                raise InvalidInfantDataError(
-                    "invalid infant data: 'infant' is [sex (1 male, 0 female), gestational age "
-                    "weeks, birth weight g, corrected age weeks], all finite"
-                )
-            infant = InfantData.parse(
-                sex="male" if v[0] == 1.0 else "female",
-                gestational_age_weeks=float(v[1]),
-                birth_weight_g=float(v[2]),
-                corrected_age_weeks=float(v[3]),
-            )
-        call = _CALL.get({})
-        digest = await asyncio.to_thread(_digest, inputs["instances"])
-        outcome = "internal_error"
-        try:
-            with get_admission().enter():  # the same gate as REST's tensor requests
-                r = await self.screening.score(inputs["instances"], infant)
-            outcome = "ok"
-        except TimeoutError:
-            outcome = E.TIMEOUT
-            raise E.ServiceError(E.TIMEOUT, "scoring took longer than the limit") from None
-        except Exception as e:
-            outcome = getattr(e, "code", outcome)
-            raise
-        finally:
-            _audit().record(
-                "screening_request", api_key_id=call.get("key_id", "none"), route="model_infer",
-                protocol="grpc", content_sha256=digest, format="v2", outcome=outcome,
-                duration_ms=(time.perf_counter() - call.get("t0", time.perf_counter())) * 1000,
-            )  # fmt: skip
-        f32 = np.float32
-        return {
-            "normal_probability": np.array([r.normal_probability], f32),
-            "risk_probability": np.array([r.risk_probability], f32),
-            "fms_frequency": np.array([r.fms_frequency], f32),
-            "fms_probability": np.array(r.fms_probability, f32),
-            "attention_weight": np.array(r.attention_weight, f32),
-            "classification": np.array(
-                [CLASSIFICATION_LABELS.index(r.classification.label)], np.int32
-            ),
-            "probabilities_usable": np.array([r.probabilities_usable]),
-            "in_domain": np.array([r.domain.in_domain]),
-            "domain_score": np.array([np.nan if r.domain.score is None else r.domain.score], f32),
-        }
 
 
 def _status(exc: Exception) -> grpc.StatusCode:
@@ -201,11 +90,13 @@ class _AuthAndMeter(grpc.aio.ServerInterceptor):
 
             async def metered(request, context):
                 gauge.inc()
-                token = _CALL.set({"key_id": key_ref, "t0": time.perf_counter()})
+                token = CALLER.set(
+                    {"key_id": key_ref, "t0": time.perf_counter(), "protocol": "grpc"}
+                )
                 try:
                     return await inner(request, context)
                 finally:
-                    _CALL.reset(token)
+                    CALLER.reset(token)
                     gauge.dec()
 
             return grpc.unary_unary_rpc_method_handler(
@@ -231,20 +122,13 @@ def _observe(method: str, code: str, seconds: float) -> None:
 def max_message_bytes(s) -> int:
     """The largest message the server receives: ``MAM_MAX_INSTANCES`` instances, and no more
     than REST's upload limit (``MAM_MAX_UPLOAD_MB``), with 1 MiB for the framing."""
-    return min(s.max_instances * _INSTANCE_BYTES, int(s.max_upload_mb * 2**20)) + 2**20
+    return min(s.max_instances * INSTANCE_BYTES, int(s.max_upload_mb * 2**20)) + 2**20
 
 
-async def start_grpc(screening, host: str, port: int) -> grpc.aio.Server:
+async def start_grpc(plane, host: str, port: int) -> grpc.aio.Server:
+    """The v2 gRPC server over ``plane`` (a ``service.core.DataPlane``), started."""
     s = get_settings()
-    max_instances = s.max_instances
-    servicer = InferenceServicer(
-        V2Model(screening),
-        server_name="mam",
-        server_version=mam.__version__,
-        max_elements=max_instances * _INSTANCE_BYTES // 4 + 4,
-        error_status=_status,
-        observer=_observe,
-    )
+    servicer = plane.v2_servicer(error_status=_status, observer=_observe)
     server = await start_server(
         servicer,
         host,
@@ -256,4 +140,4 @@ async def start_grpc(screening, host: str, port: int) -> grpc.aio.Server:
     return server
 
 
-__all__ = ["V2Model", "start_grpc"]
+__all__ = ["CLASSIFICATION_LABELS", "V2Model", "max_message_bytes", "start_grpc"]

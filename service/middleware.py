@@ -28,7 +28,10 @@ logger = logging.getLogger("mam.service.access")
 
 # Routes never behind the key: probes and the scraper must work without one, and the API
 # description is public. Everything else, including unknown paths, needs a key.
-EXEMPT = frozenset({"/livez", "/readyz", "/healthz", "/metrics", "/", "/docs.json", "/schema.json"})
+EXEMPT = frozenset(
+    {"/livez", "/readyz", "/healthz", "/metrics", "/", "/docs.json", "/schema.json"}
+    | {"/v2/health/live", "/v2/health/ready", "/v2/models/mam/ready"}  # as gRPC's health RPCs
+)
 EXEMPT_PREFIXES = ("/static_content/",)
 
 MULTIPART = ("multipart/form-data",)
@@ -51,7 +54,12 @@ ROUTES: dict[str, Route] = {
     "/screen/retry": Route("screen_retry", None),
     "/screen_pose": Route("screen_pose", MULTIPART),
     "/screen_instances": Route("screen_instances", MULTIPART),
+    # KServe v2 REST (service.v2_rest): a JSON header, then binary tensor data.
+    "/v2": Route("v2_server_metadata", None),
+    "/v2/models/mam": Route("v2_model_metadata", None),
+    "/v2/models/mam/infer": Route("v2_model_infer", None),
 }
+V2_PREFIX = "/v2"
 RETRY_DISABLED = (
     "retry is disabled: recordings are deleted once processed, so there is nothing to rerun; "
     "submit the recording again"
@@ -156,7 +164,7 @@ class ServiceMiddleware:
 
     async def _handle(self, scope, receive, send, route, path, rid, outcome):
         async def reply(code: str, message: str, headers: dict | None = None):
-            resp = E.error_response(code, message, rid)
+            resp = _error_response(path, code, message, rid)
             resp.headers.update(headers or {})
             outcome.update(status=resp.status_code, code=code)
             await resp(scope, receive, send)
@@ -286,7 +294,7 @@ class ServiceMiddleware:
             if refused is not None:  # BentoML's answer to the exception limited_receive raised
                 if msg["type"] == "http.response.start" and not started:
                     started = True
-                    resp = E.error_response(refused.code, refused.message, rid)
+                    resp = _error_response(path, refused.code, refused.message, rid)
                     outcome.update(status=resp.status_code, code=refused.code)
                     await resp(scope, _no_receive, send)
                 return
@@ -318,7 +326,7 @@ class ServiceMiddleware:
                 if msg.get("more_body"):
                     return
                 code, message = _translate(held["status"], b"".join(chunks), path)
-                resp = E.error_response(code, message, rid)
+                resp = _error_response(path, code, message, rid)
                 outcome.update(status=resp.status_code, code=code)
                 return await resp(scope, _no_receive, send)
             await send(msg)
@@ -366,6 +374,13 @@ async def _metrics(scope, receive, send):
 
     body = await anyio.to_thread.run_sync(render)
     await Response(body, media_type=pc.CONTENT_TYPE_LATEST)(scope, receive, send)
+
+
+def _error_response(path: str, code: str, message: str, rid: str):
+    """The service's envelope, or on the v2 routes the protocol's error body."""
+    if path == V2_PREFIX or path.startswith(V2_PREFIX + "/"):
+        return E.v2_error_response(code, message)
+    return E.error_response(code, message, rid)
 
 
 def _printable(text: str, limit: int = 80) -> str:

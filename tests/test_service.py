@@ -190,6 +190,36 @@ def test_video_errors_are_typed_and_leave_nothing(client, short_video, case, sta
     assert kept == [], kept
 
 
+def test_a_recording_screened_by_the_service_equals_mam_screen(client, tmp_path):
+    """The service's video route and ``mam screen`` take one path (``Screener.screen_video``,
+    the demo's 60 s posed in parts on the parts executor): the same joints give the same
+    clips, P(risk), FMs frequency, quality and domain scores."""
+    import json
+    import subprocess
+    import sys
+
+    demo = Path(__file__).resolve().parent.parent / "demo" / "infant_demo.mp4"
+    infant = {"sex": "male", "gestational_age_weeks": 38.0, "birth_weight_g": 3100,
+              "corrected_age_weeks": 13.0}  # fmt: skip
+    cli = subprocess.run(
+        [sys.executable, "-m", "mam", "screen", str(demo), "--format", "json", "-q",
+         "--sex", "male", "--gestational-age-weeks", "38", "--birth-weight-g", "3100",
+         "--corrected-age-weeks", "13"],
+        capture_output=True, text=True, timeout=600, env=os.environ | {"TMPDIR": str(tmp_path)},
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    files = {"video": ("recording.mp4", demo.read_bytes(), "video/mp4")}
+    r = client.post("/screen", files=files, data={"infant": json.dumps(infant)}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    ours, theirs = r.json(), json.loads(cli.stdout)
+    assert len(ours["clips"]) >= 10 and ours["quality"]["frames_total"] == 1500
+    for key in ("clips", "risk_probability", "normal_probability", "fms_frequency",
+                "fms_category", "classification", "domain", "quality", "warnings"):  # fmt: skip
+        assert ours[key] == theirs[key], key
+    assert ours["model"]["digest"] == theirs["model"]["digest"]
+    assert ours["model"]["pose_backend"] == theirs["model"]["pose_backend"]
+
+
 def test_metrics_count_by_endpoint_and_code_without_identifiers(client):
     text = client.get("/metrics").text
     assert 'mam_requests_total{code="ok",endpoint="screen_instances",protocol="rest"}' in text
@@ -248,6 +278,7 @@ def test_overload_is_503_timeout_is_504_and_both_are_harmless(client, sims, monk
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
+    import mam.screening as screening
     import service.app as app
     from mam.errors import NoInfantDetectedError
 
@@ -257,7 +288,7 @@ def test_overload_is_503_timeout_is_504_and_both_are_harmless(client, sims, monk
         gate.wait(60)
         raise NoInfantDetectedError("no person was found in any frame")
 
-    monkeypatch.setattr(app, "estimate_video_pose", held_pose)
+    monkeypatch.setattr(screening, "estimate_video_pose", held_pose)  # inside screen_video
     monkeypatch.setattr(app.S, "video_queue", 0)
     files = {"video": ("v.mp4", b"\x00" * 1000, "video/mp4")}
 
@@ -295,10 +326,10 @@ def _hold_batcher(client, monkeypatch):
     import asyncio
     import threading
 
-    import service.app as app
+    from service.core import DataPlane
 
     gate = threading.Event()
-    real_call = app.Screening.inner._one_call
+    real_call = DataPlane._one_call
 
     async def held_call(self, chunk):
         await asyncio.to_thread(gate.wait, 60)
@@ -309,7 +340,7 @@ def _hold_batcher(client, monkeypatch):
         line = [x for x in text.splitlines() if x.startswith("mam_queue_depth_rows ")]
         return float(line[0].split()[-1]) if line else 0.0
 
-    monkeypatch.setattr(app.Screening.inner, "_one_call", held_call)
+    monkeypatch.setattr(DataPlane, "_one_call", held_call)
     return gate, queued
 
 
@@ -407,3 +438,79 @@ def test_a_pose_backend_that_cannot_run_stops_the_service_at_start(client, monke
     monkeypatch.setattr(app.S, "pose_backend", "hrnet-videopose3d")
     with pytest.raises(ModelLoadError, match="MAM_HRNET_WEIGHTS"):
         app.Screening.inner()
+
+
+def _service_imports() -> dict[str, set[str]]:
+    """``service`` module -> the ``service`` modules it imports (at any depth of its code)."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    graph: dict[str, set[str]] = {}
+    for f in (root / "service").rglob("*.py"):
+        name = ".".join(f.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                mods = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            else:
+                continue
+            deps |= {m for m in mods if m.startswith("service.")}
+        graph[name] = deps
+    return {k: {d for d in v if d in graph and d != k} for k, v in graph.items()}
+
+
+def test_the_service_has_no_import_cycle_and_thin_endpoints():
+    """The protocol adapters sit over one data plane: no module of ``service`` imports back
+    into one that imports it, and each REST endpoint is a few lines over the plane."""
+    import ast
+    import inspect
+    import textwrap
+
+    graph = _service_imports()
+    assert "service.app" not in graph["service.grpc_app"] | graph["service.core"]
+
+    def reach(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for d in graph[todo.pop()] - seen:
+                seen.add(d)
+                todo.append(d)
+        return seen
+
+    cycles = [m for m in graph if m in reach(m)]
+    assert not cycles, cycles
+
+    from service.app import Screening
+
+    cls = Screening.inner
+    for name in ("screen", "progress_of", "screen_pose", "screen_instances"):
+        source = textwrap.dedent(inspect.getsource(getattr(cls, name).func))
+        fn = next(n for n in ast.parse(source).body if isinstance(n, ast.AsyncFunctionDef |
+                                                                   ast.FunctionDef))  # fmt: skip
+        body = fn.body[1:] if isinstance(fn.body[0], ast.Expr) else fn.body  # no docstring
+        lines = body[-1].end_lineno - body[0].lineno + 1
+        assert lines <= 15, (name, lines)
+
+
+def test_screen_video_stops_at_the_first_frame_once_cancelled(library, tmp_path):
+    """The hook the service's deadline and disconnect watch use: checked per frame, so a
+    cancelled recording frees its thread instead of being posed to the end."""
+    import threading
+
+    from mam.screening import ScreeningCancelled
+    from tests.media import moving_square_frames
+
+    video = write_video(tmp_path / "v.mp4", moving_square_frames(260), fps=25)
+    seen: list[int] = []
+    flag = threading.Event()
+    flag.set()
+    with pytest.raises(ScreeningCancelled):
+        library.screen_video(video, progress=lambda d, t: seen.append(d), cancelled=flag)
+    assert seen == []  # stopped before the first frame was reported
+    calls = iter(range(1000))
+    with pytest.raises(ScreeningCancelled):  # a function works too: stops after three frames
+        library.screen_video(video, progress=lambda d, t: seen.append(d),
+                             cancelled=lambda: next(calls) >= 3)  # fmt: skip
+    assert len(seen) == 3

@@ -113,6 +113,9 @@ class _Abort(Exception):
         self.status, self.code, self.message = status, code, message
 
 
+Abort = _Abort  # public name for the protocol's own failures (``.code``, ``.message``)
+
+
 def _spec(entry: TensorSpec | Sequence[Any]) -> TensorSpec:
     spec = TensorSpec(*entry)
     if spec.datatype not in DATATYPES:
@@ -205,9 +208,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """The version and, where the model names one, its content digest: the metadata's
         ``versions``, and the values a request's ``model_version`` may name."""
         digest = getattr(self.model, "digest", None)
-        if digest is None:  # the service's adapter: the digest of its screener's weights
-            screener = getattr(getattr(self.model, "screening", None), "screener", None)
-            digest = getattr(screener, "model_digest", None)
         return [self.model.version, *([str(digest)] if digest else [])]
 
     def _check_model(self, name: str, version: str) -> None:
@@ -323,6 +323,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if len(set(names)) != len(names):
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "invalid_request", "output asked twice")
         return names
+
+    async def infer_message(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        """A ModelInfer request checked, decoded, run and encoded; raises :class:`Abort` (the
+        protocol's failures) or the model's exceptions. Other transports of the protocol (v2
+        REST) convert their request to this message and call here, so every check is shared."""
+        return await self._infer(request)
 
     async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         self._check_model(request.model_name, request.model_version)
