@@ -106,31 +106,51 @@ UIDS = UidStore()
 
 
 class Pushes:
-    """The service's FHIR push: a ``FhirPusher`` wired to the metrics and the audit trail.
+    """The service's FHIR push through the durable outbox (``mam.fhir.outbox``): a Bundle is
+    written to the outbox before anything is sent, delivered by a background worker with
+    backoff, kept across restarts, and drained (not dropped) on shutdown up to
+    ``fhir_drain_s``; an entry given up after ``fhir_push_attempts`` stays in the outbox,
+    visible and re-sent with ``mam fhir outbox retry``. Wired to the metrics and the audit.
 
     Args: settings (``service.settings.Settings``), metrics, audit log."""
 
     def __init__(self, settings, metrics, audit) -> None:
-        from mam.fhir.push import FhirPusher
+        from mam.fhir.outbox import FhirClient, Outbox, OutboxWorker, make_auth
 
         self.metrics, self.audit = metrics, audit
         self.codes = settings.fhir_codes()
         self.enabled = settings.fhir_base_url is not None
-        self.pusher = None
+        self.drain_s = settings.fhir_drain_s
+        self.outbox = self.worker = None
         if self.enabled:
             token = settings.fhir_token.get_secret_value() if settings.fhir_token else None
-            self.pusher = FhirPusher(
-                settings.fhir_base_url,
-                token=token,
-                token_file=settings.fhir_token_file,
-                attempts=settings.fhir_push_attempts,
-                timeout_s=settings.fhir_push_timeout_s,
-                backoff_s=settings.fhir_push_backoff_s,
-                on_retry=metrics.fhir_push_retries.inc,
-            )
+            auth = make_auth(
+                token=token, token_file=settings.fhir_token_file,
+                client_id=settings.fhir_client_id, token_url=settings.fhir_token_url,
+                client_secret_file=settings.fhir_client_secret_file,
+                private_key_file=settings.fhir_private_key_file,
+            )  # fmt: skip
+            client = FhirClient(settings.fhir_base_url, auth, settings.fhir_push_timeout_s)
+            self.outbox = Outbox(settings.fhir_outbox_path(),
+                                 max_attempts=settings.fhir_push_attempts,
+                                 backoff_s=settings.fhir_push_backoff_s)  # fmt: skip
+            self.worker = OutboxWorker(self.outbox, client, on_delivery=self._delivered).start()
+            self.metrics.fhir_push_pending.set(self.outbox.counts()["pending"])
+
+    def _delivered(self, d) -> None:
+        if d.outcome == "retry":
+            self.metrics.fhir_push_retries.inc()
+            return
+        outcome = "ok" if d.outcome == "ok" else ("rejected" if d.reason == "rejected"
+                                                  else "failed")  # fmt: skip
+        self.metrics.fhir_push.labels(outcome=outcome).inc()
+        self.metrics.fhir_push_pending.set(self.outbox.counts()["pending"])
+        self.audit.record("fhir_push", route="fhir_push", result_id=d.result_id,
+                          outcome=outcome, status=d.status, attempts=d.attempts)  # fmt: skip
 
     def push(self, result, ctx: FhirContext) -> bool:
-        """Queue the Bundle of ``result``; False when push is off or there is no subject."""
+        """Put the Bundle of ``result`` in the outbox; False when push is off or there is no
+        subject."""
         if not self.enabled:
             return False
         if ctx.subject is None:
@@ -138,18 +158,13 @@ class Pushes:
             self.audit.record("fhir_push", route="fhir_push", result_id=ctx.result_id,
                               outcome="skipped")  # fmt: skip
             return False
-        bundle = build_bundle(result, ctx, self.codes)
-        self.metrics.fhir_push_pending.inc()
-
-        def done(r) -> None:
-            self.metrics.fhir_push_pending.dec()
-            self.metrics.fhir_push.labels(outcome=r.outcome).inc()
-            self.audit.record("fhir_push", route="fhir_push", result_id=ctx.result_id,
-                              outcome=r.outcome, status=r.status, attempts=r.attempts)  # fmt: skip
-
-        self.pusher.submit(bundle, done)
+        self.outbox.enqueue(build_bundle(result, ctx, self.codes), ctx.result_id)
+        self.metrics.fhir_push_pending.set(self.outbox.counts()["pending"])
+        self.worker.wake()
         return True
 
     def close(self) -> None:
-        if self.pusher is not None:
-            self.pusher.close(wait=False)
+        if self.worker is not None:
+            self.worker.drain(self.drain_s)  # the rest stays in the file for the next start
+            self.outbox.close()
+            self.worker = None

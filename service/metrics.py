@@ -243,7 +243,9 @@ class Metrics:
         self.fhir_push_retries = pc.Counter(
             PREFIX + "fhir_push_retries_total", "FHIR push attempts that were retried."
         )
-        self.fhir_push_pending = gauge("fhir_push_pending", "FHIR pushes queued or in flight.")
+        # Every process reads the one outbox file's count: the largest is the truth, not the sum.
+        self.fhir_push_pending = gauge("fhir_push_pending", "FHIR Bundles pending in the outbox.",
+                                       mode="livemax")  # fmt: skip
 
     def observe_request(
         self, endpoint: str, protocol: str, code: str, seconds: float | None = None

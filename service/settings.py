@@ -94,11 +94,32 @@ class Settings(BaseSettings):
         None, description="Mounted secret holding the FHIR server's bearer token (read per push)."
     )
     fhir_token: SecretStr | None = Field(None, description="The bearer token itself (a Secret).")
-    fhir_push_attempts: int = Field(5, ge=1, le=20, description="Tries per Bundle.")
+    fhir_client_id: str | None = Field(
+        None, description="OAuth2 client credentials (SMART Backend Services): the client id."
+    )
+    fhir_token_url: str | None = Field(None, description="OAuth2 token endpoint.")
+    fhir_client_secret_file: Path | None = Field(
+        None, description="Mounted secret: the client secret (client_secret_basic)."
+    )
+    fhir_private_key_file: Path | None = Field(
+        None, description="Mounted secret: the client's private key (private_key_jwt)."
+    )
+    fhir_outbox: Path | None = Field(
+        None, description="The durable FHIR outbox, SQLite (mam.fhir.outbox); default beside "
+        "MAM_AUDIT_FILE when that is a file, else fhir-outbox.sqlite in the working folder."
+    )  # fmt: skip
+    fhir_push_attempts: int = Field(
+        100, ge=1, le=10000, description="Tries before a Bundle is given up (kept in the "
+        "outbox, re-sent with mam fhir outbox retry)."
+    )  # fmt: skip
     fhir_push_timeout_s: float = Field(30.0, gt=0, description="Per FHIR request.")
     fhir_push_backoff_s: float = Field(
-        1.0, ge=0, description="First wait before a retry; doubles (jittered), at most 60 s."
+        2.0, ge=0, description="First wait before a retry; doubles (jittered), at most 15 min."
     )
+    fhir_drain_s: float = Field(
+        10.0, ge=0, description="On shutdown, how long due Bundles are still delivered; the rest "
+        "stay in the outbox for the next start."
+    )  # fmt: skip
     audit_file: str = Field(
         "-", description="Audit trail (mam/audit.py): '-' stdout, a path (rotated), or 'off'."
     )
@@ -136,9 +157,23 @@ class Settings(BaseSettings):
     @field_validator("fhir_base_url")
     @classmethod
     def _http_url(cls, v: str | None) -> str | None:
-        if v and not re.match(r"^https?://[^\s]+$", v):
-            raise ValueError("MAM_FHIR_BASE_URL must be an http(s) URL")
-        return v or None
+        from mam.errors import MamError
+        from mam.fhir.outbox import check_url
+
+        if not v:
+            return None
+        try:  # https, or http on loopback only: results are health data
+            return check_url(v, "MAM_FHIR_BASE_URL")
+        except MamError as e:
+            raise ValueError(str(e)) from None
+
+    def fhir_outbox_path(self) -> Path:
+        """``fhir_outbox``, else beside the audit file, else the working folder."""
+        if self.fhir_outbox is not None:
+            return self.fhir_outbox
+        if self.audit_file not in ("-", "off"):
+            return Path(self.audit_file).with_name("fhir-outbox.sqlite")
+        return Path("fhir-outbox.sqlite")
 
     def fhir_codes(self):
         from mam.fhir import FhirCodes

@@ -444,3 +444,51 @@ def test_probabilities_survive_the_percent_unit_exactly():
     codes = FhirCodes(unit="%")
     for p in np.round(rng.random(2000), 4):
         assert FhirCodes.probability(codes.quantity(float(p))) == float(p)
+
+
+# -- idempotency and corrections ----------------------------------------------------------------
+def test_provenance_is_created_once_per_content_and_a_correction_updates(made):
+    from mam.fhir.bundle import as_correction
+
+    r = as_kind(made["screening", True], "risk")
+    issued = __import__("datetime").datetime(2026, 1, 2, 3, 4, 5)
+    ctx = FhirContext("res-1", subject="Patient/p-123", issued=issued)
+
+    def provenance_request(b):
+        (e,) = [e for e in b["entry"] if e["resource"]["resourceType"] == "Provenance"]
+        return e["request"]
+
+    later = FhirContext("res-1", subject="Patient/p-123")  # built again, at another time
+    same = provenance_request(build_bundle(r, ctx)), provenance_request(build_bundle(r, later))
+    other = provenance_request(build_bundle(as_kind(made["screening", True], "normal"), ctx))
+    assert same[0] == same[1] and same[0]["ifNoneExist"].startswith("_tag=")
+    assert other["ifNoneExist"] != same[0]["ifNoneExist"]  # a correction is another record
+    b = build_bundle(r, ctx)
+    validate(b)
+    fixed = as_correction(b)
+    Bundle.model_validate(fixed)  # structure; its requests are conditional updates, checked here
+    assert b == build_bundle(r, ctx)  # the original is left as it was
+    for e in fixed["entry"]:
+        kind, req = e["resource"]["resourceType"], e["request"]
+        if kind in ("Observation", "DiagnosticReport"):
+            (ident,) = e["resource"]["identifier"]
+            assert req == {
+                "method": "PUT",
+                "url": f"{kind}?identifier={ident['system']}|{ident['value']}",
+            }
+        else:
+            assert req["method"] == "POST" and req["ifNoneExist"]
+    (prov,) = resources(fixed, "Provenance")
+    assert prov["activity"]["coding"][0]["code"] == "UPDATE"
+
+
+def test_outbox_error_codes_have_a_one_line_fix():
+    import inspect
+
+    import mam.fhir.outbox
+    from mam.cli.errors import HINTS
+    from mam.errors import MamError
+
+    codes = {cls.code for _, cls in inspect.getmembers(mam.fhir.outbox, inspect.isclass)
+             if issubclass(cls, MamError) and cls.__module__ == "mam.fhir.outbox"}  # fmt: skip
+    assert len(codes) == 7 and codes <= set(HINTS), codes - set(HINTS)

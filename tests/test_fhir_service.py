@@ -52,7 +52,8 @@ def svc(tmp_path_factory, fhir_server, prometheus_dir):
         # Settings are read at import (and the module may be imported already): set the push
         # ones on the live object, before the service starts and builds its pusher.
         push = {"fhir_base_url": fhir_server.url, "fhir_push_attempts": 2,
-                "fhir_push_backoff_s": 0.01, "fhir_push_timeout_s": 5.0}  # fmt: skip
+                "fhir_push_backoff_s": 0.01, "fhir_push_timeout_s": 5.0,
+                "fhir_outbox": tmp / "fhir-outbox.sqlite"}  # fmt: skip
         saved = {k: getattr(app.S, k) for k in push}
         for k, v in push.items():
             setattr(app.S, k, v)

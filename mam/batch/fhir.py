@@ -1,5 +1,8 @@
 """FHIR output of a batch run: ``results.fhir.ndjson``, one transaction Bundle per recording with
-a result, one per line as in FHIR Bulk Data (``write_fhir``).
+a result, one per line (NDJSON of Bundles, not a Bulk Data export of resources; ``write_fhir``).
+``mam fhir push DIR --base-url URL`` sends them through the durable outbox
+(``mam.fhir.outbox``); rebuilding the file gives the same Bundles, so pushing it again sends
+nothing new, and a result that changed is sent as a correction.
 
 The references are the caller's: a manifest may carry ``fhir_subject`` (``Patient/<id>``) and
 ``fhir_encounter`` (``Encounter/<id>``) columns, checked before any work

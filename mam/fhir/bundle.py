@@ -30,8 +30,10 @@ Choices where FHIR and the guide leave room (written down here, see also ``mam.f
   ``DiagnosticReport.imagingStudy`` (a logical reference by identifier, ``urn:dicom:uid``), the
   series as a Provenance source entity.
 * Every ``fullUrl`` is a UUID derived from the result id, and the DiagnosticReport and
-  Observations are conditionally created on their identifiers, so a transaction sent twice
-  (a retried push) does not duplicate them.
+  Observations are conditionally created on their identifiers, the Provenance on a tag of the
+  result id and the content's digest, so a transaction sent twice (a retried push) duplicates
+  nothing. A corrected result (same id, other content) is sent through ``as_correction``:
+  conditional updates of the report and Observations, and a Provenance of the update.
 
 Built as plain JSON-ready dicts, not ``fhir.resources`` models: the base install stays free of a
 library of every FHIR resource, and the tests validate each kind of bundle with
@@ -40,6 +42,9 @@ library of every FHIR resource, and the tests validate each kind of bundle with
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 import re
 import uuid
 from dataclasses import dataclass
@@ -51,7 +56,8 @@ from mam.fhir import codes as C
 from mam.fhir.codes import FhirCodes
 from mam.schemas import InstancesResult, ScreeningResult
 
-__all__ = ["FhirContext", "InvalidFhirReferenceError", "build_bundle", "result_id_for"]
+__all__ = ["FhirContext", "InvalidFhirReferenceError", "as_correction", "build_bundle",
+           "result_id_for"]  # fmt: skip
 
 _ID = r"[A-Za-z0-9\-.]{1,64}"  # FHIR id
 _INTERPRETATION = {
@@ -367,7 +373,13 @@ class _Builder:
                                         "value": "urn:oid:" + self.ctx.series_instance_uid},
                          "display": "the DICOM series of the screened recording"},
             }]  # fmt: skip
-        self.add("provenance", provenance)
+        # Keyed by the result and what it asserts (not when the Bundle was built), so a re-push
+        # creates nothing new and a correction (other content) records another Provenance. R4's
+        # Provenance has no identifier element: the key is a tag, searchable as _tag.
+        tag = self.identifier(f"provenance-{content_digest(self.entries)[:16]}")
+        tag = {"system": tag["system"], "code": tag["value"]}
+        provenance["meta"]["tag"] = [tag]
+        self.add("provenance", provenance, f"_tag={tag['system']}|{tag['code']}")
         return {
             "resourceType": "Bundle",
             "identifier": self.identifier(),
@@ -384,3 +396,36 @@ def build_bundle(
 ) -> dict:
     """The FHIR R4 transaction Bundle of one result (see the module docstring)."""
     return _Builder(result, context, codes or FhirCodes()).build()
+
+
+TIME_FIELDS = ("timestamp", "issued", "recorded")
+
+
+def content_digest(entries: list[dict]) -> str:
+    """SHA-256 of Bundle entries less when they were built (``issued``, ``recorded``): the
+    same assertions give the same digest whenever the Bundle is built again."""
+    kept = [{**e, "resource": {k: v for k, v in e["resource"].items() if k not in TIME_FIELDS}}
+            for e in entries]  # fmt: skip
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+
+
+# What a corrected result updates in place (the Device is one per model configuration).
+CORRECTED_TYPES = frozenset({"Observation", "DiagnosticReport"})
+
+
+def as_correction(bundle: dict) -> dict:
+    """``bundle`` (a copy) sent as a correction of an earlier one with the same result id: its
+    Observations and DiagnosticReport become conditional updates (``PUT Type?identifier=...``,
+    creating what is not there yet) instead of conditional creates, which would keep the old
+    resources; the Provenance records an update. The fullUrls stay, so references still
+    resolve within the transaction."""
+    out = copy.deepcopy(bundle)
+    for entry in out.get("entry", ()):
+        resource, request = entry["resource"], entry["request"]
+        kind = resource["resourceType"]
+        if kind in CORRECTED_TYPES and request.get("ifNoneExist"):
+            entry["request"] = {"method": "PUT", "url": f"{kind}?{request['ifNoneExist']}"}
+        elif kind == "Provenance":
+            resource["activity"] = {"coding": [{"system": C.DATA_OPERATION, "code": "UPDATE",
+                                                "display": "revise"}]}  # fmt: skip
+    return out
