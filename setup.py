@@ -2,7 +2,7 @@
 
 Only what pyproject.toml cannot say lives here: the shipped model files stay in the repository's
 ``models/`` (where ``mam train --out models/NAME``, ``python -m export onnx`` and
-``bench/demo_weights.py`` write) and enter the wheel as the package data ``mam/_shipped/``, so an
+``recipes/demo_weights.py`` write) and enter the wheel as the package data ``mam/_shipped/``, so an
 installed wheel screens without a checkout (``mam.shipped``). pyproject.toml's package-data says
 which of those files ship.
 """

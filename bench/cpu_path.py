@@ -1,4 +1,4 @@
-"""Where the CPU path spends its time, by stage, and what each knob buys (issue 18, item 2).
+"""Where the CPU path spends its time, by stage, and what each knob buys.
 
 Screens one recording with the ``onnx`` pose backend under several settings and prints, per
 setting: frames per second through pose, the busy share of each stage (decoding in its thread;

@@ -5,7 +5,7 @@ time to wall time (>1 means faster than real time). One run, one machine; the fi
 ratios measured together, never assertions.
 
     python bench/pipeline.py [VIDEO] [--repeat N] [--max-side PX] [--pose-backend onnx]
-    python bench/pipeline.py --synth-minutes 5 --size 1920x1080   # issue 18's recording
+    python bench/pipeline.py --synth-minutes 5 --size 1920x1080   # 5 min of full HD, the CPU target
 
 ``--synth-minutes`` renders a simulated infant (``mam.synth``, real-motion background) of that
 length and size once, into ``runs/bench/`` (reused), and screens it. On a GPU machine, set

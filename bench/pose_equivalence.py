@@ -1,9 +1,9 @@
-"""Is the ``onnx`` pose backend equivalent to ``mediapipe`` on the screening task (issue 18)?
+"""Is the ``onnx`` pose backend equivalent to ``mediapipe`` on the screening task?
 
 Screens the same recordings through both backends and compares what a clinician would read:
 the classification, the FMs frequency and P(risk). Recordings: the demo, and the first
 ``--n`` infants (half normal, half risk) of the external rendered set that
-``bench/demo_weights.py generate`` writes (``runs/demo_weights/external``); their pose is cached
+``recipes/demo_weights.py generate`` writes (``runs/demo_weights/external``); their pose is cached
 per backend next to them, so a second run only screens.
 
     python bench/pose_equivalence.py [--n 12]

@@ -1,4 +1,4 @@
-"""How fast the review app answers on a 1,000-recording worklist (issue 16: within 200 ms), in one
+"""How fast the review app answers on a 1,000-recording worklist (the target: within 200 ms), in one
 run, over HTTP on loopback (uvicorn in a thread, an httpx client logged in).
 
 The batch folder is made here: one genuine screening result of a simulated 3-minute infant

@@ -1,4 +1,4 @@
-"""The whole ``mam screen`` command, start-up included, as a user runs it (issue 18's target).
+"""The whole ``mam screen`` command, start-up included, as a user runs it (the time a user waits).
 
 Runs ``python -m mam screen RECORDING --pose-backend B --format json`` in a fresh process for
 each backend, alternating rounds so that load from other processes on a shared machine hits

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from mam.features import CLIP_FRAMES, difference_matrices
+from mam.files import write_atomic
 from mam.model.network import MAM
 from mam.model.weights import ModelMeta, load_meta, load_weights, sha256_of
 from mam.shipped import demo_poses
@@ -257,7 +258,7 @@ def export_graph(
     proto.doc_string = f"MAM {spec.role} network ({spec.module.__doc__.strip()})"
     onnx.checker.check_model(proto, full_check=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(proto, str(path), save_as_external_data=False)
+    write_atomic(path, proto.SerializeToString())  # one file: no external data
     return path
 
 
@@ -431,5 +432,5 @@ def export_onnx(
         },
     }
     mpath = out / manifest_path(weights).name
-    mpath.write_text(json.dumps(manifest, indent=2) + "\n")
+    write_atomic(mpath, (json.dumps(manifest, indent=2) + "\n").encode())
     return ExportResult(mpath, files, worst)

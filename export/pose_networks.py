@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mam.files import write_atomic
 from mam.model.weights import sha256_of
 from mam.pose.paper.backend import INPUT_H, INPUT_W, load_hrnet
 from mam.pose.paper.lifter_train import load_lifter
@@ -63,7 +64,7 @@ def _write_manifest(path: Path, weights: Path, config: dict, io: dict, worst: fl
         },
     }
     mpath = path.with_name(path.name + ".json")
-    mpath.write_text(json.dumps(manifest, indent=2) + "\n")
+    write_atomic(mpath, (json.dumps(manifest, indent=2) + "\n").encode())
     return mpath
 
 

@@ -1,7 +1,7 @@
 """Files shipped with the package, found the same way in a checkout and in an installed wheel.
 
 - The demo weights, their ONNX export and manifest, the infant lifter and the model card live in
-  the repository's ``models/``, the folder where ``bench/demo_weights.py``, ``mam train --out
+  the repository's ``models/``, the folder where ``recipes/demo_weights.py``, ``mam train --out
   models/NAME`` and ``python -m export onnx`` write. ``setup.py`` maps that folder into the wheel
   as the package data ``mam/_shipped/`` (only the files pyproject.toml's package-data lists), so
   an installed wheel needs no checkout, while a checkout (an editable install, a bento's source)

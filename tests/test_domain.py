@@ -1,9 +1,9 @@
-"""Results that know their limits (issue 14): the shipped weights' domain check and abstention.
+"""Results that know their limits: the shipped weights' domain check and abstention.
 
 All inputs are pose files made here from seeds (cheap enough for CI); the rendered-video
-evaluation is ``python bench/demo_weights.py`` (README, model card). Bounds are the issue's: at
-least 95% of recordings unlike the training data flagged, at most 5% (at least 90% in domain) of
-simulator pose files of any seed flagged, and those classified as their truth says. A model
+evaluation is ``python recipes/demo_weights.py`` (README, model card). Bounds: at least 95% of
+recordings unlike the training data flagged, at most 5% (at least 90% in domain) of simulator
+pose files of any seed flagged, and those classified as their truth says. A model
 without the gate, or a gate that passes everything or nothing, fails one of them.
 """
 

@@ -150,15 +150,8 @@ def test_tensorrt_command_without_tensorrt_is_one_line_error(capsys):
     assert err.startswith("error [tensorrt_unavailable]:") and len(err.splitlines()) == 1
 
 
-def _needs_tensorrt():
-    pytest.importorskip("tensorrt", reason="tensorrt not installed (NVIDIA GPU machines only)")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device: TensorRT engines are built on the GPU that runs them")
-
-
-@pytest.mark.gpu
+@pytest.mark.needs_tensorrt  # engines are built on the GPU that runs them
 def test_tensorrt_engine_build_cache_and_parity(tmp_path):
-    _needs_tensorrt()
     from mam.runtime import manifest_path
     from mam.runtime.tensorrt_backend import TensorRTBackend
 

@@ -262,12 +262,8 @@ def test_registering_the_backend_imports_nothing_heavy():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@pytest.mark.gpu
+@pytest.mark.needs_tensorrt
 def test_tensorrt_landmarks_match_onnxruntime(pose_cache, demo_frames, model):
-    pytest.importorskip("tensorrt", reason="tensorrt not installed (NVIDIA GPU machines only)")
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
     from mam.pose.blazepose.model import BlazePoseOnnx
 
     trt = BlazePoseOnnx(cache=pose_cache, runtime="tensorrt", max_batch=8, precision="fp32")
@@ -329,11 +325,8 @@ def test_pytorch_pose_runtime_tracks_like_onnx_runtime(pose_cache, demo_frames):
     assert np.nanmedian(err) < 0.3 and np.nanpercentile(err, 99) < 6.0, np.nanpercentile(err, 99)
 
 
-@pytest.mark.gpu
+@pytest.mark.needs_cuda
 def test_pytorch_pose_runtime_fp16_on_cuda(pose_cache, demo_frames):
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device (the GPU route runs on lent GPU machines)")
     from mam.pose.blazepose.backend import OnnxPoseBackend
 
     frames = demo_frames[:40]

@@ -34,7 +34,7 @@ from mam.pose.paper.hrnet import (  # noqa: E402
     hrnet_w32,
 )
 from mam.pose.paper.lifter_train import (  # noqa: E402
-    TrainConfig,
+    LifterConfig,
     evaluate_lifter,
     load_lifter,
     load_motion,
@@ -163,7 +163,7 @@ def test_split_keeps_heldout_clips_out_of_training(demo_npz):
 def test_random_cameras_keep_the_body_rigid(demo_npz):
     clips, _ = load_motion(demo_npz)
     clips = clips[:6]
-    uv, X = project_clips(clips, np.random.default_rng(0), TrainConfig().camera, flip=True)
+    uv, X = project_clips(clips, np.random.default_rng(0), LifterConfig().camera, flip=True)
     assert uv.shape == (6, 240, 17, 2) and X.shape == (6, 240, 17, 3)
     assert np.all(X[:, :, 0] == 0)  # root-relative
     bone = lambda p: np.linalg.norm(p[..., JOINT_INDEX["left_knee"], :]  # noqa: E731
@@ -177,7 +177,7 @@ def test_random_cameras_keep_the_body_rigid(demo_npz):
 
 
 def test_tiny_lifter_learns_infant_depth(demo_npz):
-    cfg = TrainConfig(channels=64, filter_widths=(3, 3, 3), epochs=3, minutes=10, dropout=0.1,
+    cfg = LifterConfig(channels=64, filter_widths=(3, 3, 3), epochs=3, minutes=10, dropout=0.1,
                       threads=1, seed=0)  # fmt: skip
     m = train_lifter(demo_npz, cfg).metrics
     # held-out infants: clearly better than its own initialisation and than the mean pose
@@ -192,7 +192,7 @@ def test_shipped_lifter_meets_its_recorded_mpjpe(demo_npz):
     assert meta["receptive_field"] == model.receptive_field() == 243
     clips, groups = load_motion(demo_npz)
     split = split_by_group(groups, len(clips), heldout_groups=meta["split"]["heldout_groups"])
-    cfg = TrainConfig(seed=meta["training"]["seed"], noise=meta["training"]["noise"])
+    cfg = LifterConfig(seed=meta["training"]["seed"], noise=meta["training"]["noise"])
     m = evaluate_lifter(model, clips, split, cfg)
     assert m["heldout_mpjpe"] <= meta["metrics"]["heldout_mpjpe"] + 0.01, m
     assert m["heldout_mpjpe"] < 0.85 * m["flat_2d_mpjpe"], m  # beats 2D with an oracle scale
@@ -268,11 +268,8 @@ def test_export_pose_networks_with_parity(tmp_path):
     assert sess.run(None, {"keypoints_2d": x})[0].shape == (1, 58, 17, 3)
 
 
-@pytest.mark.gpu
+@pytest.mark.needs_tensorrt
 def test_hrnet_tensorrt_engine(tmp_path):
-    pytest.importorskip("tensorrt", reason="tensorrt not installed (NVIDIA GPU machines only)")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
     from export.pose_networks import build_hrnet_engine, export_hrnet
     from mam.runtime import TensorRTEngine
 
@@ -291,8 +288,8 @@ def test_hrnet_tensorrt_engine(tmp_path):
 
 
 def test_command_lines_reach_the_lifter_trainer_and_its_export(tmp_path, capsys):
-    """`mam train-lifter` is the trainer's own parser; `python -m export pose-onnx` exports the
-    shipped lifter with its parity recorded (well inside the tolerance)."""
+    """`mam train-lifter` is a subcommand with its own options; `python -m export pose-onnx`
+    exports the shipped lifter with its parity recorded (well inside the tolerance)."""
     from export.__main__ import main as export_main
     from mam.cli import main as mam_main
 

@@ -79,14 +79,9 @@ def test_env_var_chooses(monkeypatch):
     assert create_runtime(DEFAULT_WEIGHTS, "onnxruntime").backend == "onnxruntime"  # argument wins
 
 
-def test_tensorrt_falls_back_to_onnxruntime_cpu_with_reason(caplog):
-    try:
-        import tensorrt  # noqa: F401
-
-        if torch.cuda.is_available():
-            pytest.skip("TensorRT and CUDA are here: nothing to fall back from")
-    except ImportError:
-        pass
+def test_tensorrt_falls_back_to_onnxruntime_cpu_with_reason(caplog, tensorrt_and_cuda):
+    if tensorrt_and_cuda:
+        pytest.skip("TensorRT and CUDA are here: nothing to fall back from")
     with caplog.at_level(logging.INFO, logger="mam.runtime"):
         rt = create_runtime(DEFAULT_WEIGHTS, "tensorrt")
     assert (rt.backend, rt.device) == ("onnxruntime", "cpu")
@@ -247,11 +242,8 @@ def test_onnxruntime_cuda_matches_cpu(instances):
     assert np.abs(gpu.clip(instances)[1] - cpu.clip(instances)[1]).max() < 1e-3
 
 
-@pytest.mark.gpu
+@pytest.mark.needs_tensorrt
 def test_tensorrt_backend_screening(pose):
-    pytest.importorskip("tensorrt", reason="tensorrt not installed (NVIDIA GPU machines only)")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
     trt = Screener(DEFAULT_WEIGHTS, ScreeningOptions(runtime="tensorrt", precision="fp16"))
     cpu = Screener(DEFAULT_WEIGHTS, ScreeningOptions(runtime="onnxruntime", device="cpu"))
     a, b = trt.screen_pose(pose, PRETERM), cpu.screen_pose(pose, PRETERM)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -135,7 +136,7 @@ def cut_clip(
     joints = seq.meta.get("image_joints")
     if joints is None:
         raise MamError(f"the {seq.source} pose backend gives no 2D image landmarks to draw")
-    tmp = dest.with_name(dest.name + ".part")
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")  # its own: writers may race
     try:
         with av.open(str(tmp), "w", format="mp4", options={"movflags": "+faststart"}) as out:
             stream = out.add_stream(

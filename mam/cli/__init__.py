@@ -5,9 +5,11 @@ Examples:
     mam screen --pose poses.npy --sex female --gestational-age-weeks 34 \\
         --birth-weight-g 2100 --corrected-age-weeks 12 --format json
     mam synth --out data/sim --infants 40 --seed 1
+    mam synth demo --out demo/infant_demo.mp4
     mam dataset check data/sim
     mam train --data data/sim --out models/my_model --epochs 8
     mam evaluate --data data/sim_test --format json
+    mam train-lifter --data poses.npz --out models/lifter.pt --minutes 6
     mam calibrate --data site/ --target-sensitivity 0.95 --out models/site_cal
     mam batch archive/ --out results/ --workers 4
     mam batch manifest.csv --out shard-0 --shard 0/4 && mam batch merge shard-* --out all
@@ -29,19 +31,19 @@ import logging
 import sys
 
 from mam import __version__
-from mam.cli import batch, build, calibrate, dataset, review, screen, serve, synth, train
+from mam.cli import batch, build, calibrate, dataset, fhir, review, screen, serve, synth, train
 from mam.cli.errors import hint
-from mam.cli.options import UsageError, given
+from mam.cli.options import CommandParser, UsageError, given
 from mam.errors import InputError, MamError
 
-COMMANDS = (screen, synth, dataset, train, calibrate, batch, serve, build, review)
+COMMANDS = (screen, synth, dataset, train, calibrate, batch, serve, build, review, fhir)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mam", description=__doc__.split("\n")[0])
     p.add_argument("--version", action="version", version=f"mam {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=CommandParser)
     for module in COMMANDS:
         module.register(sub)
     return p
@@ -55,29 +57,19 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    if argv[:2] == ["batch", "merge"]:  # `mam batch merge SHARD... --out DIR`
-        p = batch.merge_parser()
-        args = p.parse_args(argv[2:])
-        args.given = given(p, argv[2:])
-        args.prog = "mam batch merge"
-    else:
-        parser = build_parser()
-        args = parser.parse_args(argv)
-        sp = _subparser(parser, args.command)
-        args.given = given(sp, argv[argv.index(args.command) + 1 :])
-        args.prog = f"mam {args.command}"
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    sp = _subparser(parser, args.command)
+    sp = sp.verbs.get(getattr(args, "verb", None), sp)  # `mam batch merge`, `mam synth demo`
+    args.given = given(sp, argv[argv.index(args.command) + 1 :])
+    args.prog = sp.prog
+    args.argv = argv
     args.verbose = getattr(args, "verbose", False)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "train-lifter" in argv and all(
-        a in ("-v", "--verbose") for a in argv[: argv.index("train-lifter")]
-    ):
-        from mam.pose.paper.lifter_train import main as train_lifter  # its own parser
-
-        return train_lifter(argv[argv.index("train-lifter") + 1 :])
     args = parse(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,

@@ -50,16 +50,11 @@ def register(sub) -> None:
                         "mam review's skeleton and --export do not estimate it again)")  # fmt: skip
     s.set_defaults(func=run)
 
-
-def merge_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="mam batch merge", description="join the outputs of sharded batch runs"
-    )
-    O.add_verbose(p)
-    p.add_argument("shards", nargs="+", type=Path, help="shard output folders")
-    p.add_argument("--out", type=Path, required=True, help="merged output folder")
-    p.set_defaults(func=run_merge)
-    return p
+    m = s.add_verb("merge", description="join the outputs of sharded batch runs")
+    O.add_verbose(m)
+    m.add_argument("shards", nargs="+", type=Path, help="shard output folders")
+    m.add_argument("--out", type=Path, required=True, help="merged output folder")
+    m.set_defaults(func=run_merge)
 
 
 def _progress(quiet: bool):

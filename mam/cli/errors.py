@@ -49,6 +49,19 @@ HINTS: dict[str, str] = {
     "dicom_without_video": "give a DICOM video object (MPEG-2, H.264 or HEVC encapsulated)",
     "invalid_fhir_reference": "give --fhir-subject Patient/ID and --fhir-encounter Encounter/ID",
     "invalid_fhir_config": "fix MAM_FHIR_CODES_FILE / MAM_FHIR_UNIT (see mam/fhir/codes.py)",
+    "invalid_fhir_url": "give --base-url https://HOST/PATH (the FHIR server's base), or set "
+    "MAM_FHIR_BASE_URL",
+    "insecure_fhir_url": "use the server's https:// URL (plain http:// only on loopback: "
+    "127.0.0.1, ::1, localhost)",
+    "invalid_fhir_auth": "give --token-file F, or --client-id --token-url with "
+    "--client-secret-file F or --private-key PEM",
+    "fhir_token_error": "check the client id, secret or key and the token URL with the FHIR "
+    "server's administrator",
+    "invalid_fhir_bundle": "push mam batch's results.fhir.ndjson: one transaction Bundle with "
+    "its identifier per line",
+    "fhir_outbox_error": "check the disk and that --outbox / MAM_FHIR_OUTBOX is writable; move "
+    "a damaged file aside",
+    "fhir_outbox_entry_not_found": "give a result id that mam fhir outbox status lists",
     "invalid_input": "see the message",
     "mam_error": "see the message; run again with -v for the log",
 }

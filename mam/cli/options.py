@@ -5,11 +5,46 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 
 class UsageError(Exception):
     """A combination of options that cannot do what it says; printed as ``mam CMD: message``."""
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A command's parser that may also have verbs of its own: ``mam batch merge SHARD...`` is
+    parsed by the verb's parser when the command's first argument (after ``-v``) is literally
+    the verb, ``mam batch INPUT`` by the command's. (argparse cannot put subparsers beside an
+    optional or free positional; a folder named like a verb is written ``./merge``.)"""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.verbs: dict[str, argparse.ArgumentParser] = {}
+
+    def add_verb(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        """A parser for ``<command> <name> ...``; its namespace gets ``verb=name``."""
+        p = argparse.ArgumentParser(prog=f"{self.prog} {name}", **kwargs)
+        p.set_defaults(verb=name)
+        self.verbs[name] = p
+        return p
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        first = next((a for a in args if a not in ("-v", "--verbose")), None)
+        if first in self.verbs:
+            args.remove(first)
+            return self.verbs[first].parse_known_args(args, namespace)
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        text = super().format_help()
+        if self.verbs:
+            text += "\nalso:\n" + "".join(
+                f"  {p.prog} ... ({p.description}; {p.prog} --help)\n" for p in self.verbs.values()
+            )
+        return text
 
 
 def add_verbose(p: argparse.ArgumentParser) -> None:
@@ -58,26 +93,37 @@ def add_data(p: argparse.ArgumentParser, what: str = "dataset folder(s)") -> Non
                    help=f"{what}: infants.csv, fms_intervals.csv, poses or recordings")  # fmt: skip
 
 
-TRAIN_OPTIONS = ("config", "epochs", "pretrain_epochs", "optimizer", "lr", "max_lr", "ref_clips",
-                 "instances_per_bag", "no_closeness", "no_reference", "calibration_fraction",
-                 "representation", "seed")  # fmt: skip
+TRAIN_OPTIONS = ("preset", "config", "epochs", "pretrain_epochs", "optimizer", "lr", "max_lr",
+                 "ref_clips", "instances_per_bag", "no_closeness", "no_reference",
+                 "calibration_fraction", "representation", "seed")  # fmt: skip
 
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
+    """A named preset (``TrainConfig.preset``) and the options that override its fields; an
+    option not given keeps the preset's value."""
     from mam.pose.representation import REPRESENTATIONS
+    from mam.training.presets import MODEL_CONFIGS, PRESETS
 
-    g = p.add_argument_group("training")
-    g.add_argument("--config", choices=["compact", "paper", "reference"], default="compact")
-    g.add_argument("--epochs", type=int, default=8, help="epochs (paper: 300)")
-    g.add_argument("--pretrain-epochs", type=int, default=0, help="clip encoder on ref clips")
-    g.add_argument("--optimizer", choices=["sgd", "adamw"], default="adamw", help="paper: sgd")
-    g.add_argument("--lr", type=float, default=5e-4, help="CyclicLR base rate")
-    g.add_argument("--max-lr", type=float, default=3e-3, help="CyclicLR peak rate")
-    g.add_argument("--ref-clips", type=int, default=16, help="reference clips per step")
-    g.add_argument("--instances-per-bag", type=int, default=8, help="instances per bag per step")
+    g = p.add_argument_group("training (defaults: the preset's; compact unless --preset)")
+    g.add_argument("--preset", choices=list(PRESETS), default="compact",
+                   help="compact: 8 epochs of AdamW on the compact network (minutes on a CPU); "
+                        "paper: the paper's 300 epochs of SGD on its network")  # fmt: skip
+    g.add_argument("--config", choices=list(MODEL_CONFIGS),
+                   help="network size (default: the preset's)")  # fmt: skip
+    g.add_argument("--epochs", type=int, help="epochs (compact 8, paper 300)")
+    g.add_argument("--pretrain-epochs", type=int, help="clip encoder on ref clips (0)")
+    g.add_argument("--optimizer", choices=["sgd", "adamw"], help="compact adamw, paper sgd")
+    g.add_argument("--lr", type=float, help="CyclicLR base rate (compact 5e-4, paper 1e-3)")
+    g.add_argument("--max-lr", type=float, help="CyclicLR peak rate (compact 3e-3, paper 1e-2)")
+    g.add_argument("--ref-clips", type=int, help="reference clips per step (compact 16, paper 32)")
+    g.add_argument("--instances-per-bag", type=int,
+                   help="instances per bag per step (compact 8, paper 16)")  # fmt: skip
     g.add_argument("--no-closeness", action="store_true", help="ablation: no closeness loss")
-    g.add_argument("--representation", choices=REPRESENTATIONS, default="image2d",
-                   help="pose coordinates the model sees (mam.pose.representation)")  # fmt: skip
+    g.add_argument(
+        "--representation",
+        choices=REPRESENTATIONS,
+        help="pose coordinates the model sees (image2d; mam.pose.representation)",
+    )
     add_split_options(g)
 
 
@@ -98,26 +144,25 @@ def add_accept_small_data(p) -> None:
 
 
 def train_config(args: argparse.Namespace):
-    from mam.model.config import MAMConfig
-    from mam.training.train import TrainConfig, compact_model_config
+    """``TrainConfig.preset(args.preset)`` with the options given on the command line."""
+    from mam.training.train import TrainConfig
 
-    model_cfg = {
-        "compact": compact_model_config,
-        "paper": MAMConfig.paper,
-        "reference": MAMConfig.reference,
-    }[args.config]()
-    return TrainConfig(
-        model=model_cfg,
-        epochs=args.epochs,
-        pretrain_epochs=args.pretrain_epochs,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        max_lr=args.max_lr,
-        ref_clips_per_step=args.ref_clips,
-        instances_per_bag=args.instances_per_bag,
+    fields = {
+        "model": args.config,
+        "epochs": args.epochs,
+        "pretrain_epochs": args.pretrain_epochs,
+        "optimizer": args.optimizer,
+        "lr": args.lr,
+        "max_lr": args.max_lr,
+        "ref_clips_per_step": args.ref_clips,
+        "instances_per_bag": args.instances_per_bag,
+        "representation": args.representation,
+    }
+    return TrainConfig.preset(
+        args.preset,
+        **{k: v for k, v in fields.items() if v is not None},
         use_reference=not args.no_reference,
         use_closeness=not args.no_closeness and not args.no_reference,
-        representation=args.representation,
         seed=args.seed,
     )
 

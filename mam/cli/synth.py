@@ -1,4 +1,5 @@
-"""``mam synth``: simulated infants with known truth, as pose files or rendered recordings."""
+"""``mam synth``: simulated infants with known truth, as pose files or rendered recordings;
+``mam synth demo``: the demo recording."""
 
 from __future__ import annotations
 
@@ -34,6 +35,34 @@ def register(sub) -> None:
     s.add_argument("--crf", type=int, default=28, help="H.264 quality of --render (lower: better)")
     s.add_argument("--workers", type=int, default=1, help="rendering processes")
     s.set_defaults(func=run)
+
+    # Defaults None: render_demo's (mam.synth.demo), the recording README and tests screen.
+    d = s.add_verb("demo", description="render the demo recording from real infant motion")
+    O.add_verbose(d)
+    d.add_argument("--out", type=Path, default=Path("demo/infant_demo.mp4"),
+                   help="recording to write (default demo/infant_demo.mp4)")  # fmt: skip
+    d.add_argument("--data", type=Path, help="mam_demo_poses.npz (default: the shipped motion)")
+    d.add_argument("--group", help="the motion's bag (default: the one continuous bag)")
+    d.add_argument("--seconds", type=float, help="length (default 60)")
+    d.add_argument("--seed", type=int, help="camera placement and appearance (default 1)")
+    d.add_argument("--crf", type=int, help="H.264 quality, lower is better (default 28)")
+    d.add_argument("--width", type=int, help="default 1280")
+    d.add_argument("--height", type=int, help="default 720")
+    d.add_argument("--rotation", type=float, default=0.0, help="0, 90, 180 or 270")
+    d.set_defaults(func=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from mam.synth.demo import DEMO_SIZE, render_demo
+
+    res = render_demo(args.out, data=args.data, group=args.group, seconds=args.seconds,
+                      seed=args.seed, crf=args.crf, width=args.width, height=args.height,
+                      rotation=args.rotation)  # fmt: skip
+    w, h = args.width or DEMO_SIZE[0], args.height or DEMO_SIZE[1]
+    mb = args.out.stat().st_size / 1e6
+    print(f"{args.out}: {res.frames} frames {w}x{h}, {mb:.2f} MB, rendered at "
+          f"{res.fps:.1f} fps")  # fmt: skip
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,5 +1,5 @@
 """``mam train``, ``mam evaluate`` and ``mam train-lifter``: weights from labelled data, and the
-numbers they earn."""
+numbers they earn. The work is ``mam.training.pipeline``'s; this parses and prints."""
 
 from __future__ import annotations
 
@@ -49,43 +49,79 @@ def register(sub) -> None:
     O.add_train_options(s)
     s.set_defaults(func=run_evaluate)
 
-    sub.add_parser(
+    s = sub.add_parser(
         "train-lifter",
-        add_help=False,
-        help="train the VideoPose3D lifter on 3D motion seen through random cameras "
-        "(`mam train-lifter --help`)",
+        help="train the VideoPose3D lifter on 3D motion seen through random cameras",
+        description="Train the VideoPose3D lifter on 3D motion projected through random cameras "
+        "(mam.pose.paper.lifter_train; defaults: LifterConfig's).",
     )
+    O.add_verbose(s)
+    s.add_argument("--data", required=True, help="npz with clips [N, T, 17, 3] and group:* keys")
+    s.add_argument("--out", required=True, help="weights file (.pt); a .json sidecar is written")
+    s.add_argument("--channels", type=int, help="convolution channels (256)")
+    s.add_argument("--filter-widths",
+                   help="comma-separated odd widths (3,3,3,3,3: 243 frames)")  # fmt: skip
+    s.add_argument("--dropout", type=float, help="0.25")
+    s.add_argument("--minutes", type=float, help="training time budget (6)")
+    s.add_argument("--epochs", type=int, help="epoch limit (1000)")
+    s.add_argument("--batch-size", type=int, help="clips per step (8)")
+    s.add_argument("--lr", type=float, help="1e-3")
+    s.add_argument("--noise", type=float, help="2D noise sd, screen units (0.01)")
+    s.add_argument("--no-flip", action="store_true", help="no horizontal-flip augmentation")
+    s.add_argument("--heldout-groups",
+                   help="comma-separated groups to hold out (default: drawn by seed)")  # fmt: skip
+    s.add_argument("--num-heldout", type=int, help="groups drawn when not named (2)")
+    s.add_argument("--seed", type=int, help="0")
+    s.add_argument("--threads", type=int,
+                   help="torch CPU threads (1 is fastest on a busy machine)")  # fmt: skip
+    s.set_defaults(func=run_train_lifter)
+
+
+def run_train_lifter(args: argparse.Namespace) -> int:
+    from mam.pose.paper.lifter_train import LifterConfig, save_lifter, train_lifter
+
+    given = {
+        "channels": args.channels,
+        "filter_widths": (tuple(int(w) for w in args.filter_widths.split(","))
+                          if args.filter_widths else None),
+        "dropout": args.dropout,
+        "epochs": args.epochs,
+        "minutes": args.minutes,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "noise": args.noise,
+        "flip": False if args.no_flip else None,
+        "num_heldout": args.num_heldout,
+        "heldout_groups": args.heldout_groups.split(",") if args.heldout_groups else None,
+        "seed": args.seed,
+        "threads": args.threads,
+    }  # fmt: skip
+    cfg = LifterConfig(**{k: v for k, v in given.items() if v is not None})
+    result = train_lifter(args.data, cfg)
+    command = "mam train-lifter " + " ".join(args.argv[args.argv.index("train-lifter") + 1 :])
+    out = save_lifter(result, args.out, args.data, cfg, command=command)
+    m = result.metrics
+    print(f"held-out MPJPE {m['heldout_mpjpe']:.4f} (noisy 2D {m['heldout_mpjpe_noisy_2d']:.4f}, "
+          f"N-MPJPE {m['heldout_n_mpjpe']:.4f}); untrained {m['untrained_mpjpe']:.4f}; mean pose "
+          f"{m['mean_pose_mpjpe']:.4f}; flat 2D {m['flat_2d_mpjpe']:.4f} (units: isotropic "
+          f"normalised, torso {m['torso_length']:.2f}); {m['heldout_clips']} held-out clips of "
+          f"{len(result.split.heldout_groups)} groups; saved {out}")  # fmt: skip
+    return 0
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from mam.model.weights import save_weights
-    from mam.training.dataset import check_dataset, check_trainable, load_datasets
-    from mam.training.fitting import fit
+    from mam.training.dataset import check_dataset
+    from mam.training.pipeline import train_weights
 
     cfg = O.train_config(args)
     # Every error and the data's plan before any pose is estimated.
     report = check_dataset(args.data, args.calibration_fraction, args.seed, cfg.use_reference)
     for line in report.lines():
         print(line)
-    report.raise_for_errors()
-    check_trainable(report.plan, args.accept_small_data)
-    records = load_datasets(args.data, args.pose_backend, report=report)
-    out = Path(args.out)
-    model, meta = fit(
-        records,
-        cfg,
-        name=out.name,
-        version=args.version,
-        provenance={
-            "summary": args.provenance,
-            "data": [str(d) for d in args.data],
-            "infants": len(records),
-        },  # fmt: skip
-        categories=[r.fms_category for r in records],
-        calibration_fraction=args.calibration_fraction,
-        log_csv=out.with_suffix(".log.csv"),
-    )
-    path = save_weights(model, meta, out)
+    path, meta = train_weights(report, args.data, args.out, cfg, pose_backend=args.pose_backend,
+                               version=args.version, summary=args.provenance,
+                               calibration_fraction=args.calibration_fraction,
+                               accept_small_data=args.accept_small_data)  # fmt: skip
     for line in _trained_lines(meta):
         print(line)
     print(f"wrote {path}")
@@ -135,10 +171,9 @@ def _summary(meta, plan) -> str:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     import sys
-    import tempfile
 
+    from mam.training import pipeline
     from mam.training.dataset import check_dataset, load_datasets
-    from mam.training.evaluate import cross_validate, evaluate, fms_frequency_baseline
     from mam.training.model_card import load_card_info
     from mam.training.report import check_output_paths
 
@@ -161,109 +196,23 @@ def run_evaluate(args: argparse.Namespace) -> int:
     records = load_datasets(args.data, args.pose_backend)
     external = (load_datasets([args.external], args.pose_backend, report=ext_report)
                 if args.external else None)  # fmt: skip
-    use_info, abstain = not args.without_info, not args.no_abstain
-    cfg = O.train_config(args) if args.folds else None
-    with tempfile.TemporaryDirectory(prefix="mam-evaluate-") as tmp:
-        if args.folds:
-            res = cross_validate(records, cfg, args.folds, use_info, args.calibration_fraction,
-                                 abstain=abstain)  # fmt: skip
-        else:
-            res = evaluate(args.weights, records, use_info, abstain)
-        if external is not None:
-            from mam.model.weights import save_weights
-            from mam.training.fitting import fit
-
-            weights = args.weights
-            if args.folds:  # the external set is scored by a model trained on all the data
-                model, meta = fit(records, cfg, name="all", version="eval",
-                                  provenance={"summary": "all data of the cross-validation"},
-                                  categories=[r.fms_category for r in records],
-                                  calibration_fraction=args.calibration_fraction)  # fmt: skip
-                weights = save_weights(model, meta, Path(tmp) / "all")
-            res["external"] = evaluate(weights, external, use_info, abstain)
-    if args.baselines:
-        from mam.training.baselines import cross_validate_baselines, external_baselines
-
-        res["baselines"] = {}
-        if args.folds:
-            res["baselines"]["cross-validation"] = {
-                "FMs frequency": fms_frequency_baseline(res),
-                **cross_validate_baselines(records, args.folds, args.seed),
-            }
-        if external is not None:
-            res["baselines"]["external"] = {
-                "FMs frequency": fms_frequency_baseline(res["external"]),
-                **external_baselines(records, external, args.seed),
-            }
-    titles = {"main": f"cross-validation ({args.folds} folds)" if args.folds else "evaluation",
-              "external": "external"}  # fmt: skip
-    for key, r in (("main", res), ("external", res.get("external"))):
-        check = (r or {}).get("leakage")
-        if check and check["leaked"]:
-            print(f"warning: {titles[key]}: {check['message']}", file=sys.stderr)
-        elif check and not check["checked"]:
-            print(f"note: {titles[key]}: leakage not checked: {check['message']}",
-                  file=sys.stderr)  # fmt: skip
+    res = pipeline.evaluate_sets(
+        records, external, weights=args.weights,
+        cfg=O.train_config(args) if args.folds else None, folds=args.folds,
+        use_info=not args.without_info, abstain=not args.no_abstain,
+        calibration_fraction=args.calibration_fraction, baselines=args.baselines, seed=args.seed,
+    )  # fmt: skip
+    titles = pipeline.set_titles(args.folds)
+    for line in pipeline.leakage_notes(res, titles):
+        print(line, file=sys.stderr)
+    where = dict(data=args.data, external=args.external, folds=args.folds, weights=args.weights,
+                 card_info=card_info)  # fmt: skip
     if args.model_card:
-        _write_card(args, res, card_info)
+        pipeline.write_model_card(args.model_card, res, **where)
     if args.out:
-        _write_reports(args, res, records, external, titles, card_info)
+        pipeline.write_reports(args.out, res, records, external, **where)
     _print_evaluation(args.format, res, titles)
     return 0
-
-
-def _write_card(args: argparse.Namespace, res: dict, card_info: dict | None) -> None:
-    """The card of the evaluated weights, or with --folds of the cross-validated recipe."""
-    from mam.model.weights import load_meta
-    from mam.screening import default_weights
-    from mam.training.model_card import render
-
-    data = ", ".join(f"`{d}`" for d in args.data)
-    cols = {("cross-validation" if args.folds else data): res}
-    if "external" in res:
-        cols[f"external `{args.external}`"] = res["external"]
-    if args.folds:
-        card = render(None, cols, card_info=card_info, recipe=res["recipe"])
-    else:
-        meta, _, _ = load_meta(args.weights or default_weights())
-        card = render(meta, cols, card_info=card_info)
-    args.model_card.write_text(card)
-
-
-def _write_reports(args, res: dict, records, external, titles: dict, card_info) -> None:
-    """report.html and report.json, and the JSON, Markdown and PNGs of each set."""
-    from mam.screening import default_weights
-    from mam.training.evaluate import write_report
-    from mam.training.report import build_report, data_identity, write_validation_report
-
-    write_report(res, args.out)
-    if "external" in res:
-        write_report(res["external"], args.out, "external")
-    if args.folds:
-        model = {"title": f"the mam train recipe, {args.folds}-fold cross-validated",
-                 "evaluated": f"{args.folds} models, one per fold (none of them shipped)",
-                 "train_config": res["recipe"]["train_config"]}  # fmt: skip
-        if "external" in res:
-            m = res["external"]["model"]
-            model["external_set_scored_by"] = (f"a model trained on all the data, digest "
-                                               f"{m.get('digest') or m['sha256']}")  # fmt: skip
-    else:
-        m = res["model"]
-        model = {"title": f"{m['name']} {m['version']}", "name": m["name"],
-                 "version": m["version"], "digest": m.get("digest"), "sha256": m["sha256"],
-                 "weights": str(args.weights or default_weights())}  # fmt: skip
-    data = {titles["main"]: data_identity(records, args.data)}
-    sets = {titles["main"]: res}
-    if external is not None:
-        data[titles["external"]] = data_identity(external, [args.external])
-        sets[titles["external"]] = res["external"]
-    baselines = None
-    if res.get("baselines"):
-        which = {"cross-validation": res, "external": res.get("external")}
-        baselines = {titles["main" if k == "cross-validation" else "external"]:
-                     {"MAM": which[k], **rows} for k, rows in res["baselines"].items()}  # fmt: skip
-    report = build_report(sets, model, data, baselines, site=card_info)
-    write_validation_report(report, args.out)
 
 
 def _print_evaluation(fmt: str, res: dict, titles: dict) -> None:

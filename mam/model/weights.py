@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import io
 import json
 import logging
 import pickle
@@ -28,6 +29,7 @@ import numpy as np
 from mam.domain import DomainModel
 from mam.errors import ModelLoadError
 from mam.features import CLIP_STEP, SMOOTHING_WINDOW, Normalizer
+from mam.files import write_atomic
 from mam.gma import FMS_CLIP_THRESHOLD
 from mam.model.config import MAMConfig
 from mam.skeleton import FPS, JOINT_NAMES
@@ -281,7 +283,9 @@ def save_weights(model, meta: ModelMeta, path: str | Path) -> Path:
     path = Path(path).with_suffix("")
     path.parent.mkdir(parents=True, exist_ok=True)
     pt = path.with_suffix(".pt")
-    torch.save(model.state_dict(), pt)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    write_atomic(pt, buf.getvalue())
     d = meta.to_dict()
     d["weights_file"] = pt.name
     d["weights_sha256"] = sha256_of(pt)
@@ -290,7 +294,7 @@ def save_weights(model, meta: ModelMeta, path: str | Path) -> Path:
     d["model_digest"] = model_digest(ModelMeta.from_dict(json.loads(json.dumps(d))),
                                      d["tensors_sha256"])  # fmt: skip
     js = path.with_suffix(".json")
-    js.write_text(json.dumps(d, indent=2) + "\n")
+    write_atomic(js, (json.dumps(d, indent=2) + "\n").encode())
     return js
 
 
@@ -304,7 +308,7 @@ def record_digest(path: str | Path) -> str:
         raise ModelLoadError(f"weights file {pt} is missing or does not match its metadata")
     d = json.loads(js.read_text())
     d["tensors_sha256"], d["model_digest"] = meta.tensors_sha256, meta.digest
-    js.write_text(json.dumps(d, indent=2) + "\n")
+    write_atomic(js, (json.dumps(d, indent=2) + "\n").encode())
     return meta.digest
 
 

@@ -1,4 +1,4 @@
-"""Which pose coordinates feed the model, in what frame and units (issue 14, item 4).
+"""Which pose coordinates feed the model, in what frame and units.
 
 A pose backend gives two things per frame: 3D "world" joints (BlazePose's metric estimate, whose
 depth barely follows infant movement, DESIGN.md) and the 2D image joints. A pose file gives 3D

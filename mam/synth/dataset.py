@@ -2,9 +2,9 @@
 
 Pose files by default; with ``render`` every infant becomes a recording (``mam.synth.render``)
 whose pose the pipeline estimates like any other video, so weights can learn what the pose model
-really produces (issue 14). Ground truth stays in ``infants.csv`` / ``fms_intervals.csv``; the
-rendered truth (clean 3D joints, their 2D projection, the FMs mask) goes to ``truth/ID.npz`` for
-measuring the pose stage.
+really produces rather than clean simulator joints. Ground truth stays in ``infants.csv`` /
+``fms_intervals.csv``; the rendered truth (clean 3D joints, their 2D projection, the FMs mask)
+goes to ``truth/ID.npz`` for measuring the pose stage.
 """
 
 from __future__ import annotations

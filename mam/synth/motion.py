@@ -91,7 +91,7 @@ class SimParams:
     )
 
     def widened(self) -> SimParams:
-        """Wider ranges for an external test set (issue 3: a shifted simulator)."""
+        """Wider ranges for an external test set (a shifted simulator, unlike any training data)."""
         return replace(
             self,
             body_scale=(0.75, 1.3),

@@ -23,7 +23,7 @@ from mam.model.weights import Calibration, KindCalibration
 
 # Held-out infants of one source kind (mam.domain.kind_of) needed for a calibration of its own;
 # with fewer, a 3-parameter Platt fit overfits (19 held-out videos: ECE 0.148 on the external
-# set against 0.087 with the overall fit, issue 14).
+# set against 0.087 with the overall fit).
 MIN_KIND_INFANTS = 40
 
 

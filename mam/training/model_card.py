@@ -59,7 +59,7 @@ def _table(evaluations: dict[str, dict], rows, pick=lambda r: r) -> list[str]:
     return out
 
 
-ECE_TARGET = 0.05  # issue 14's bound; a card says where it is not met
+ECE_TARGET = 0.05  # the calibration error a shippable model must reach; a card says where not
 CARD_INFO_KEYS = {
     "site": "who trained and validated the weights",
     "intended_use": "what the weights are for, and for whom",
@@ -229,7 +229,7 @@ def render(
     recipe: dict | None = None,
 ) -> str:
     """``evaluations``: column title -> result of ``evaluate``/``cross_validate``;
-    ``representations``: pose representation -> external metrics (``bench/demo_weights.py
+    ``representations``: pose representation -> external metrics (``recipes/demo_weights.py
     compare``); ``domain``: set of recordings -> share flagged (``... domain``);
     ``card_info``: the site's words (``load_card_info``); ``recipe``: a cross-validation's
     ``recipe``, then the card describes the recipe, not one set of weights (``meta`` unused).
@@ -285,7 +285,7 @@ def render(
             "",
             "## Which pose representation feeds the model",
             "One model per representation, same data and seed, external rendered set through "
-            "the default pose backend (`python bench/demo_weights.py compare`; the run that "
+            "the default pose backend (`python recipes/demo_weights.py compare`; the run that "
             "chose the representation, before any later recalibration):",
             "",
             "| representation | AUC | median kappa | ECE | abstained | external infants |",
@@ -301,7 +301,7 @@ def render(
             "",
             "## Domain check",
             "Share of recordings flagged out of domain, by each component and by both "
-            "(`python bench/demo_weights.py domain`):",
+            "(`python recipes/demo_weights.py domain`):",
             "",
             "| recordings | motion statistics | clip embedding | both (shipped) |",
             "|---|---|---|---|",

@@ -37,6 +37,10 @@ from mam.model.config import MAMConfig
 from mam.model.network import MAM
 from mam.pose.base import PoseSequence
 from mam.pose.representation import model_input
+from mam.training.presets import MODEL_CONFIGS, PRESETS
+from mam.training.presets import (
+    compact_model_config as compact_model_config,  # callers import it here
+)
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +102,7 @@ class TrainConfig:
     info_dropout: float = 0.5
     use_reference: bool = True  # ablation: False trains from bag labels alone (no Ref Branch)
     use_closeness: bool = True  # ablation: False drops the closeness loss
-    representation: str = "image2d"  # the pose coordinates the model sees (issue 14, item 4)
+    representation: str = "image2d"  # the pose coordinates the model sees
     seed: int = 0
     threads: int | None = None
 
@@ -107,26 +111,17 @@ class TrainConfig:
         d["model"] = self.model.to_dict()
         return d
 
-
-def compact_model_config(**kw) -> MAMConfig:
-    """A small configuration that trains on a 2-core CPU in minutes (about 30x cheaper than the
-    paper's): width 32, one layer, a temporal conv of stride 5 before the Transformers, velocity
-    input, no dropout on the convolutions (per-frame dropout noise looks like small fast motion,
-    exactly the signal FMs are)."""
-    base = dict(
-        temporal_difference=True,
-        embed_dim=32,
-        ffn_dim=64,
-        num_layers=1,
-        temporal_conv_repeats=1,
-        time_window=5,
-        time_step=5,
-        fusion_hidden=(32,),
-        conv_dropout=0.0,
-        dropout=0.0,
-    )
-    base.update(kw)
-    return MAMConfig(**base)
+    @classmethod
+    def preset(cls, name: str, **overrides) -> TrainConfig:
+        """A named recipe (``mam.training.presets.PRESETS``) with any field replaced (``model``
+        also by name): ``"compact"`` is what ``mam train`` does by default (minutes on a 2-core
+        CPU), ``"paper"`` the paper's run (300 epochs of SGD on its network, these defaults)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown training preset {name!r}; choose from {', '.join(PRESETS)}")
+        fields = {**PRESETS[name], **overrides}
+        if isinstance(fields.get("model"), str):
+            fields["model"] = MODEL_CONFIGS[fields["model"]]()
+        return cls(**fields)
 
 
 def difference_tensor(poses: torch.Tensor) -> torch.Tensor:

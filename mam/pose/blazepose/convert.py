@@ -1,7 +1,7 @@
 """BlazePose tflite networks (from the mediapipe wheel) -> ONNX, converted here and cached.
 
 Why our own converter: the converters on PyPI could not do it in this environment (measured
-2026-11-26, see the report of issue 8). tf2onnx 1.17.0 imports TensorFlow at package import (its
+2026-11-26). tf2onnx 1.17.0 imports TensorFlow at package import (its
 tflite path too), and no TensorFlow wheel fits beside mediapipe's pins without a second ~600 MB
 stack; tflite2onnx 0.4.1 (last release 2022) stops at ``DENSIFY`` (the detector's sparse weights)
 and has no ``DEPTH_TO_SPACE`` nor float16 ``DEQUANTIZE``. The two BlazePose networks use eleven

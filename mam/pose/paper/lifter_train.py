@@ -7,7 +7,7 @@ and the supine view directly: each 3D clip is projected to 2D through a random p
 the network learns to recover the 3D pose in that camera's frame, with an MPJPE loss (VideoPose3D's
 supervised objective).
 
-Choices (the issue and the paper are silent):
+Choices (the paper is silent on them):
 
 * Units. The shared poses were standardised per axis; DESIGN.md ("Rendering a recording that
   BlazePose tracks") measured that scaling the axes by ``(1, 0.83, 1.48)`` undoes it (bone lengths
@@ -41,7 +41,7 @@ Run::
 
 from __future__ import annotations
 
-import argparse
+import io
 import json
 import logging
 import math
@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mam.files import write_atomic
 from mam.model.weights import sha256_of
 from mam.pose.paper.videopose3d import TemporalModel, normalize_2d, pad_edges
 from mam.skeleton import JOINT_INDEX, JOINT_NAMES, LEFT_RIGHT_PAIRS, NUM_JOINTS
@@ -232,7 +233,7 @@ def evaluate_lifter(
     model: TemporalModel,
     clips: np.ndarray,
     split: Split,
-    cfg: TrainConfig,
+    cfg: LifterConfig,
     *,
     untrained: TemporalModel | None = None,
 ) -> dict:
@@ -262,8 +263,9 @@ def evaluate_lifter(
 
 # -- training -------------------------------------------------------------------------------------
 @dataclass
-class TrainConfig:
-    """Hyper-parameters of :func:`train_lifter` (all recorded in the sidecar)."""
+class LifterConfig:
+    """Hyper-parameters of :func:`train_lifter` (all recorded in the sidecar); named apart
+    from :class:`mam.training.train.TrainConfig`, the screening model's."""
 
     channels: int = 256
     filter_widths: tuple[int, ...] = (3, 3, 3, 3, 3)
@@ -290,7 +292,7 @@ class TrainResult:
     history: list[dict]
 
 
-def train_lifter(npz: str | Path, cfg: TrainConfig) -> TrainResult:
+def train_lifter(npz: str | Path, cfg: LifterConfig) -> TrainResult:
     """Train on the training clips, then measure held-out MPJPE of the lifter, of the untrained
     lifter and of the mean pose, all on the same held-out inputs."""
     threads = torch.get_num_threads()
@@ -302,7 +304,7 @@ def train_lifter(npz: str | Path, cfg: TrainConfig) -> TrainResult:
         torch.set_num_threads(threads)
 
 
-def _train(npz: str | Path, cfg: TrainConfig) -> TrainResult:
+def _train(npz: str | Path, cfg: LifterConfig) -> TrainResult:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     clips, groups = load_motion(npz)
@@ -370,7 +372,9 @@ def save_lifter_weights(model: TemporalModel, out: str | Path, **meta) -> Path:
     weights sha256, joint order and axes, plus ``meta`` (data, split, metrics, ...)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), out)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    write_atomic(out, buf.getvalue())
     sidecar = {
         "format_version": SIDECAR_FORMAT,
         "name": out.stem,
@@ -392,12 +396,12 @@ def save_lifter_weights(model: TemporalModel, out: str | Path, **meta) -> Path:
         },
         **meta,
     }
-    sidecar_path(out).write_text(json.dumps(sidecar, indent=2) + "\n")
+    write_atomic(sidecar_path(out), (json.dumps(sidecar, indent=2) + "\n").encode())
     return out
 
 
 def save_lifter(
-    result: TrainResult, out: str | Path, npz: str | Path, cfg: TrainConfig, command: str | None
+    result: TrainResult, out: str | Path, npz: str | Path, cfg: LifterConfig, command: str | None
 ) -> Path:
     """A trained lifter with what it was trained on and how well it lifts held-out clips."""
     m = result.metrics
@@ -435,59 +439,3 @@ def load_lifter(weights: str | Path) -> tuple[TemporalModel, dict]:
     model = TemporalModel(**meta["config"])
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return model.eval(), meta
-
-
-# -- command --------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="mam train-lifter",
-        description="Train the VideoPose3D lifter on 3D motion projected through random cameras.",
-    )
-    p.add_argument("--data", required=True, help="npz with clips [N, T, 17, 3] and group:* keys")
-    p.add_argument("--out", required=True, help="weights file (.pt); a .json sidecar is written")
-    p.add_argument("--channels", type=int, default=256, help="convolution channels")
-    p.add_argument("--filter-widths", default="3,3,3,3,3",
-                   help="comma-separated odd widths (3,3,3,3,3: 243 frames)")  # fmt: skip
-    p.add_argument("--dropout", type=float, default=0.25)
-    p.add_argument("--minutes", type=float, default=6.0, help="training time budget")
-    p.add_argument("--epochs", type=int, default=1000, help="epoch limit")
-    p.add_argument("--batch-size", type=int, default=8, help="clips per step")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--noise", type=float, default=0.01, help="2D noise sd, screen units")
-    p.add_argument("--no-flip", action="store_true", help="no horizontal-flip augmentation")
-    p.add_argument("--heldout-groups", default=None,
-                   help="comma-separated groups to hold out (default: drawn by seed)")  # fmt: skip
-    p.add_argument("--num-heldout", type=int, default=2, help="groups drawn when not named")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (1 is fastest on a busy machine)")  # fmt: skip
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = TrainConfig(
-        channels=a.channels,
-        filter_widths=tuple(int(w) for w in a.filter_widths.split(",")),
-        dropout=a.dropout,
-        epochs=a.epochs,
-        minutes=a.minutes,
-        batch_size=a.batch_size,
-        lr=a.lr,
-        noise=a.noise,
-        flip=not a.no_flip,
-        num_heldout=a.num_heldout,
-        heldout_groups=a.heldout_groups.split(",") if a.heldout_groups else None,
-        seed=a.seed,
-        threads=a.threads,
-    )
-    result = train_lifter(a.data, cfg)
-    command = "mam train-lifter " + " ".join(argv or [])
-    out = save_lifter(result, a.out, a.data, cfg, command=command if argv else None)
-    m = result.metrics
-    logger.info(
-        "held-out MPJPE %.4f (noisy 2D %.4f, N-MPJPE %.4f); untrained %.4f; mean pose %.4f; "
-        "flat 2D %.4f "
-        "(units: isotropic normalised, torso %.2f); %d held-out clips of %s; saved %s",
-        m["heldout_mpjpe"], m["heldout_mpjpe_noisy_2d"], m["heldout_n_mpjpe"],
-        m["untrained_mpjpe"], m["mean_pose_mpjpe"], m["flat_2d_mpjpe"], m["torso_length"],
-        m["heldout_clips"], result.split.heldout_groups, out,
-    )  # fmt: skip
-    return 0

@@ -1,11 +1,11 @@
-"""How the shipped demo weights are made and measured (issue 14), end to end, from seeds.
+"""How the shipped demo weights are made and measured, end to end, from seeds.
 
-    python bench/demo_weights.py generate   # simulate + render + pose (hours on 2 cores)
-    python bench/demo_weights.py compare    # one model per pose representation, external set
-    python bench/demo_weights.py ship --representation image2d   # models/mam_demo + card
-    python bench/demo_weights.py recalibrate   # each kind's own calibration + card
-    python bench/demo_weights.py domain        # the domain check against shifted recordings
-    python bench/demo_weights.py card          # the card again, with the domain table
+    python recipes/demo_weights.py generate   # simulate + render + pose (hours on 2 cores)
+    python recipes/demo_weights.py compare    # one model per pose representation, external set
+    python recipes/demo_weights.py ship --representation image2d   # models/mam_demo + card
+    python recipes/demo_weights.py recalibrate   # each kind's own calibration + card
+    python recipes/demo_weights.py domain        # the domain check against shifted recordings
+    python recipes/demo_weights.py card          # the card again, with the domain table
 
 Data (``runs/demo_weights/``, never committed): simulated infants on real-motion backgrounds
 (``mam.synth.backgrounds``, training pool) and on the simulator's own, as pose files and as
@@ -93,11 +93,9 @@ def _records(names, backend: str):
 
 
 def _config(representation: str, seed: int = 0):
-    from mam.training.train import TrainConfig, compact_model_config
+    from mam.training.train import TrainConfig
 
-    return TrainConfig(model=compact_model_config(), epochs=EPOCHS, optimizer="adamw", lr=5e-4,
-                       max_lr=3e-3, ref_clips_per_step=16, instances_per_bag=8,
-                       representation=representation, seed=seed)  # fmt: skip
+    return TrainConfig.preset("compact", epochs=EPOCHS, representation=representation, seed=seed)
 
 
 def _fit(records, representation: str, out: Path, version: str, summary: str):
@@ -107,7 +105,7 @@ def _fit(records, representation: str, out: Path, version: str, summary: str):
     t = time.perf_counter()
     model, meta = fit(records, _config(representation), name=out.name, version=version,
                       provenance={"summary": summary, "data": sorted(DATASETS),
-                                  "recipe": "bench/demo_weights.py", "infants": len(records)},
+                                  "recipe": "recipes/demo_weights.py", "infants": len(records)},
                       categories=[r.fms_category for r in records],
                       log_csv=out.with_suffix(".log.csv"))  # fmt: skip
     path = save_weights(model, meta, out)
