@@ -1,9 +1,10 @@
 """Admission of tensor and pose requests: a bound on how many a worker handles at once.
 
-The loop of issue 7 showed why it is needed. Past saturation, a 10 MB tensors request spends
-most of its time waiting to be received and parsed on the event loop, before anything reaches
-the batcher. So neither BentoML's latency budget (``MAM_MAX_LATENCY_MS``) nor the queued-instance
-limit (``MAM_MAX_QUEUED_INSTANCES``) could bound latency: at 64 closed-loop clients p95 was 9 s.
+The closed-loop load sweep (``loadtest/sweep.py``) showed why it is needed. Past saturation, a
+10 MB tensors request spends most of its time waiting to be received and parsed on the event
+loop, before anything reaches the batcher. So neither BentoML's latency budget
+(``MAM_MAX_LATENCY_MS``) nor the queued-instance limit (``MAM_MAX_QUEUED_INSTANCES``) could bound
+latency: at 64 closed-loop clients p95 was 9 s.
 Counting requests from the moment their body has arrived, REST and gRPC together, and refusing
 the excess with 503 before it is parsed keeps the work in progress bounded. Counting from the
 headers instead let 16 clients sending a byte a second lock every other request out; slow

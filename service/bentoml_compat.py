@@ -20,7 +20,7 @@ Applied once, at import of ``service.app``, in every worker process (``apply``).
 BentoML release each patch still applies where the patched object has the expected shape, with a
 warning, so an upgrade is noticed; run the compat tests and the soak before trusting it.
 
-The timeout fix, found by the 10-minute soak of ``loadtest/sweep.py --soak`` (issue 7): both
+The timeout fix, found by the 10-minute soak of ``loadtest/sweep.py --soak``: both
 worker processes grew about 36 MiB/min under steady load. tracemalloc and ``gc`` showed every
 request's state alive long after its response: each request's ``TimeoutMiddleware`` schedules
 ``loop.call_later(timeout, ...)`` and never cancels it, and an asyncio ``TimerHandle`` keeps the

@@ -1,4 +1,4 @@
-"""Hospital integration in the service (issue 17): FHIR answers, FHIR push, the audit trail.
+"""Hospital integration in the service: FHIR answers, FHIR push through the outbox, the audit trail.
 
 * FHIR is asked for with ``Accept: application/fhir+json`` or ``?format=fhir`` on
   ``/screen``, ``/screen_pose``, ``/screen_instances`` and ``/screen/get``; the middleware turns

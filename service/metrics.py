@@ -233,8 +233,8 @@ class Metrics:
             ("kind", "outcome"),
             mode="max",
         )
-        # FHIR push (issue 17): outcome is one of ok, failed (gave up after retries), rejected
-        # (a final 4xx from the site's server), skipped (no subject given).
+        # FHIR push: outcome is one of ok, failed (given up after its tries, kept in the
+        # outbox), rejected (a final 4xx from the site's server), skipped (no subject given).
         self.fhir_push = pc.Counter(
             PREFIX + "fhir_push_total", "Results pushed to the site's FHIR server.", ("outcome",)
         )

@@ -81,7 +81,7 @@ class Settings(BaseSettings):
         600.0, gt=0, description="Time a client has to send a whole request body; 408 after."
     )
 
-    # -- hospital integration (issue 17): FHIR output and push, audit trail ----------------------
+    # -- hospital integration: FHIR output and push, audit trail ----------------------------------
     fhir_codes_file: Path | None = Field(
         None, description="A site's own FHIR codes and unit, JSON (mam/fhir/codes.py)."
     )
