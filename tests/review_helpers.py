@@ -23,7 +23,10 @@ from mam.review.config import ReviewConfig
 from mam.synth import write_dataset
 from tests.media import moving_square_frames, write_video
 
-PASSWORDS = {"alice": "alice-secret-1", "bob": "bob-secret-22"}
+PASSWORDS = {"alice": "alice-secret-1", "bob": "bob-secret-22", "carol": "carol-secret-333",
+             "dan": "dan-secret-4444"}  # fmt: skip
+# alice: the senior (signs off) and admin (exports); the others: assessors.
+ROLES = {"alice": "senior,admin", "bob": "assessor", "carol": "assessor", "dan": "assessor"}
 VIDEO_PATH = "videos/ward_B_infant.mp4"
 
 
@@ -63,11 +66,13 @@ def make_batch(tmp: Path, infants: int = 6, seconds: float = 30.0, video: bool =
 
 
 def add_video_row(
-    out: Path, archive: Path, path: str = VIDEO_PATH, pose_backend: str | None = None
-) -> str:
+    out: Path, archive: Path, path: str = VIDEO_PATH, pose_backend: str | None = None,
+    mutate=None,
+) -> str:  # fmt: skip
     """A video recording in the ledger, as the runner records one: a real 12 s MP4 in the
     archive under ``path``, with the genuine result of a screened pose file (the app never
-    re-screens; only the file's hash, kind and ``model.pose_backend`` matter here)."""
+    re-screens; only the file's hash, kind and ``model.pose_backend`` matter here).
+    ``mutate(doc)`` changes the result's JSON document first (a result the test needs)."""
     from mam.model.weights import sha256_of
 
     video = archive / path
@@ -78,9 +83,12 @@ def add_video_row(
     ledger = Ledger(out / "ledger.sqlite")
     try:
         result = next(r["result"] for r in ledger.rows() if r["status"] == "done")
-        if pose_backend is not None:
+        if pose_backend is not None or mutate is not None:
             doc = json.loads(result)
-            doc["model"]["pose_backend"] = pose_backend
+            if pose_backend is not None:
+                doc["model"]["pose_backend"] = pose_backend
+            if mutate is not None:
+                mutate(doc)
             result = json.dumps(doc)
         item = Item(video, path, path.rsplit(".", 1)[0])
         ledger.set_path(item, sha, sha, video.stat().st_size, video.stat().st_mtime_ns)
@@ -94,7 +102,7 @@ def config(batch: Batch, **kw) -> ReviewConfig:
     users = batch.out / "review_users"
     if not users.is_file():
         for name, pw in PASSWORDS.items():
-            add_user(users, name, pw)
+            add_user(users, name, pw, ROLES[name])
     return ReviewConfig(out_dir=batch.out, archive_root=batch.archive, **kw)
 
 

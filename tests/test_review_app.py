@@ -234,7 +234,7 @@ def test_csrf_is_checked_on_every_change(fresh):
         assert a.post("/export", data={"csrf_token": other}).status_code == 403
         assert a.get("/").status_code == 200  # still logged in
         store = a.app.state.review.store
-        assert store.audit_count() == 0 and store.annotation(rid)["intervals"] == []
+        assert store.audit_count() == 0 and store.annotation(rid, "alice")["intervals"] == []
         assert a.app.state.review.export.state == "idle"
         # With the session's own token every change goes through.
         ok = {"x-csrf-token": csrf}
@@ -365,11 +365,12 @@ def _esc(s: str) -> str:
 
 
 # -- two reviewers --------------------------------------------------------------------------------
-def test_two_reviewers_editing_at_once(fresh):
+def test_two_assessors_review_independently(fresh):
+    """Each assessor has their own review: nothing of one overwrites the other's, and an
+    assessor's page and JSON carry only their own review and history."""
     rid = fresh.rids["videos/ward_B_infant"]
     with client(fresh) as a, client(fresh) as b:
-        ca, cb = H.login(a, "alice"), H.login(b, "bob")
-        # Both opened the page with nothing saved.
+        ca, cb = H.login(a, "carol"), H.login(b, "bob")
         assert a.get(f"/api/r/{rid}").json()["fields"] == {}
 
         def change(c, csrf, **fields):
@@ -379,31 +380,25 @@ def test_two_reviewers_editing_at_once(fresh):
             return r.json()
 
         assert change(a, ca, category="continuous")["overwrote"] == {}
-        assert change(b, cb, note="arms and legs")["overwrote"] == {}  # other fields: both kept
-        r = change(b, cb, category="sporadic")  # bob saw no category: alice's is replaced...
-        assert r["fields"]["category"]["value"] == "sporadic"
-        assert r["overwrote"]["category"]["by"] == "alice"  # ...and bob is told whose
-        assert r["overwrote"]["category"]["value"] == "continuous"
-        seen = a.get(f"/api/r/{rid}").json()
-        assert seen["fields"]["category"] == {**seen["fields"]["category"], "value": "sporadic",
-                                              "by": "bob", "rev": 2}  # fmt: skip
-        assert seen["fields"]["note"]["value"] == "arms and legs"
-        history = [(h["reviewer"], h["target"], h["new"]) for h in seen["history"]]
-        assert ("alice", "category", "continuous") in history  # nothing lost: in the audit
-        # Intervals are separate rows: both reviewers' survive.
+        r = change(b, cb, category="sporadic", note="arms and legs")
+        assert r["overwrote"] == {} and r["fields"]["category"]["value"] == "sporadic"
+        mine = a.get(f"/api/r/{rid}").json()
+        assert mine["fields"]["category"]["value"] == "continuous" and "note" not in mine["fields"]
+        assert {h["reviewer"] for h in mine["history"]} == {"carol"}  # not bob's review
+        # Intervals too: each assessor's own; bob cannot touch carol's.
         h = {"a": {"x-csrf-token": ca}, "b": {"x-csrf-token": cb}}
-        ia = a.post(f"/api/r/{rid}/intervals", json={"id": "iv-alice-1", "start_s": 1, "end_s": 4},
+        ia = a.post(f"/api/r/{rid}/intervals", json={"id": "iv-carol-1", "start_s": 1, "end_s": 4},
                     headers=h["a"]).json()["interval"]  # fmt: skip
         b.post(f"/api/r/{rid}/intervals", json={"id": "iv-bob-001", "start_s": 6, "end_s": 9},
                headers=h["b"])  # fmt: skip
-        assert len(a.get(f"/api/r/{rid}").json()["intervals"]) == 2
-        # bob deletes alice's interval; her later edit is refused, not dropped silently.
-        assert b.delete(f"/api/r/{rid}/intervals/{ia['id']}?base_rev=1",
-                        headers=h["b"]).status_code == 200  # fmt: skip
+        assert [i["id"] for i in a.get(f"/api/r/{rid}").json()["intervals"]] == ["iv-carol-1"]
+        assert b.delete(f"/api/r/{rid}/intervals/{ia['id']}", headers=h["b"]).status_code == 404
+        assert [i["id"] for i in a.get(f"/api/r/{rid}").json()["intervals"]] == ["iv-carol-1"]
+        # Her own interval deleted in another tab: a later edit is refused, not dropped.
+        assert a.delete(f"/api/r/{rid}/intervals/{ia['id']}", headers=h["a"]).status_code == 200
         r = a.patch(f"/api/r/{rid}/intervals/{ia['id']}", json={"start_s": 1, "end_s": 5,
                     "base_rev": 1}, headers=h["a"])  # fmt: skip
-        assert r.status_code == 409 and r.json()["error"]["by"] == "bob"
-        assert [i["id"] for i in a.get(f"/api/r/{rid}").json()["intervals"]] == ["iv-bob-001"]
+        assert r.status_code == 409 and r.json()["error"]["by"] == "carol"
 
 
 def test_bad_changes_are_refused_with_reasons(fresh):
@@ -648,8 +643,21 @@ def test_cli_users_and_usage(fresh, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("dave-password-9\n"))
     assert main(["review", str(fresh.out), "--add-user", "dave"]) == 0
     users = (fresh.out / "review_users").read_text()
-    assert "dave:scrypt$" in users and "dave-password-9" not in users
+    # The first user can do everything (someone must sign off and export).
+    assert "dave:senior,admin:scrypt$" in users and "dave-password-9" not in users
     assert oct((fresh.out / "review_users").stat().st_mode & 0o777) == "0o600"
+    for name, role, want in (("erin", None, "assessor"), ("fay", "senior", "senior"),
+                             ("gil", "assessor,admin", "assessor,admin")):  # fmt: skip
+        monkeypatch.setattr("sys.stdin", io.StringIO("long-enough-pw\n"))
+        extra = ["--role", role] if role else []
+        assert main(["review", str(fresh.out), "--add-user", name, *extra]) == 0
+        assert f"\n{name}:{want}:scrypt$" in (fresh.out / "review_users").read_text()
+    monkeypatch.setattr("sys.stdin", io.StringIO("long-enough-pw\n"))
+    assert main(["review", str(fresh.out), "--add-user", "hal", "--role", "boss"]) == 2
+    assert "role" in capsys.readouterr().err
+    assert (
+        main(["review", str(fresh.out), "--role", "senior", "--export", str(tmp_path / "r")]) == 2
+    )
     monkeypatch.setattr("sys.stdin", io.StringIO("short\n"))
     assert main(["review", str(fresh.out), "--add-user", "eve"]) == 2
     assert main(["review", str(fresh.out), "--add-user", "x", "--port", "1"]) == 2
@@ -918,3 +926,213 @@ def test_a_result_altered_inside_the_ledger_is_never_shown_as_the_models(fresh):
     recs = {r.id: r for r in Catalog(fresh.out, fresh.archive).all()}
     assert recs[ident].status == "failed" and recs[ident].error_code == "altered_result"
     assert all(r.status == "done" for i, r in recs.items() if i != ident and i.startswith("poses/"))
+
+
+# -- independent blind review, roles, sign-off, agreement, vocabulary ------------------------------
+RISK = 0.7312  # a P(risk) no other number on the pages spells
+
+
+def _odd_result(doc: dict) -> None:
+    """Risk at a distinctive P(risk), with an FMs category (intermittent) that alone means
+    normal."""
+    doc["risk_probability"], doc["normal_probability"] = RISK, round(1 - RISK, 4)
+    doc["classification"]["label"] = doc["classification"]["model_label"] = "risk"
+    doc["fms_category"] = "intermittent"
+
+
+def _shows_model(html: str) -> bool:
+    return "0.731" in html or str(RISK) in html or 'id="model-label"' in html
+
+
+def test_blind_review_hides_the_model_until_the_assessors_own_verdict(fresh):
+    rid = H.add_video_row(fresh.out, fresh.archive, "videos/odd.mp4", mutate=_odd_result)
+    with client(fresh, blind=True) as b, client(fresh, blind=True) as c:
+        cb = H.login(b, "bob")
+        H.login(c, "carol")
+        for page in (f"/r/{rid}", "/"):
+            html = b.get(page).text
+            assert not _shows_model(html), page
+            assert "blind review" in html
+        assert 'id="top-clips"' not in b.get(f"/r/{rid}").text
+        assert str(RISK) not in b.get(f"/api/r/{rid}").text
+        assert put(b, rid, cb, category="sporadic", group="risk").is_success
+        assert not _shows_model(b.get(f"/r/{rid}").text)  # a category is not a verdict yet
+        assert put(b, rid, cb, state="done").is_success
+        page = b.get(f"/r/{rid}").text
+        assert "0.731" in page and 'id="model-label"' in page and 'id="top-clips"' in page
+        assert 'id="at-odds"' in page  # risk, yet an intermittent category
+        assert not _shows_model(c.get(f"/r/{rid}").text)  # carol has not finished
+        assert not _shows_model(c.get("/").text)
+
+
+def test_blind_review_set_for_the_worklist_by_an_admin(fresh):
+    rid = H.add_video_row(fresh.out, fresh.archive, "videos/odd.mp4", mutate=_odd_result)
+    with client(fresh) as a, client(fresh) as b:
+        ca, cb = H.login(a, "alice"), H.login(b, "bob")
+        assert _shows_model(b.get(f"/r/{rid}").text)
+        assert b.post("/settings/blind", data={"csrf_token": cb, "blind": "1"}).status_code == 403
+        r = a.post("/settings/blind", data={"csrf_token": ca, "blind": "1"},
+                   follow_redirects=False)  # fmt: skip
+        assert r.status_code == 303
+        assert not _shows_model(b.get(f"/r/{rid}").text)
+        a.post("/settings/blind", data={"csrf_token": ca, "blind": "0"})
+        assert _shows_model(b.get(f"/r/{rid}").text)
+
+
+def test_roles_gate_the_export_the_access_log_and_the_agreement(fresh):
+    with client(fresh) as a, client(fresh) as b:
+        H.login(a, "alice")
+        cb = H.login(b, "bob")
+        for path in ("/export", "/export/status", "/export/download", "/audit", "/agreement"):
+            assert b.get(path, headers=HTML).status_code == 403, path
+            assert a.get(path, headers=HTML).status_code in (200, 404), path
+        assert b.post("/export", data={"csrf_token": cb}).status_code == 403
+        home = b.get("/").text
+        assert 'href="/export"' not in home and 'href="/audit"' not in home
+        assert 'href="/export"' in a.get("/").text
+        events = a.app.state.review.store.events()
+        assert ("download", "bob", "forbidden") in [(e["event"], e["user"], e["outcome"])
+                                                    for e in events]  # fmt: skip
+
+
+def _sign(c, rid, csrf, **form):
+    return c.post(f"/r/{rid}/signoff", data={"csrf_token": csrf, **form}, headers=HTML,
+                  follow_redirects=False)  # fmt: skip
+
+
+def test_a_senior_resolves_signs_off_and_amends(fresh, tmp_path):
+    ident = sorted(fresh.truth)[0]
+    rid = fresh.rids[ident]
+    with client(fresh) as a, client(fresh) as b, client(fresh) as c:
+        ca, cb, cc = H.login(a, "alice"), H.login(b, "bob"), H.login(c, "carol")
+        hdr = {"b": {"x-csrf-token": cb}, "c": {"x-csrf-token": cc}}
+        b.post(f"/api/r/{rid}/intervals", json={"id": "iv-bob-0001", "start_s": 2, "end_s": 12},
+               headers=hdr["b"])  # fmt: skip
+        c.post(f"/api/r/{rid}/intervals", json={"id": "iv-carol-001", "start_s": 20, "end_s": 28},
+               headers=hdr["c"])  # fmt: skip
+        put(b, rid, cb, category="intermittent", group="normal", state="done")
+        put(c, rid, cc, category="sporadic", group="risk", state="done")
+        # An assessor sees neither the other's review nor the sign-off form.
+        page = b.get(f"/r/{rid}").text
+        assert 'data-assessor="carol"' not in page and 'id="signoff-form"' not in page
+        assert _sign(b, rid, cb, category="sporadic", group="risk").status_code == 403
+        # The senior sees both, with their agreement.
+        page = a.get(f"/r/{rid}").text
+        assert 'data-assessor="bob"' in page and 'data-assessor="carol"' in page
+        assert 'id="pair-agreement"' in page and "bob &amp; carol" in page
+        bad = _sign(a, rid, ca, category="intermittent", group="normal", intervals_from="nobody")
+        assert bad.status_code == 400  # intervals only from a review of this recording
+        r = _sign(a, rid, ca, category="intermittent", group="normal", intervals_from="bob",
+                  note="FMs seen in the arms")  # fmt: skip
+        assert r.status_code == 303, r.text
+        # Locked: an assessor's later edit is refused, with the reason in the envelope.
+        r = put(c, rid, cc, note="changed my mind")
+        assert r.status_code == 403 and r.json()["error"]["code"] == "signed_off"
+        r = c.post(f"/api/r/{rid}/intervals", json={"id": "iv-carol-002", "start_s": 1,
+                   "end_s": 2}, headers=hdr["c"])  # fmt: skip
+        assert r.status_code == 403
+        assert "Signed off" in c.get(f"/r/{rid}").text
+        # Signing off again is refused; an amendment needs a reason, and keeps it.
+        assert _sign(a, rid, ca, category="absent", group="risk").status_code == 403
+        r = _sign(a, rid, ca, action="amend", category="sporadic", group="risk",
+                  intervals_from="final", reason="")  # fmt: skip
+        assert r.status_code == 400
+        r = _sign(a, rid, ca, action="amend", category="sporadic", group="risk",
+                  intervals_from="final", reason="second look at 00:20")  # fmt: skip
+        assert r.status_code == 303
+        hist = c.get(f"/api/r/{rid}").json()["history"]
+        amend = [h for h in hist if h["action"] == "amend"]
+        assert amend and amend[0]["new"]["reason"] == "second look at 00:20"
+        assert {h["reviewer"] for h in hist} == {"carol", "alice"}  # not bob's changes
+        # Follow-up outcome, by the senior.
+        r = a.post(f"/r/{rid}/outcome", data={"csrf_token": ca, "cp_2y": "no",
+                   "outcome_source": "clinic letter 2027"}, follow_redirects=False)  # fmt: skip
+        assert r.status_code == 303
+        assert (
+            c.post(f"/r/{rid}/outcome", data={"csrf_token": cc, "cp_2y": "yes"}).status_code == 403
+        )
+        agreement = a.get("/agreement").text
+        assert 'id="inter-kappa"' in agreement and 'id="model-kappa"' in agreement
+        assert "bob &amp; carol" in agreement
+    out = tmp_path / "training"
+    assert (
+        main(["review", str(fresh.out), "--archive", str(fresh.archive), "--export", str(out)]) == 0
+    )
+    with open(out / "infants.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["id"], r["fms_category"], r["group"]) for r in rows] == [
+        (ident, "sporadic", "risk")
+    ]  # the amended, signed-off verdict
+    with open(out / "fms_intervals.csv") as f:
+        assert [(r["id"], float(r["start_s"]), float(r["end_s"])) for r in csv.DictReader(f)] == [
+            (ident, 2.0, 12.0)
+        ]  # bob's, kept through the amendment
+    with open(out / "inter_assessor.csv") as f:
+        pairs = list(csv.DictReader(f))
+    assert [(p["assessor_a"], p["assessor_b"], p["category_agrees"]) for p in pairs] == [
+        ("bob", "carol", "False")
+    ]
+    # The two assessors' intervals share no clip: kappa is no better than chance.
+    assert float(pairs[0]["kappa"]) <= 0
+    with open(out / "outcomes.csv") as f:
+        outcomes = list(csv.DictReader(f))
+    assert [(o["id"], o["cp_2y"], o["outcome_source"], o["exported"]) for o in outcomes] == [
+        (ident, "no", "clinic letter 2027", "True")
+    ]
+    report = json.loads((out / "agreement.json").read_text())
+    assert report["summary"]["inter_assessor"]["pairs"] == 1
+    assert report["summary"]["assessor_model"]["reviews"] == 2
+    with open(out / "agreement.csv") as f:
+        assert [r["source"] for r in csv.DictReader(f)] == ["signed_off"]
+
+
+def test_without_sign_off_only_agreed_verdicts_are_exported(fresh, tmp_path):
+    ids = sorted(fresh.truth)
+    agreed, split, abnormal, unassessable = (fresh.rids[i] for i in ids[:4])
+    with client(fresh) as b, client(fresh) as c:
+        cb, cc = H.login(b, "bob"), H.login(c, "carol")
+        for cl, csrf, iv in ((b, cb, (1.0, 10.0)), (c, cc, (5.0, 20.0))):
+            cl.post(f"/api/r/{agreed}/intervals", json={"id": f"iv-{csrf[:10]}",
+                    "start_s": iv[0], "end_s": iv[1]}, headers={"x-csrf-token": csrf})  # fmt: skip
+            put(cl, agreed, csrf, category="continuous", group="normal", state="done")
+            put(cl, abnormal, csrf, category="abnormal", state="done")
+        put(b, split, cb, category="continuous", group="normal", state="done")
+        put(c, split, cc, category="absent", group="risk", state="done")
+        put(b, unassessable, cb, category="not_assessable", state="done")
+    out = tmp_path / "training"
+    assert (
+        main(["review", str(fresh.out), "--archive", str(fresh.archive), "--export", str(out)]) == 0
+    )
+    with open(out / "infants.csv") as f:
+        assert [r["id"] for r in csv.DictReader(f)] == [ids[0]]
+    with open(out / "fms_intervals.csv") as f:  # where both marked FMs
+        assert [(float(r["start_s"]), float(r["end_s"])) for r in csv.DictReader(f)] == [
+            (5.0, 10.0)
+        ]
+    skipped = {s["id"]: s["reason"] for s in json.loads((out / "export.json").read_text())[
+        "skipped"]}  # fmt: skip
+    assert "disagree" in skipped[ids[1]] and "no senior has signed off" in skipped[ids[1]]
+    assert "abnormal FMs" in skipped[ids[2]] and "excludes" in skipped[ids[2]]
+    assert "not assessable" in skipped[ids[3]]
+
+
+def test_every_page_names_the_model_and_marks_what_not_to_use(fresh):
+    def indeterminate(doc):
+        doc["classification"]["label"] = "indeterminate"
+        doc["classification"]["reasons"] = ["out of the training domain"]
+        doc["probabilities_usable"] = False
+
+    rid = H.add_video_row(fresh.out, fresh.archive, "videos/ind.mp4", mutate=indeterminate)
+    model = json.loads(next(r for r in _rows(fresh) if r["status"] == "done")["result"])["model"]
+    with client(fresh) as a:
+        H.login(a, "alice")
+        for path in ("/", f"/r/{rid}", "/agreement", "/audit", "/export"):
+            html = a.get(path).text
+            assert model["name"] in html and model["version"] in html, path
+            assert model["digest"][:12] in html, path
+            assert "demo weights, trained on simulated movement, not for clinical use" in html
+        page = a.get(f"/r/{rid}").text
+        assert 'id="timeline-not-to-use"' in page and 'id="top-not-to-use"' in page
+        assert 'id="at-odds"' not in page
+        # The vocabulary: abnormal FMs and not assessable.
+        assert ">abnormal FMs<" in page and ">not assessable<" in page

@@ -9,6 +9,11 @@ export. The demo's pose is estimated once, with the default backend, into the re
 own pose cache, and its screening result comes from that pose (what ``mam batch`` would store);
 eight simulated infants screened by the real batch runner complete the training set.
 
+Independent review (a third session): two assessors review the demo blind (the model's P(risk)
+is not in the page until each has saved a verdict) and disagree; the senior sees both, signs off;
+an assessor's later edit is refused; the senior's amendment keeps its reason; the agreement page
+shows the kappa between the assessors and with the model.
+
 A second session works with the keyboard alone and on a 768 px tablet: the shortcuts after a
 click on a choice, Space on a focused button, the worklist without sideways scrolling, a finger-
 sized FMs lane.
@@ -147,13 +152,20 @@ def _viewport(driver, width: int, height: int) -> None:
         driver.set_window_size(width + dw, height + dh)
 
 
-def _shot(driver, tmp: Path, name: str, height: int = 1000, width: int = 1440) -> Path:
-    """The page from its top, ``width`` x ``height`` px (then back to the usual window)."""
+def _shot(
+    driver, tmp: Path, name: str, height: int = 1000, width: int = 1440, anchor: str = ""
+) -> Path:
+    """The page from its top (or from the element with id ``anchor``), ``width`` x ``height``
+    px (then back to the usual window)."""
     dest_dir = Path(os.environ.get("MAM_REVIEW_SCREENSHOTS") or tmp)
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / name
     _viewport(driver, width, height)
-    driver.execute_script("window.scrollTo(0, 0); document.activeElement.blur()")
+    driver.execute_script(
+        "const a = arguments[0] && document.getElementById(arguments[0]);"
+        "if (a) a.scrollIntoView(); else window.scrollTo(0, 0); document.activeElement.blur()",
+        anchor,
+    )
     time.sleep(0.5)  # the overlay follows the resize
     driver.save_screenshot(str(dest))
     driver.set_window_size(1440, 1000)
@@ -313,11 +325,13 @@ def test_a_reviewers_session_in_a_real_browser(driver, site, tmp_path):
                  "--accept-small-data"]) == 0  # fmt: skip
     assert weights.with_suffix(".json").is_file()
 
-    # The worklist now: review states and the reviewers' categories beside the model's.
+    # The worklist now: her own review states (bob's reviews are his own), and for a senior how
+    # many assessors have finished each recording, beside the model's result.
     d.get(url + "/")
-    states = [r.get_attribute("data-state") for r in
-              d.find_elements(By.CSS_SELECTOR, "#worklist tbody tr")]  # fmt: skip
-    assert sorted(states) == ["done"] * 7 + ["in_progress"] * 2
+    rows = d.find_elements(By.CSS_SELECTOR, "#worklist tbody tr")
+    states = [r.get_attribute("data-state") for r in rows]
+    assert sorted(states) == ["done"] + ["not_reviewed"] * 8
+    assert sum("1 assessor(s) finished" in r.text for r in rows) == 7
     _shot(d, tmp_path, "worklist.png", height=900)
 
 
@@ -422,3 +436,100 @@ def test_keyboard_alone_and_a_tablet_in_a_real_browser(driver, site, tmp_path):
     assert right <= d.execute_script("return document.documentElement.clientWidth")
     _shot(d, tmp_path, "worklist-768.png", height=1024, width=768)
     _viewport(d, 1440, 1000)
+
+
+def test_two_assessors_blind_a_senior_signs_off_in_a_real_browser(driver, site, tmp_path):
+    import html
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    from mam.review.app import _prob
+    from mam.review.store import FINAL
+
+    url, d = site["url"], driver
+    store = site["app"].state.review.store
+    rid = site["demo"]
+    risk = html.escape(_prob(site["result"].risk_probability))
+    # The admin's switch, set straight in the store (the HTTP tests press it).
+    store.set_setting("blind", True)
+    try:
+
+        def review_blind(name: str, category: str, interval: tuple[str, str]) -> None:
+            _login(d, url, name)
+            d.get(f"{url}/r/{rid}")
+            _wait(d, lambda: d.find_element(By.ID, "save-status").text == "all changes saved",
+                  what="the annotation to load")  # fmt: skip
+            src = d.page_source
+            assert risk not in src and 'id="model-label"' not in src  # blind: no P(risk)
+            assert d.find_element(By.ID, "blind").is_displayed()
+            d.find_element(By.ID, "iv-start").send_keys(interval[0])
+            d.find_element(By.ID, "iv-end").send_keys(interval[1] + Keys.ENTER)
+            d.find_element(By.CSS_SELECTOR, f'#category input[value="{category}"]').click()
+            _wait(d, lambda: d.find_element(By.ID, "save-status").text == "all changes saved",
+                  what="saving")  # fmt: skip
+            assert risk not in d.page_source  # a category is not yet a verdict
+            d.find_element(By.ID, "done").click()  # the verdict: the page shows the model now
+            _wait(d, lambda: d.find_elements(By.ID, "model-label"), what="the model's result")
+            assert risk in d.page_source
+
+        review_blind("carol", "intermittent", ("2", "14"))
+        review_blind("dan", "sporadic", ("20", "26"))
+
+        # The senior sees both reviews and their agreement, and signs off.
+        _login(d, url, "alice")
+        d.get(f"{url}/r/{rid}")
+        table = d.find_element(By.ID, "assessor-reviews").text
+        assert "carol" in table and "dan" in table and "sporadic" in table
+        assert "carol & dan" in d.find_element(By.ID, "pair-agreement").text
+        d.find_element(By.ID, "so-cat-intermittent").click()
+        d.find_element(By.ID, "so-group-normal").click()
+        d.find_element(By.CSS_SELECTOR, '#so-intervals option[value="carol"]').click()
+        d.find_element(By.ID, "so-note").send_keys("FMs intermittent; dan's sporadic discussed")
+        d.find_element(By.ID, "signoff-btn").click()
+        _wait(d, lambda: d.find_element(By.ID, "final-category").text == "intermittent",
+              what="the signed-off verdict")  # fmt: skip
+        _shot(d, tmp_path, "signoff.png", height=1000, anchor="final")
+        # The senior's pages on a tablet: every link, the blind badge and the panel fit.
+        _viewport(d, 768, 1000)
+        for page in ("/", f"/r/{rid}", "/agreement"):
+            d.get(url + page)
+            assert _no_sideways_scroll(d), page
+        d.set_window_size(1440, 1000)
+
+        # An assessor's later edit is refused, and the page says so.
+        _login(d, url, "dan")
+        d.get(f"{url}/r/{rid}")
+        assert d.find_element(By.ID, "locked").is_displayed()
+        _wait(d, lambda: d.find_element(By.ID, "save-status").text == "all changes saved",
+              what="the annotation to load")  # fmt: skip
+        d.find_element(By.ID, "note").send_keys("changed my mind")
+        d.find_element(By.ID, "iv-start").click()  # leaving the note saves it
+        _wait(d, lambda: "signed off" in d.find_element(By.ID, "notices").text,
+              what="the refusal")  # fmt: skip
+        assert store.annotation(rid, "dan")["fields"].get("note") is None
+
+        # The senior amends with a reason; the history keeps it.
+        _login(d, url, "alice")
+        d.get(f"{url}/r/{rid}")
+        d.find_element(By.ID, "so-cat-sporadic").click()
+        d.find_element(By.ID, "so-group-risk").click()
+        d.find_element(By.ID, "so-reason").send_keys("second look at the arms")
+        d.find_element(By.ID, "signoff-btn").click()
+        _wait(d, lambda: d.find_element(By.ID, "final-category").text == "sporadic",
+              what="the amendment")  # fmt: skip
+        _wait(d, lambda: "reason: second look at the arms" in d.find_element(By.ID, "history").text,
+              what="the amendment in the history")  # fmt: skip
+
+        # The agreement report: between the assessors and with the model.
+        d.get(url + "/agreement")
+        inter = d.find_element(By.ID, "inter-kappa").text
+        model = d.find_element(By.ID, "model-kappa").text
+        # carol & dan, and each with the others who reviewed the demo in the sessions above.
+        n = sum(rv["fields"].get("state", {}).get("value") == "done"
+                for k, rv in store.reviews(rid).items() if k != FINAL)  # fmt: skip
+        assert n >= 2 and f"({n * (n - 1) // 2} pairs, 1 recordings)" in inter, inter
+        assert -1 <= float(inter.split()[0]) <= 1 and -1 <= float(model.split()[0]) <= 1
+        assert "carol & dan" in d.find_element(By.ID, "agreement-table").text
+    finally:
+        store.set_setting("blind", False)

@@ -1,9 +1,11 @@
 """The review store (``mam.review.store``) on both backends: SQLite, and a real PostgreSQL
 server started for the session (Debian's ``postgresql``, installed with apt-get when missing).
 
-What matters: every change lands with its reviewer and time in the audit trail; two reviewers
-at once lose nothing (per field, last write wins, and the replaced value is reported); an
-interval someone deleted cannot be edited silently; the two backends behave the same.
+What matters: every change lands with its reviewer and time in the audit trail; assessors'
+reviews are independent; on a shared record (the final verdict) two writers at once lose nothing
+(per field, last write wins, and the replaced value is reported); an interval someone deleted
+cannot be edited silently; a signed-off recording is locked and amended only with a reason; the
+two backends behave the same.
 """
 
 from __future__ import annotations
@@ -15,7 +17,15 @@ import numpy as np
 import pytest
 
 from mam.gma import clip_kappa as cohen_kappa
-from mam.review.store import Gone, NotFound, ReviewInputError, ReviewStore
+from mam.review.store import (
+    FINAL,
+    OUTCOME,
+    Gone,
+    Locked,
+    NotFound,
+    ReviewInputError,
+    ReviewStore,
+)
 from tests import review_helpers as H
 
 RID = "rec-0123456789abcdef"
@@ -59,7 +69,7 @@ def test_fields_revisions_and_audit(store):
     assert fields["category"]["value"] == "intermittent" and fields["category"]["rev"] == 1
     assert over == {}
     store.set_fields(RID, "alice", {"category": ("sporadic", 1), "group": ("risk", 0)})
-    ann = store.annotation(RID)
+    ann = store.annotation(RID, "alice")
     assert {k: v["value"] for k, v in ann["fields"].items()} == {
         "category": "sporadic", "group": "risk"
     }  # fmt: skip
@@ -74,10 +84,12 @@ def test_fields_revisions_and_audit(store):
         ("category", None, "intermittent"),
     ]  # fmt: skip
     assert all(h["reviewer"] == "alice" and abs(h["at"] - time.time()) < 60 for h in hist)
-    assert store.summaries()[RID] == {"state": "in_progress", "category": "sporadic",
-                                      "group": "risk"}  # fmt: skip
+    mine = store.summaries("alice")[RID]
+    assert {k: mine[k] for k in ("state", "category", "group")} == {
+        "state": "in_progress", "category": "sporadic", "group": "risk"}  # fmt: skip
     store.set_fields(RID, "alice", {"state": ("done", 0)})
-    assert store.summaries()[RID]["state"] == "done"
+    assert store.summaries("alice")[RID]["state"] == "done"
+    assert "state" not in store.summaries("bob")[RID]  # bob has not started
 
 
 @pytest.mark.parametrize(
@@ -91,21 +103,33 @@ def test_invalid_fields_are_refused(store, name, value):
     assert store.audit_count() == 0
 
 
-def test_two_reviewers_last_write_wins_per_field_and_says_so(store):
-    # Both opened the page with nothing saved (rev 0).
+def test_assessors_reviews_are_independent(store):
     store.set_fields(RID, "alice", {"category": ("continuous", 0)})
-    _, over = store.set_fields(RID, "bob", {"note": ("FMs in the arms", 0)})
-    assert over == {}  # another field: nothing to report, both kept
     fields, over = store.set_fields(RID, "bob", {"category": ("absent", 0)})
+    assert fields["category"]["value"] == "absent" and over == {}  # nothing replaced
+    assert store.annotation(RID, "alice")["fields"]["category"]["value"] == "continuous"
+    store.add_interval(RID, "alice", "iv-alice-0001", 1.0, 4.0)
+    with pytest.raises(NotFound):  # bob cannot reach alice's interval
+        store.update_interval(RID, "bob", "iv-alice-0001", 1.0, 2.0, base_rev=1)
+    assert sorted(store.reviews(RID)) == ["alice", "bob"]
+    assert store.annotation(RID, "bob")["intervals"] == []
+
+
+def test_two_writers_of_the_final_record_last_write_wins_and_says_so(store):
+    # Both seniors opened the final record with nothing saved (rev 0).
+    store.set_fields(RID, "alice", {"category": ("continuous", 0)}, owner=FINAL)
+    _, over = store.set_fields(RID, "bob", {"note": ("FMs in the arms", 0)}, owner=FINAL)
+    assert over == {}  # another field: nothing to report, both kept
+    fields, over = store.set_fields(RID, "bob", {"category": ("absent", 0)}, owner=FINAL)
     assert fields["category"]["value"] == "absent"  # last write wins...
     assert over["category"]["value"] == "continuous" and over["category"]["by"] == "alice"
-    ann = store.annotation(RID)["fields"]
+    ann = store.annotation(RID, FINAL)["fields"]
     assert ann["note"]["value"] == "FMs in the arms" and ann["category"]["by"] == "bob"
     # ...and nothing is lost: alice's value is in the audit trail with her name.
     hist = [(h["reviewer"], h["target"], h["new"]) for h in store.history(RID)]
     assert ("alice", "category", "continuous") in hist and ("bob", "category", "absent") in hist
     # A reviewer replacing their own earlier value is not told about it.
-    _, over = store.set_fields(RID, "bob", {"category": ("sporadic", 0)})
+    _, over = store.set_fields(RID, "bob", {"category": ("sporadic", 0)}, owner=FINAL)
     assert over == {}
 
 
@@ -120,8 +144,8 @@ def test_concurrent_writers_lose_no_update(url):
         s = stores[k]
         try:
             for i in range(n):
-                s.set_fields(RID, f"r{k}", {"note": (f"r{k}-{i}", None)})
-                s.add_interval(RID, f"r{k}", f"iv-r{k}-{i:04d}", i, i + 0.5)
+                s.set_fields(RID, f"r{k}", {"note": (f"r{k}-{i}", None)}, owner=FINAL)
+                s.add_interval(RID, f"r{k}", f"iv-r{k}-{i:04d}", i, i + 0.5, owner=FINAL)
         except Exception as e:  # noqa: BLE001
             errors.append(e)
 
@@ -132,7 +156,7 @@ def test_concurrent_writers_lose_no_update(url):
         t.join()
     try:
         assert not errors
-        ann = stores[0].annotation(RID)
+        ann = stores[0].annotation(RID, FINAL)
         assert ann["fields"]["note"]["rev"] == 2 * n
         assert len(ann["intervals"]) == 2 * n
         assert stores[1].audit_count() == 4 * n
@@ -142,28 +166,31 @@ def test_concurrent_writers_lose_no_update(url):
 
 
 def test_intervals_add_edit_delete_and_conflicts(store):
-    iv = store.add_interval(RID, "alice", "iv-aaaa-0001", 3.0, 12.5, duration_s=60)
+    iv = store.add_interval(RID, "alice", "iv-aaaa-0001", 3.0, 12.5, duration_s=60, owner=FINAL)
     assert (iv["start_s"], iv["end_s"], iv["rev"]) == (3.0, 12.5, 1)
     # A retried create (same id) is the same interval, not a second one.
-    again = store.add_interval(RID, "alice", "iv-aaaa-0001", 3.0, 12.5, duration_s=60)
-    assert again["id"] == iv["id"] and len(store.annotation(RID)["intervals"]) == 1
-    moved, over = store.update_interval(RID, "bob", iv["id"], 4.0, 12.5, base_rev=1)
+    again = store.add_interval(RID, "alice", "iv-aaaa-0001", 3.0, 12.5, duration_s=60, owner=FINAL)
+    assert again["id"] == iv["id"] and len(store.annotation(RID, FINAL)["intervals"]) == 1
+    moved, over = store.update_interval(RID, "bob", iv["id"], 4.0, 12.5, base_rev=1, owner=FINAL)
     assert moved["start_s"] == 4.0 and moved["rev"] == 2 and over is None
     # alice edits from her stale copy (rev 1): it lands and names bob's change it replaced.
-    _, over = store.update_interval(RID, "alice", iv["id"], 2.0, 10.0, base_rev=1)
+    _, over = store.update_interval(RID, "alice", iv["id"], 2.0, 10.0, base_rev=1, owner=FINAL)
     assert over["by"] == "bob" and over["value"] == [4.0, 12.5]
-    store.delete_interval(RID, "bob", iv["id"], base_rev=3)
-    assert store.annotation(RID)["intervals"] == []
+    store.delete_interval(RID, "bob", iv["id"], base_rev=3, owner=FINAL)
+    assert store.annotation(RID, FINAL)["intervals"] == []
     with pytest.raises(Gone) as e:
-        store.update_interval(RID, "alice", iv["id"], 1.0, 2.0, base_rev=3)
+        store.update_interval(RID, "alice", iv["id"], 1.0, 2.0, base_rev=3, owner=FINAL)
     assert e.value.by == "bob"
     with pytest.raises(NotFound):
-        store.update_interval(RID, "alice", "iv-nope-0000", 1.0, 2.0, base_rev=1)
+        store.update_interval(RID, "alice", "iv-nope-0000", 1.0, 2.0, base_rev=1, owner=FINAL)
     with pytest.raises(NotFound):  # another recording's interval is not reachable from here
-        store.update_interval("rec-ffffffffffffffff", "bob", iv["id"], 1.0, 2.0, base_rev=1)
-    assert store.delete_interval(RID, "bob", iv["id"]) is None  # deleting twice: no-op
+        store.update_interval(
+            "rec-ffffffffffffffff", "bob", iv["id"], 1.0, 2.0, base_rev=1, owner=FINAL
+        )
+    assert store.delete_interval(RID, "bob", iv["id"], owner=FINAL) is None  # twice: no-op
     actions = [h["action"] for h in store.history(RID)]
-    assert actions == ["delete_interval", "edit_interval", "edit_interval", "add_interval"]
+    assert actions == ["final:delete_interval", "final:edit_interval", "final:edit_interval",
+                       "final:add_interval"]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -218,3 +245,74 @@ def test_kappa_matches_sklearn():
             assert cohen_kappa(a, b) == pytest.approx(sk.cohen_kappa_score(a, b))
     assert cohen_kappa([True, True], [True, True]) == 1.0  # both constant, agreeing
     assert cohen_kappa([True, True], [False, False]) == 0.0
+
+
+def test_sign_off_locks_and_an_amendment_needs_a_reason(store):
+    store.set_fields(RID, "bob", {"category": ("sporadic", 0), "group": ("risk", 0)})
+    store.add_interval(RID, "bob", "iv-bob-00001", 2.0, 5.0)
+    final = store.sign_off(RID, "alice", "intermittent", "normal", "resolved", [(2.0, 5.0)])
+    assert final["fields"]["state"]["value"] == "signed_off"
+    assert [(i["start_s"], i["end_s"]) for i in final["intervals"]] == [(2.0, 5.0)]
+    assert store.signed_off(RID)["by"] == "alice"
+    # Every later write to an assessor's review or the final one is refused...
+    for write in (
+        lambda: store.set_fields(RID, "bob", {"note": ("later", 0)}),
+        lambda: store.add_interval(RID, "bob", "iv-bob-00002", 6.0, 7.0),
+        lambda: store.delete_interval(RID, "bob", "iv-bob-00001"),
+        lambda: store.set_fields(RID, "alice", {"note": ("x", 0)}, owner=FINAL),
+        lambda: store.sign_off(RID, "alice", "absent", "risk", None, []),
+    ):
+        with pytest.raises(Locked):
+            write()
+    with pytest.raises(ReviewInputError):  # an amendment without a reason
+        store.sign_off(RID, "alice", "absent", "risk", None, [], reason="  ")
+    # ...but the follow-up outcome is still recorded.
+    store.set_fields(RID, "alice", {"cp_2y": ("no", 0), "outcome_source": ("clinic", 0)}, OUTCOME)
+    assert store.outcomes()[RID]["cp_2y"] == "no"
+    amended = store.sign_off(RID, "alice", "absent", "risk", None, [], reason="second look")
+    assert amended["fields"]["category"]["value"] == "absent" and amended["intervals"] == []
+    hist = store.history(RID)
+    kinds = [(h["action"], (h["new"] or {}).get("reason") if h["action"] == "amend" else None)
+             for h in hist if h["action"] in ("sign_off", "amend")]  # fmt: skip
+    assert kinds == [("amend", "second look"), ("sign_off", None)]
+    # An assessor's own view of the history has the sign-off but not the others' reviews.
+    carol = store.history(RID, reviewer="carol")
+    assert {h["action"] for h in carol} >= {"sign_off", "amend"}
+    assert not [h for h in carol if h["reviewer"] == "bob"]
+    with pytest.raises(ReviewInputError):  # outcome fields belong to the outcome record
+        store.set_fields("rec-ffffffffffffffff", "bob", {"cp_2y": ("yes", 0)})
+    with pytest.raises(ReviewInputError):
+        store.sign_off("rec-ffffffffffffffff", "alice", "absent", None, None, [])
+
+
+def test_a_shared_review_of_an_older_database_becomes_its_last_writers(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "review.sqlite"
+    con = sqlite3.connect(db)
+    con.executescript(
+        "CREATE TABLE review_fields (recording TEXT, field TEXT, value TEXT, rev INT, "
+        "updated_by TEXT, updated_at REAL, PRIMARY KEY (recording, field));"
+        "CREATE TABLE review_intervals (id TEXT PRIMARY KEY, recording TEXT, start_s REAL, "
+        "end_s REAL, deleted BOOLEAN, rev INT, created_by TEXT, updated_by TEXT, "
+        "updated_at REAL);"
+        f"INSERT INTO review_fields VALUES ('{RID}', 'category', '\"absent\"', 1, 'alice', 1.0);"
+        f"INSERT INTO review_fields VALUES ('{RID}', 'note', '\"x\"', 2, 'bob', 2.0);"
+        f"INSERT INTO review_intervals VALUES ('iv-old-00001', '{RID}', 1, 3, 0, 1, 'alice', "
+        "'alice', 1.5);"
+    )
+    con.commit()
+    con.close()
+    s = ReviewStore(f"sqlite:///{db}")
+    try:
+        reviews = s.reviews(RID)
+        assert list(reviews) == ["bob"]  # the last to change it
+        assert reviews["bob"]["fields"]["category"]["value"] == "absent"
+        assert [i["id"] for i in reviews["bob"]["intervals"]] == ["iv-old-00001"]
+    finally:
+        s.close()
+    again = ReviewStore(f"sqlite:///{db}")  # not copied twice
+    try:
+        assert len(again.reviews(RID)["bob"]["intervals"]) == 1
+    finally:
+        again.close()

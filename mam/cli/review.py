@@ -2,6 +2,8 @@
 
 Examples:
     mam review results/ --add-user alice            # asks for alice's password
+    mam review results/ --add-user carol --role senior
+    mam review results/ --archive archive/ --blind  # model hidden until one's own verdict
     mam review results/ --archive archive/ --port 8080
     mam review results/ --export training/site_a    # no server: annotations -> training layout
     MAM_REVIEW_DB=postgresql+psycopg://mam@db/mam mam review results/ --archive archive/
@@ -50,6 +52,14 @@ def register(sub) -> None:
     s.add_argument("--add-user", metavar="NAME",
                    help="add or replace reviewer NAME (password from the terminal, or the first "
                         "line of stdin) and exit")  # fmt: skip
+    s.add_argument("--role", metavar="ROLE",
+                   help="with --add-user: assessor, senior (signs off) or admin (exports, "
+                        "access log), comma-separated for several (default: the first "
+                        "user senior,admin, later ones assessor; a replaced user keeps "
+                        "theirs)")  # fmt: skip
+    s.add_argument("--blind", action="store_true",
+                   help="blind review: the model's result is hidden from each user until they "
+                        "have marked their own review done (default MAM_REVIEW_BLIND)")  # fmt: skip
     s.set_defaults(func=run)
 
 
@@ -73,21 +83,27 @@ def _password() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mam.review.auth import UsersFileError, add_user
-    from mam.review.config import ReviewConfig, secure_cookie_setting
+    from mam.review.auth import UsersFileError, add_user, parse_roles, read_users_roles
+    from mam.review.config import ReviewConfig, blind_setting, secure_cookie_setting
 
     config = ReviewConfig(out_dir=args.dir, archive_root=args.archive, db_url=args.db,
                           users_file=args.users, key_hashes=service_key_hashes(),
-                          secure_cookie=secure_cookie_setting())  # fmt: skip
+                          secure_cookie=secure_cookie_setting(),
+                          blind=args.blind or blind_setting())  # fmt: skip
     if args.add_user is not None:
         O.reject(args, ["archive", "port", "host", "db", "export"],
                  "--add-user only writes the users file")  # fmt: skip
         try:
-            add_user(config.users_file, args.add_user, _password())
+            if args.role is not None:
+                parse_roles(args.role)
+            add_user(config.users_file, args.add_user, _password(), args.role)
         except UsersFileError as e:
             raise O.UsageError(str(e)) from None
-        print(f"reviewer {args.add_user} saved in {config.users_file}")
+        roles = ",".join(sorted(read_users_roles(config.users_file)[args.add_user][1]))
+        print(f"reviewer {args.add_user} ({roles}) saved in {config.users_file}")
         return 0
+    if args.role is not None:
+        raise O.UsageError("--role goes with --add-user NAME")
     if not (args.dir / "ledger.sqlite").is_file():
         raise O.UsageError(f"no ledger.sqlite in {args.dir}: run mam batch INPUT --out DIR first")
     if args.archive is not None and not args.archive.is_dir():
@@ -134,6 +150,9 @@ def _serve(config, host: str, port: int) -> int:
     if not review.auth.configured:
         print("mam review: no reviewers yet, so nobody can log in; add one with "
               f"mam review {config.out_dir} --add-user NAME", file=sys.stderr)  # fmt: skip
+    if config.blind:
+        print("mam review: blind review: the model's result is shown to each user once they "
+              "have marked their own review done", file=sys.stderr)  # fmt: skip
     if config.archive_root is None:
         print("mam review: no --archive given: recordings are listed but cannot be played",
               file=sys.stderr)  # fmt: skip

@@ -1,4 +1,5 @@
-"""The reviewer against the model, per recording, as in the paper's Fig. 3b.
+"""Agreement per recording as in the paper's Fig. 3b: the (signed-off) reviewer against the
+model, and the independent assessors against each other and against the model.
 
 Cohen's kappa between the model's FMs clips (P(FMs) > 0.5, the FMs frequency's definition) and
 the reviewer's: a clip is an FMs clip for the reviewer when more than half of it is covered by
@@ -69,4 +70,81 @@ def summarise(rows: list[dict]) -> dict:
         "indeterminate": sum(r["model_label"] == "indeterminate" for r in rows),
         "rule": "9.6 s clips as scored; reviewer FMs clip = more than half covered by the "
         "reviewer's FMs intervals; model FMs clip = P(FMs) > 0.5 (paper Fig. 3b; mam evaluate)",
+    }
+
+
+# -- between assessors -------------------------------------------------------------------------
+def _n_frames(result) -> int:
+    return max(result.quality.frames_total,
+               max((round(c.end_s * FPS) for c in result.clips), default=0))  # fmt: skip
+
+
+def _labels(intervals, result) -> list[bool]:
+    return clip_labels(intervals, result.clips, _n_frames(result))[0]
+
+
+def _verdict(annotation: dict) -> tuple:
+    f = annotation["fields"]
+    return (f.get("category", {}).get("value"), f.get("group", {}).get("value"))
+
+
+def assessors_agreement(ident: str, result, reviews: dict[str, dict]) -> dict:
+    """Agreement among the finished reviews of one recording (``{assessor: annotation}``):
+    ``pairs`` (each pair of assessors: clip kappa, category and group agreement) and ``model``
+    (each assessor against the model: clip kappa, category and group agreement; the model's
+    category and group count only where it can speak, as in :func:`agreement_row`)."""
+    label = result.classification.label
+    model_labels = [c.fms_probability > 0.5 for c in result.clips]
+    names = sorted(reviews)
+    labels = {n: _labels(reviews[n]["intervals"], result) for n in names}
+    verdicts = {n: _verdict(reviews[n]) for n in names}
+    pairs, model = [], []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            pairs.append({
+                "id": ident, "assessor_a": a, "assessor_b": b, "clips": len(result.clips),
+                "kappa": round(clip_kappa(labels[a], labels[b]), 4) if result.clips else None,
+                "category_a": verdicts[a][0], "category_b": verdicts[b][0],
+                "category_agrees": verdicts[a][0] == verdicts[b][0],
+                "group_agrees": verdicts[a][1] == verdicts[b][1],
+            })  # fmt: skip
+        usable = label != "indeterminate"
+        model.append({
+            "id": ident, "assessor": a, "clips": len(result.clips),
+            "kappa": round(clip_kappa(labels[a], model_labels), 4) if result.clips else None,
+            "category": verdicts[a][0], "model_category": result.fms_category,
+            "category_agrees": verdicts[a][0] == result.fms_category if usable else None,
+            "group_agrees": verdicts[a][1] == label if usable else None,
+        })  # fmt: skip
+    return {"pairs": pairs, "model": model}
+
+
+def _median(xs) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return round(float(np.median(xs)), 4) if xs else None
+
+
+def _rate(xs) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return round(float(np.mean(xs)), 4) if xs else None
+
+
+def summarise_assessors(pairs: list[dict], model: list[dict]) -> dict:
+    """The inter-assessor and assessor-model figures of many recordings."""
+    return {
+        "inter_assessor": {
+            "pairs": len(pairs),
+            "recordings": len({p["id"] for p in pairs}),
+            "median_kappa": _median(p["kappa"] for p in pairs),
+            "category_agreement": _rate(p["category_agrees"] for p in pairs),
+            "group_agreement": _rate(p["group_agrees"] for p in pairs),
+        },
+        "assessor_model": {
+            "reviews": len(model),
+            "median_kappa": _median(m["kappa"] for m in model),
+            "category_agreement": _rate(m["category_agrees"] for m in model),
+            "group_agreement": _rate(m["group_agrees"] for m in model),
+        },
+        "assessor_rule": "finished assessors' reviews; FMs clip = more than half covered by the "
+        "assessor's FMs intervals; model FMs clip = P(FMs) > 0.5 (paper Fig. 3b)",
     }

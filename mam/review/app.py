@@ -1,8 +1,16 @@
 """The review and annotation web app: a Starlette application over one batch output folder.
 
 Pages: the worklist (``/``), a recording (``/r/<rid>``: the video synchronised with the per-clip
-P(FMs) timeline, the top FMs clips, the skeleton overlay, the reviewer's judgement), the export
-(``/export``), the access log (``/audit``) and the login (``/login``). JSON under
+P(FMs) timeline, the top FMs clips, the skeleton overlay, the reviewer's judgement; for a senior
+every assessor's review and the sign-off), the agreement between assessors (``/agreement``), the
+export (``/export``), the access log (``/audit``) and the login (``/login``).
+
+Each assessor reviews independently (their own review, :mod:`mam.review.store`). In blind mode
+(``mam review --blind``, ``MAM_REVIEW_BLIND=1``, or set for the worklist by an admin) the model's
+result (label, P(risk), FMs frequency and category, the P(FMs) timeline, top clips, domain) is
+left out of the pages and their JSON until that user has marked their own review done or the
+recording is signed off. Roles (:mod:`mam.review.auth`): a senior signs off and amends, an admin
+exports, reads the access log and sets blind mode. JSON under
 ``/api/r/<rid>`` saves the reviewer's changes one at a time as they work
 (:mod:`mam.review.store`). ``/r/<rid>/video`` serves the recording with HTTP range requests
 (Starlette's ``FileResponse``), so the player can seek.
@@ -65,11 +73,24 @@ from mam import DISCLAIMER, __version__
 from mam.batch.report import REVIEW_NOTE, mmss
 from mam.gma import FMS_CATEGORIES, GROUP_OF, GROUPS
 from mam.review import pose as P
+from mam.review.agreement import agreement_row, assessors_agreement, summarise, summarise_assessors
 from mam.review.auth import Authenticator, Throttle, new_token, same, token_digest
-from mam.review.catalog import Catalog, Recording
+from mam.review.catalog import Catalog, Recording, model_identity
 from mam.review.config import ReviewConfig
 from mam.review.export import ExportError, export_annotations
-from mam.review.store import Gone, NotFound, ReviewInputError, ReviewStore
+from mam.review.store import (
+    CATEGORIES,
+    CATEGORY_LABELS,
+    FINAL,
+    NO_GROUP,
+    OUTCOME,
+    OUTCOMES,
+    Gone,
+    Locked,
+    NotFound,
+    ReviewInputError,
+    ReviewStore,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -79,11 +100,14 @@ LOGIN_COOKIE = "mam_review_login"
 SAFE_METHODS = frozenset({"GET", "HEAD"})
 MAX_BODY = 1 << 20
 _RID = r"rec-[0-9a-f]{16}"
-_NEXT = re.compile(rf"^/(r/{_RID}|export|audit)?$")
+_NEXT = re.compile(rf"^/(r/{_RID}|export|audit|agreement)?$")
 MEDIA_TYPES = {".mp4": "video/mp4", ".m4v": "video/mp4", ".mov": "video/quicktime",
                ".webm": "video/webm", ".mkv": "video/x-matroska",
                ".avi": "video/x-msvideo"}  # fmt: skip
 STATE_LABELS = {"not_reviewed": "not reviewed", "in_progress": "in progress", "done": "done"}
+DEMO_WARNING = "demo weights, trained on simulated movement, not for clinical use"
+# A classification that the FMs category would not give (the category alone says the opposite).
+_AT_ODDS = {"risk": ("continuous", "intermittent"), "normal": ("sporadic", "absent")}
 
 
 def _root(request: Request) -> str:
@@ -296,7 +320,9 @@ class ReviewApp:
         self.env.filters["mmss"] = mmss
         self.env.filters["prob"] = _prob
         self.env.globals.update(DISCLAIMER=DISCLAIMER, VERSION=__version__,
-                                STATE_LABELS=STATE_LABELS)  # fmt: skip
+                                STATE_LABELS=STATE_LABELS, CATEGORY_LABELS=CATEGORY_LABELS,
+                                DEMO_WARNING=DEMO_WARNING)  # fmt: skip
+        self._models: tuple[tuple | None, list[dict]] = (None, [])
         # The login page carries the stylesheet inline (nothing else is served before login);
         # it is the package's own file, so it is marked safe rather than HTML-escaped.
         self.css = Markup((HERE / "static" / "review.css").read_text())
@@ -314,11 +340,50 @@ class ReviewApp:
     def render(self, request: Request, name: str, status: int = 200, **ctx) -> HTMLResponse:
         s = request.scope.get("state", {})
         session = s.get("review_session")
+        roles = self.auth.roles(session.reviewer) if session else frozenset()
+        ctx.setdefault("models", self.models() if session else [])
         html = self.env.get_template(name).render(
             root=_root(request), nonce=s.get("csp_nonce", ""), session=session,
-            csrf=session.csrf if session else "", **ctx,
+            csrf=session.csrf if session else "", roles=roles, blind=self.blind(), **ctx,
         )  # fmt: skip
         return HTMLResponse(html, status)
+
+    # -- roles and blind review ------------------------------------------------------------------
+    def roles(self, request: Request) -> frozenset[str]:
+        return self.auth.roles(request.state.review_session.reviewer)
+
+    def forbidden(self, request: Request, role: str) -> Response:
+        """403: the page (or JSON envelope) says which role is needed."""
+        msg = f"This needs the {role} role; ask an admin (mam review DIR --add-user NAME --role)."
+        if "text/html" in request.headers.get("accept", ""):
+            return self.render(request, "error.html", 403, title="Not allowed", message=msg)
+        return _json_error(403, "forbidden", msg)
+
+    def blind(self) -> bool:
+        """Blind review: for the deployment (``--blind``) or set for the worklist by an admin."""
+        return bool(self.config.blind) or bool(self.store.setting("blind", False))
+
+    def revealed(self, summary: dict, user: str, blind: bool | None = None) -> bool:
+        """Whether ``user`` may see the model's result of a recording (``summaries`` entry):
+        always unless blind; in blind mode once their own review is done or it is signed off.
+        ``blind``: :meth:`blind`, when the caller has it already."""
+        if not (self.blind() if blind is None else blind):
+            return True
+        reviews = summary.get("reviews", {})
+        return (reviews.get(user, {}).get("state") == "done"
+                or reviews.get(FINAL, {}).get("state") == "signed_off")  # fmt: skip
+
+    def models(self) -> list[dict]:
+        """The models whose results the worklist holds (name, version, digest prefix, demo)."""
+        stamp, recs = self.catalog.snapshot()
+        if self._models[0] != stamp:
+            seen = {}
+            for r in recs:
+                m = r.summary.get("model")
+                if m:
+                    seen[(m["name"], m["version"], m["digest"])] = m
+            self._models = (stamp, list(seen.values()))
+        return self._models[1]
 
     # -- login -----------------------------------------------------------------------------------
     def login_page(
@@ -407,7 +472,8 @@ class ReviewApp:
     # -- pages -----------------------------------------------------------------------------------
     def worklist(self, request: Request) -> Response:
         stamp, recs = self.catalog.snapshot()
-        reviews = self.store.summaries()
+        user = request.state.review_session.reviewer
+        reviews = self.store.summaries(user)
         root = _root(request)
         # The model's half of a row changes only with its ledger row: rendered once and kept
         # (a batch still running changes the ledger often; only new rows are rendered). The
@@ -418,19 +484,28 @@ class ReviewApp:
             old = cached if key is not None and key[1] == root else {}
             cached = {
                 r.rid: old[r.rid] if r.rid in old and old[r.rid][0] is r
-                else (r, macros.attrs(r, r.summary), macros.cells(r, r.summary, root))
+                else (r, macros.attrs(r, r.summary), macros.cells(r, r.summary, root),
+                      macros.attrs(r, r.summary, True), macros.cells(r, r.summary, root, True))
                 for r in recs
             }  # fmt: skip
             self._rows = ((stamp, root), cached)
         rows, counts = [], {"not_reviewed": 0, "in_progress": 0, "done": 0}
+        blind = self.blind()
         for n, rec in enumerate(recs, start=1):
             rv = reviews.get(rec.rid, {})
             state = rv.get("state", "not_reviewed")
             counts[state] = counts.get(state, 0) + 1
-            _, attrs, cells = cached[rec.rid]
+            _, attrs, cells, blind_attrs, blind_cells = cached[rec.rid]
+            if not self.revealed(rv, user, blind):
+                attrs, cells = blind_attrs, blind_cells
+            others = rv.get("reviews", {})
+            rv = {**rv, "signed_off": others.get(FINAL, {}).get("state") == "signed_off",
+                  "final": others.get(FINAL, {}),
+                  "finished": sum(v.get("state") == "done" for k, v in others.items()
+                                  if k != FINAL)}  # fmt: skip
             rows.append((n, rec, attrs, cells, state, rv))
         return self.render(request, "worklist.html", rows=rows, counts=counts,
-                           total=len(recs))  # fmt: skip
+                           total=len(recs), can_blind=not self.config.blind)  # fmt: skip
 
     def recording(self, request: Request) -> Response:
         rec = self._rec(request)
@@ -441,9 +516,25 @@ class ReviewApp:
         result = rec.result() if rec.status == "done" else None
         video = self.catalog.locate(rec) if rec.kind == "video" else None
         missing = "" if video is not None or rec.kind != "video" else self.catalog.why_missing(rec)
+        user = request.state.review_session.reviewer
+        roles = self.roles(request)
+        summary = self.store.summaries(user).get(rec.rid, {})
+        shown = self.revealed(summary, user)
+        signed = self.store.signed_off(rec.rid)
+        reviews = self.store.reviews(rec.rid) if result is not None else {}
+        final = reviews.pop(FINAL, None)
+        senior = None
+        if result is not None and "senior" in roles:
+            done = {k: v for k, v in reviews.items()
+                    if v["fields"].get("state", {}).get("value") == "done"}  # fmt: skip
+            agree = assessors_agreement(rec.id, result, done)
+            senior = {"reviews": reviews, "pairs": agree["pairs"],
+                      "model": agree["model"] if shown else []}  # fmt: skip
+        outcome = self.store.annotation(rec.rid, OUTCOME)["fields"]
+        model = model_identity(result.model.model_dump()) if result is not None else None
         data = None
         if result is not None:
-            top = [c.index for c in result.top_fms_clips]
+            top = [c.index for c in result.top_fms_clips] if shown else []
             data = {
                 "rid": rec.rid,
                 "duration": _duration(result),
@@ -452,7 +543,7 @@ class ReviewApp:
                         "i": c.index,
                         "start": c.start_s,
                         "end": c.end_s,
-                        "p": round(c.fms_probability, 4),
+                        **({"p": round(c.fms_probability, 4)} if shown else {}),
                     }
                     for c in result.clips
                 ],  # fmt: skip
@@ -460,21 +551,37 @@ class ReviewApp:
                 "video": video is not None,
                 "kind": rec.kind,
                 "group_of": GROUP_OF,
-                "reviewer": request.state.review_session.reviewer,
+                "no_group": list(NO_GROUP),
+                "reviewer": user,
+                "blind": not shown,
+                "signed_off": signed,
             }
+        at_odds = result is not None and result.fms_category in _AT_ODDS.get(
+            result.classification.label, ())  # fmt: skip
         return self.render(
             request, "recording.html", rec=rec, result=result, video=video is not None,
             missing=missing, data=data, timeline=_timeline(result) if result else None,
-            categories=FMS_CATEGORIES, groups=GROUPS, review_note=REVIEW_NOTE,
+            categories=CATEGORIES, groups=GROUPS, review_note=REVIEW_NOTE, shown=shown,
+            signed=signed, final=final, senior=senior, outcome=outcome, outcomes=OUTCOMES,
+            model=model, at_odds=at_odds, no_group=NO_GROUP,
+            fms_categories=FMS_CATEGORIES, models=[model] if model else self.models(),
         )  # fmt: skip
 
     def export_page(self, request: Request) -> Response:
+        if "admin" not in self.roles(request):
+            return self.forbidden(request, "admin")
         states = self.store.summaries()
-        done = sum(s.get("state") == "done" for s in states.values())
-        return self.render(request, "export.html", done=done, job=self.export.as_dict())
+        signed = sum(s["reviews"].get(FINAL, {}).get("state") == "signed_off"
+                     for s in states.values())  # fmt: skip
+        done = sum(any(v.get("state") == "done" for k, v in s["reviews"].items() if k != FINAL)
+                   for s in states.values())  # fmt: skip
+        return self.render(request, "export.html", done=done, signed=signed,
+                           job=self.export.as_dict())  # fmt: skip
 
     def audit_page(self, request: Request) -> Response:
-        """The access log, newest first (every reviewer may read it until roles exist)."""
+        """The access log, newest first (admins only)."""
+        if "admin" not in self.roles(request):
+            return self.forbidden(request, "admin")
         events = self.store.events(500)[::-1]
         for e in events:
             e["time"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["at"]))
@@ -542,8 +649,11 @@ class ReviewApp:
         rec, err = self._reviewable(request)
         if err:
             return err
-        ann = self.store.annotation(rec.rid)
-        ann["history"] = self.store.history(rec.rid, 100)
+        user = request.state.review_session.reviewer
+        ann = self.store.annotation(rec.rid, user)
+        senior = "senior" in self.roles(request)
+        ann["history"] = self.store.history(rec.rid, 100, None if senior else user)
+        ann["signed_off"] = self.store.signed_off(rec.rid)
         return JSONResponse(ann)
 
     async def _body(self, request: Request) -> dict:
@@ -580,6 +690,8 @@ class ReviewApp:
             )
         except ReviewInputError as e:
             return _json_error(400, "invalid", str(e))
+        except Locked as e:
+            return _locked(e)
         return JSONResponse({"fields": fields, "overwrote": overwrote})
 
     async def add_interval(self, request: Request) -> Response:
@@ -595,6 +707,8 @@ class ReviewApp:
             )  # fmt: skip
         except ReviewInputError as e:
             return _json_error(400, "invalid", str(e))
+        except Locked as e:
+            return _locked(e)
         return JSONResponse({"interval": iv}, 201)
 
     async def edit_interval(self, request: Request) -> Response:
@@ -623,12 +737,115 @@ class ReviewApp:
             return _json_error(400, "invalid", str(e))
         except NotFound:
             return _json_error(404, "not_found", "no such interval")
+        except Locked as e:
+            return _locked(e)
         except Gone as e:
             return _json_error(409, "deleted", "another reviewer deleted this interval; your "
                                "change was not saved", by=e.by, at=e.at)  # fmt: skip
 
+    # -- sign-off, outcomes, agreement, settings -------------------------------------------------
+    async def _form(self, request: Request) -> dict[str, str]:
+        raw = await request.body()
+        if len(raw) > MAX_BODY:
+            raise ReviewInputError("request body too large")
+        return {k: v[0] for k, v in parse_qs(raw.decode("utf-8", "replace")).items()}
+
+    def _form_error(self, request: Request, rec: Recording, status: int, msg: str) -> Response:
+        return self.render(request, "error.html", status, title="Not saved", message=msg,
+                           back=f"{_root(request)}/r/{rec.rid}")  # fmt: skip
+
+    async def sign_off(self, request: Request) -> Response:
+        """The senior's final verdict (a form): category, group, note, the FMs intervals of
+        one assessor (``intervals_from``: a name, ``final`` to keep the final's, or empty:
+        none), and for an amendment of a signed-off verdict its ``reason``."""
+        rec, err = self._reviewable(request)
+        if err:
+            return err
+        if "senior" not in self.roles(request):
+            return self.forbidden(request, "senior")
+        senior = request.state.review_session.reviewer
+        try:
+            form = await self._form(request)
+            src = form.get("intervals_from") or ""
+            owner = FINAL if src == "final" else src
+            reviews = self.store.reviews(rec.rid)
+            if src and owner not in reviews:
+                raise ReviewInputError("the FMs intervals come from a review of this recording")
+            ivs = reviews[owner]["intervals"] if src else []
+            amend = form.get("action") == "amend"
+            await run_in_threadpool(
+                self.store.sign_off, rec.rid, senior, form.get("category"),
+                form.get("group"), form.get("note") or None,
+                [(i["start_s"], i["end_s"]) for i in ivs],
+                (form.get("reason") or "") if amend else None, rec.summary.get("duration_s"),
+            )  # fmt: skip
+        except ReviewInputError as e:
+            return self._form_error(request, rec, 400, f"{e}.")
+        except Locked as e:
+            return self._form_error(request, rec, 403, f"Already signed off by {e.by}: a "
+                                    "change is an amendment with a reason.")  # fmt: skip
+        return RedirectResponse(f"{_root(request)}/r/{rec.rid}#signoff", 303)
+
+    async def set_outcome(self, request: Request) -> Response:
+        """Follow-up outcome of a recording (senior or admin): CP at 2 years and its source."""
+        rec = self._rec(request)
+        if rec is None:
+            return _json_error(404, "not_found", "no such recording")
+        if not {"senior", "admin"} & self.roles(request):
+            return self.forbidden(request, "senior or admin")
+        try:
+            form = await self._form(request)
+            changes = {"cp_2y": (form.get("cp_2y") or None, None),
+                       "outcome_source": (form.get("outcome_source") or "", None)}  # fmt: skip
+            await run_in_threadpool(self.store.set_fields, rec.rid,
+                                    request.state.review_session.reviewer, changes,
+                                    OUTCOME)  # fmt: skip
+        except ReviewInputError as e:
+            return self._form_error(request, rec, 400, f"{e}.")
+        return RedirectResponse(f"{_root(request)}/r/{rec.rid}#outcome", 303)
+
+    def agreement_page(self, request: Request) -> Response:
+        """Agreement between the assessors and of each with the model, and of the signed-off
+        verdicts with the model, over the recordings reviewed so far (senior or admin)."""
+        if not {"senior", "admin"} & self.roles(request):
+            return self.forbidden(request, "senior or admin")
+        touched = self.store.summaries()
+        pairs, versus, finals, rows = [], [], [], []
+        for rec in self.catalog.all():
+            if rec.rid not in touched or rec.status != "done":
+                continue
+            reviews = self.store.reviews(rec.rid)
+            final = reviews.pop(FINAL, None)
+            done = {k: v for k, v in reviews.items()
+                    if v["fields"].get("state", {}).get("value") == "done"}  # fmt: skip
+            result = rec.result()
+            a = assessors_agreement(rec.id, result, done)
+            pairs += a["pairs"]
+            versus += a["model"]
+            signed = final and final["fields"].get("state", {}).get("value") == "signed_off"
+            if signed:
+                finals.append(agreement_row(rec.id, result, final))
+            if done or signed:
+                rows.append({"rec": rec, "pairs": a["pairs"], "model": a["model"],
+                             "final": finals[-1] if signed else None})  # fmt: skip
+        return self.render(request, "agreement.html", rows=rows,
+                           summary=summarise_assessors(pairs, versus),
+                           finals=summarise(finals))  # fmt: skip
+
+    async def set_blind(self, request: Request) -> Response:
+        """Blind review for this worklist on or off (admin; ``--blind`` cannot be undone)."""
+        if "admin" not in self.roles(request):
+            return self.forbidden(request, "admin")
+        form = await self._form(request)
+        await run_in_threadpool(self.store.set_setting, "blind", form.get("blind") == "1")
+        self.log(request, "blind", request.state.review_session.reviewer,
+                 "on" if form.get("blind") == "1" else "off")  # fmt: skip
+        return RedirectResponse(_root(request) + "/", 303)
+
     # -- export ----------------------------------------------------------------------------------
     def start_export(self, request: Request) -> Response:
+        if "admin" not in self.roles(request):
+            return self.forbidden(request, "admin")
         job = self.export
         with job.lock:
             if job.state != "running":
@@ -667,25 +884,40 @@ class ReviewApp:
             logger.warning("review: export job not saved (%s)", type(e).__name__)
 
     def export_status(self, request: Request) -> Response:
+        if "admin" not in self.roles(request):
+            return self.forbidden(request, "admin")
         return JSONResponse(self.export.as_dict())
 
     def export_download(self, request: Request) -> Response:
         job = self.export
         reviewer = request.state.review_session.reviewer
+        if "admin" not in self.roles(request):
+            self.log(request, "download", reviewer, "forbidden")
+            return self.forbidden(request, "admin")
         if job.state != "done" or job.folder is None or not job.folder.is_dir():
             self.log(request, "download", reviewer, "no_export")
             return _json_error(404, "no_export", "no finished export to download")
         self.log(request, "download", reviewer, "ok")
         archive = job.folder.with_suffix(".zip")
         if not archive.is_file():
-            tmp = archive.with_name(archive.name + ".part")
-            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
-                for f in sorted(job.folder.rglob("*")):
-                    if f.is_file():
-                        z.write(f, f"{job.folder.name}/{f.relative_to(job.folder).as_posix()}")
-            tmp.replace(archive)
+            # A temporary name of its own: two downloads at once never write into one file.
+            tmp = archive.with_name(f".{archive.name}.{uuid.uuid4().hex}.part")
+            try:
+                with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+                    for f in sorted(job.folder.rglob("*")):
+                        if f.is_file():
+                            z.write(f, f"{job.folder.name}/{f.relative_to(job.folder).as_posix()}")
+                tmp.replace(archive)
+            finally:
+                tmp.unlink(missing_ok=True)
         return FileResponse(archive, media_type="application/zip",
                             filename=f"mam-review-{job.folder.name}.zip")  # fmt: skip
+
+
+def _locked(e: Locked) -> Response:
+    return _json_error(403, "signed_off", f"this recording was signed off by {e.by}: your review "
+                       "is locked; a senior can amend the final verdict with a reason",
+                       by=e.by, at=e.at)  # fmt: skip
 
 
 def _prob(x) -> str:
@@ -747,6 +979,10 @@ def create_app(config: ReviewConfig) -> Starlette:
         Route("/export/status", review.export_status),
         Route("/export/download", review.export_download),
         Route("/audit", review.audit_page),
+        Route("/agreement", review.agreement_page),
+        Route(f"/r/{rid}/signoff", review.sign_off, methods=["POST"]),
+        Route(f"/r/{rid}/outcome", review.set_outcome, methods=["POST"]),
+        Route("/settings/blind", review.set_blind, methods=["POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
 

@@ -1,8 +1,15 @@
 """Who may review: a local user list with hashed passwords, or the screening service's API keys.
 
 * Users file (``DIR/review_users`` unless ``--users``/``MAM_REVIEW_USERS`` says otherwise): one
-  ``name:scrypt$N$r$p$salt$hash`` line per reviewer, written by ``mam review DIR --add-user
-  NAME``. scrypt (RFC 7914, Python's ``hashlib``) with a random 16-byte salt per user.
+  ``name:roles:scrypt$N$r$p$salt$hash`` line per reviewer, written by ``mam review DIR
+  --add-user NAME [--role ROLE]``. scrypt (RFC 7914, Python's ``hashlib``) with a random 16-byte
+  salt per user.
+* Roles (:data:`ROLES`): every user reviews as an assessor; ``senior`` also sees every
+  assessor's review of a recording and signs off the final verdict (and amends it, with a
+  reason); ``admin`` also exports, reads the access log and sets blind review for the worklist.
+  Lines without roles (files written before roles existed): a lone user is ``senior,admin``
+  (someone must be able to sign off and export), several are assessors; the next
+  ``--add-user`` writes those roles out. A service key logs in as an assessor.
 * Service keys: the SHA-256 digests the service accepts (``MAM_API_KEY_HASHES``); a reviewer
   logs in with a name and a key as the password and is recorded as ``name~key-<digest[:8]>``
   (the name is self-declared, the key says who vouched for it).
@@ -35,8 +42,21 @@ FREE_FAILURES = 3  # failures from one client for one name before the backoff st
 MAX_DELAY_S = 60.0
 
 
+ROLES = ("assessor", "senior", "admin")
+FIRST_USER_ROLES = ("senior", "admin")
+
+
 class UsersFileError(ValueError):
     pass
+
+
+def parse_roles(text: str) -> frozenset[str]:
+    """``"senior,admin"`` -> the roles; :class:`UsersFileError` for an unknown one."""
+    roles = frozenset(r.strip() for r in text.split(",") if r.strip())
+    bad = sorted(roles - set(ROLES))
+    if bad or not roles:
+        raise UsersFileError(f"a role is one of {', '.join(ROLES)} (comma-separated for several)")
+    return roles
 
 
 def hash_password(password: str, salt: bytes | None = None) -> str:
@@ -59,32 +79,54 @@ def verify_password(password: str, encoded: str) -> bool:
     return hmac.compare_digest(got, base64.b64decode(digest))
 
 
-def read_users(path: Path | None) -> dict[str, str]:
-    """``{name: encoded hash}``; an absent file is no users."""
+def read_users_roles(path: Path | None) -> dict[str, tuple[str, frozenset[str]]]:
+    """``{name: (encoded hash, roles)}``; an absent file is no users."""
     if path is None or not path.is_file():
         return {}
-    users = {}
+    users: dict[str, tuple[str, frozenset[str] | None]] = {}
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        name, sep, encoded = line.partition(":")
-        if not sep or not NAME.match(name) or not encoded.startswith("scrypt$"):
-            raise UsersFileError(f"{path.name} line {n}: expected name:scrypt$...")
-        users[name] = encoded
-    return users
+        name, sep, rest = line.partition(":")
+        roles = None
+        if sep and not rest.startswith("scrypt$"):
+            text, _, rest = rest.partition(":")
+            try:
+                roles = parse_roles(text)
+            except UsersFileError:
+                raise UsersFileError(f"{path.name} line {n}: unknown role") from None
+        if not sep or not NAME.match(name) or not rest.startswith("scrypt$"):
+            raise UsersFileError(f"{path.name} line {n}: expected name:roles:scrypt$...")
+        users[name] = (rest, roles)
+    legacy = frozenset(FIRST_USER_ROLES) if len(users) == 1 else frozenset({"assessor"})
+    return {k: (h, r if r is not None else legacy) for k, (h, r) in users.items()}
 
 
-def add_user(path: Path, name: str, password: str) -> None:
-    """Add or replace ``name`` in the users file (written atomically, mode 0600)."""
+def read_users(path: Path | None) -> dict[str, str]:
+    """``{name: encoded hash}``; an absent file is no users."""
+    return {k: h for k, (h, _) in read_users_roles(path).items()}
+
+
+def add_user(path: Path, name: str, password: str, roles: str | None = None) -> None:
+    """Add or replace ``name`` in the users file (written atomically, mode 0600). ``roles``
+    (``"senior,admin"``): None keeps a user's roles, and makes a new user an assessor, or
+    ``senior,admin`` when they are the first."""
     if not NAME.match(name):
         raise UsersFileError("a reviewer name is 1-64 letters, digits, '.', '_', '@' or '-'")
     if len(password) < MIN_PASSWORD:
         raise UsersFileError(f"the password needs at least {MIN_PASSWORD} characters")
-    users = read_users(path)
-    users[name] = hash_password(password)
-    text = "# mam review users: name:scrypt hash (mam review DIR --add-user NAME)\n" + "".join(
-        f"{k}:{v}\n" for k, v in sorted(users.items())
+    users = read_users_roles(path)
+    if roles is not None:
+        new_roles = parse_roles(roles)
+    elif name in users:
+        new_roles = users[name][1]
+    else:
+        new_roles = frozenset(FIRST_USER_ROLES if not users else ("assessor",))
+    users[name] = (hash_password(password), new_roles)
+    text = "# mam review users: name:roles:scrypt hash (mam review DIR --add-user NAME --role R)\n"
+    text += "".join(
+        f"{k}:{','.join(r for r in ROLES if r in rs)}:{h}\n" for k, (h, rs) in sorted(users.items())
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, text.encode())
@@ -104,6 +146,7 @@ class Authenticator:
         self.users_file = users_file
         self.key_hashes = frozenset(h.lower() for h in key_hashes)
         self._users: dict[str, str] = {}
+        self._roles: dict[str, frozenset[str]] = {}
         self._stamp: tuple | None = None
         # A fixed hash to check against for unknown names, so timing does not tell names apart.
         self._dummy = hash_password(secrets.token_hex(8))
@@ -115,8 +158,19 @@ class Authenticator:
             st = f.stat()
             stamp = (st.st_mtime_ns, st.st_size)
         if stamp != self._stamp:
-            self._users, self._stamp = read_users(f), stamp
+            both = read_users_roles(f)
+            self._users = {k: h for k, (h, _) in both.items()}
+            self._roles = {k: r for k, (_, r) in both.items()}
+            self._stamp = stamp
         return self._users
+
+    def roles(self, reviewer: str) -> frozenset[str]:
+        """The reviewer's roles, as the users file says now (a service key: assessor; a name no
+        longer in the file: none, so a removed user keeps no senior or admin rights)."""
+        self.users()
+        if "~key-" in reviewer:
+            return frozenset({"assessor"})
+        return self._roles.get(reviewer, frozenset())
 
     @property
     def configured(self) -> bool:

@@ -64,6 +64,20 @@ def _summary(result: dict) -> dict:
         "tracked_fraction": q.get("tracked_fraction"),
         "duration_s": q.get("duration_s"),
         "pose_backend": result.get("model", {}).get("pose_backend"),
+        "model": model_identity(result.get("model", {})),
+    }
+
+
+def model_identity(model: dict) -> dict:
+    """Name, version, digest prefix of the model that made a result, and whether its weights
+    are the demo ones (trained on simulated movement: not for clinical use)."""
+    provenance = model.get("provenance")
+    prov = json.dumps(provenance) if not isinstance(provenance, str) else provenance
+    return {
+        "name": model.get("name") or "?",
+        "version": model.get("version") or "?",
+        "digest": (model.get("digest") or "")[:12],
+        "demo": model.get("name") == "mam_demo" or "simulated" in (prov or "").lower(),
     }
 
 

@@ -24,6 +24,11 @@ def secure_cookie_setting() -> bool | None:
     return None
 
 
+def blind_setting() -> bool:
+    """``MAM_REVIEW_BLIND``: 1/true/yes: blind review for the whole deployment."""
+    return (os.environ.get("MAM_REVIEW_BLIND") or "").strip().lower() in ("1", "true", "yes")
+
+
 @dataclass
 class ReviewConfig:
     """Args:
@@ -38,6 +43,8 @@ class ReviewConfig:
     secure_cookie: send the session cookie with ``Secure``; None: when the request is https.
     session_ttl_s: a session's lifetime from login.
     exports_dir: where the export button writes; None: ``DIR/review_exports``.
+    blind: blind review for everyone: the model's result is shown to a user only once they
+        have marked their own review of the recording done (or it is signed off).
     """
 
     out_dir: Path
@@ -48,6 +55,7 @@ class ReviewConfig:
     secure_cookie: bool | None = None
     session_ttl_s: float = 12 * 3600.0
     exports_dir: Path | None = None
+    blind: bool = False
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
@@ -65,7 +73,8 @@ class ReviewConfig:
     @classmethod
     def from_env(cls, key_hashes: frozenset[str] = frozenset()) -> ReviewConfig | None:
         """``MAM_REVIEW_DIR`` (required, else None: no review app), ``MAM_REVIEW_ARCHIVE``,
-        ``MAM_REVIEW_DB``, ``MAM_REVIEW_USERS``, ``MAM_REVIEW_SECURE_COOKIE`` (1/0)."""
+        ``MAM_REVIEW_DB``, ``MAM_REVIEW_USERS``, ``MAM_REVIEW_SECURE_COOKIE`` (1/0),
+        ``MAM_REVIEW_BLIND`` (1: blind review)."""
         out = os.environ.get("MAM_REVIEW_DIR")
         if not out:
             return None
@@ -78,4 +87,5 @@ class ReviewConfig:
             if os.environ.get("MAM_REVIEW_USERS") else None,
             key_hashes=key_hashes,
             secure_cookie=secure_cookie_setting(),
+            blind=blind_setting(),
         )  # fmt: skip

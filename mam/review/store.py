@@ -5,7 +5,10 @@
 * PostgreSQL when a site gives a URL (``postgresql+psycopg://user@host/db``, psycopg 3): the
   same statements, rows locked with ``SELECT ... FOR UPDATE``.
 
-What is stored, per recording (``rid``: the hash of its ledger path and id, never the path):
+What is stored, per recording (``rid``: the hash of its ledger path and id, never the path)
+and per *owner*: each assessor's own review (owner = their name; assessors review independently
+and never write each other's), the senior's signed-off verdict (owner :data:`FINAL`) and the
+follow-up outcomes (owner :data:`OUTCOME`):
 
 * fields, each its own row with a revision: ``category``, ``group``, ``note``, ``state`` (in
   progress / done) and ``clip:N`` (agree / disagree with the model on clip N). A change names
@@ -21,7 +24,14 @@ What is stored, per recording (``rid``: the hash of its ledger path and id, neve
   downloads with time, user, client address and outcome (never a password, never a recording);
 * failed-login counters per client address and name (the name as its SHA-256: a password typed
   into the name field is not kept), so a restart does not reset the login throttle;
-* the export button's last job, so a restart does not forget a finished export.
+* the export button's last job, so a restart does not forget a finished export;
+* settings of the worklist (blind review).
+
+Sign-off (:meth:`ReviewStore.sign_off`) writes the final verdict in one transaction and locks the
+recording: every later write to an assessor's review or the final one is refused
+(:class:`Locked`); a change after sign-off is an amendment with a reason, kept in the audit
+trail. Databases written when there was one shared review per recording are migrated on open:
+each shared review becomes the review of whoever last changed it.
 
 Nothing here logs; the database holds health data and is the site's to protect.
 """
@@ -32,6 +42,7 @@ import json
 import re
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +59,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     select,
 )
 from sqlalchemy.engine import Connection, Engine
@@ -56,16 +68,29 @@ from mam.gma import FMS_CATEGORIES, GROUPS
 
 REVIEW_DB = "review.sqlite"
 STATES = ("in_progress", "done")
+SIGNED_OFF = "signed_off"  # the final review's state once a senior has signed it off
 VERDICTS = ("agree", "disagree")
+# The assessors' vocabulary: Prechtl's four FMs categories, abnormal FMs (the paper excludes these
+# infants) and recordings that cannot be assessed (crying, sleeping, poor recording).
+CATEGORIES = (*FMS_CATEGORIES, "abnormal", "not_assessable")
+CATEGORY_LABELS = {**{c: c for c in FMS_CATEGORIES}, "abnormal": "abnormal FMs",
+                   "not_assessable": "not assessable"}  # fmt: skip
+NO_GROUP = ("abnormal", "not_assessable")  # categories that put an infant in no group
+OUTCOMES = ("yes", "no", "unknown")  # CP diagnosed at follow-up (2 years)
+OUTCOME_FIELDS = ("cp_2y", "outcome_source")
+FINAL = "~final"  # owner of the senior's signed-off verdict (no user name starts with ~)
+OUTCOME = "~outcome"  # owner of the follow-up outcome fields
 MAX_NOTE = 20_000
-_FIELD = re.compile(r"^(category|group|note|state|clip:\d{1,5})$")
+MAX_SOURCE = 2_000
+_FIELD = re.compile(r"^(category|group|note|state|clip:\d{1,5}|cp_2y|outcome_source)$")
 _IID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 
 metadata = MetaData()
 fields_t = Table(
-    "review_fields",
+    "review_fields2",
     metadata,
     Column("recording", String(64), primary_key=True),
+    Column("owner", String(160), primary_key=True),
     Column("field", String(32), primary_key=True),
     Column("value", Text, nullable=True),  # JSON
     Column("rev", Integer, nullable=False),
@@ -73,10 +98,11 @@ fields_t = Table(
     Column("updated_at", Float, nullable=False),
 )
 intervals_t = Table(
-    "review_intervals",
+    "review_intervals2",
     metadata,
     Column("id", String(64), primary_key=True),
     Column("recording", String(64), nullable=False, index=True),
+    Column("owner", String(160), nullable=False),
     Column("start_s", Float, nullable=False),
     Column("end_s", Float, nullable=False),
     Column("deleted", Boolean, nullable=False, default=False),
@@ -125,6 +151,25 @@ login_failures_t = Table(
     Column("failures", Integer, nullable=False),
     Column("last_at", Float, nullable=False),
 )
+settings_t = Table(
+    "review_settings",
+    metadata,
+    Column("key", String(32), primary_key=True),
+    Column("value", Text, nullable=False),  # JSON
+)
+# One shared review per recording, as stored before independent reviews: read once to migrate.
+_legacy = MetaData()
+_legacy_fields = Table(
+    "review_fields", _legacy, Column("recording", String(64), primary_key=True),
+    Column("field", String(32), primary_key=True), Column("value", Text),
+    Column("rev", Integer), Column("updated_by", String(160)), Column("updated_at", Float),
+)  # fmt: skip
+_legacy_intervals = Table(
+    "review_intervals", _legacy, Column("id", String(64), primary_key=True),
+    Column("recording", String(64)), Column("start_s", Float), Column("end_s", Float),
+    Column("deleted", Boolean), Column("rev", Integer), Column("created_by", String(160)),
+    Column("updated_by", String(160)), Column("updated_at", Float),
+)  # fmt: skip
 export_job_t = Table(
     "review_export_job",
     metadata,
@@ -142,6 +187,15 @@ class NotFound(LookupError):
     """No such interval for this recording: HTTP 404."""
 
 
+class Locked(Exception):
+    """The recording is signed off (HTTP 403): an assessor's edit is refused; only a senior's
+    amendment with a reason changes the final verdict."""
+
+    def __init__(self, by: str, at: float) -> None:
+        super().__init__(f"signed off by {by}")
+        self.by, self.at = by, at
+
+
 class Gone(Exception):
     """The interval was deleted by someone (HTTP 409): the edit is refused, not dropped."""
 
@@ -157,13 +211,21 @@ class Session:
     expires_at: float
 
 
-def check_field(name: str, value: Any) -> Any:
-    """The stored form of ``value`` for field ``name``; :class:`ReviewInputError` if invalid."""
+def check_field(name: str, value: Any, owner: str | None = None) -> Any:
+    """The stored form of ``value`` for field ``name``; :class:`ReviewInputError` if invalid.
+    Outcome fields belong to the :data:`OUTCOME` owner only, review fields to the others."""
     if not isinstance(name, str) or not _FIELD.match(name):
         raise ReviewInputError(f"unknown field {str(name)[:40]!r}")
+    if (name in OUTCOME_FIELDS) != (owner == OUTCOME) and owner is not None:
+        raise ReviewInputError(f"{name} is not a field of this record")
     if value is None:
         return None
-    allowed = {"category": FMS_CATEGORIES, "group": GROUPS, "state": STATES}.get(name)
+    if name == "outcome_source":
+        if not isinstance(value, str) or len(value) > MAX_SOURCE:
+            raise ReviewInputError(f"the source is text of at most {MAX_SOURCE} characters")
+        return value if value.strip() else None
+    allowed = {"category": CATEGORIES, "group": GROUPS, "state": STATES,
+               "cp_2y": OUTCOMES}.get(name)  # fmt: skip
     if name.startswith("clip:"):
         allowed = VERDICTS
     if allowed is not None:
@@ -223,6 +285,7 @@ class ReviewStore:
             raise ReviewInputError("the review database URL must be sqlite:/// or postgresql://")
         metadata.create_all(self.engine)
         self._lock = threading.Lock()  # one writer per process; the database orders processes
+        self._migrate_shared_reviews()
 
     def close(self) -> None:
         self.engine.dispose()
@@ -247,90 +310,215 @@ class ReviewStore:
             )
         )  # fmt: skip
 
+    # -- migration -------------------------------------------------------------------------------
+    def _migrate_shared_reviews(self) -> None:
+        """Copy the one shared review per recording of an older database into the review of
+        whoever last changed it (once: only while the new tables are empty)."""
+        if not inspect(self.engine).has_table("review_fields"):
+            return
+        with self._lock, self.engine.begin() as c:
+            if c.execute(select(func.count()).select_from(fields_t)).scalar_one():
+                return
+            if c.execute(select(func.count()).select_from(intervals_t)).scalar_one():
+                return
+            f = c.execute(select(_legacy_fields)).all()
+            iv = c.execute(select(_legacy_intervals)).all()
+            last: dict[str, tuple[float, str]] = {}
+            for r in [*f, *iv]:
+                if r.rev and (r.recording not in last or r.updated_at > last[r.recording][0]):
+                    last[r.recording] = (r.updated_at, r.updated_by)
+            for r in f:
+                if r.recording in last:
+                    c.execute(fields_t.insert().values(
+                        recording=r.recording, owner=last[r.recording][1], field=r.field,
+                        value=r.value, rev=r.rev, updated_by=r.updated_by,
+                        updated_at=r.updated_at))  # fmt: skip
+            for r in iv:
+                c.execute(intervals_t.insert().values(
+                    id=r.id, recording=r.recording, owner=last[r.recording][1],
+                    start_s=r.start_s, end_s=r.end_s, deleted=r.deleted, rev=r.rev,
+                    created_by=r.created_by, updated_by=r.updated_by,
+                    updated_at=r.updated_at))  # fmt: skip
+
+    # -- sign-off --------------------------------------------------------------------------------
+    def _final_state(self, c: Connection, rid: str):
+        return c.execute(
+            self._locked(
+                select(fields_t).where(
+                    fields_t.c.recording == rid, fields_t.c.owner == FINAL,
+                    fields_t.c.field == "state",
+                )
+            )
+        ).one_or_none()  # fmt: skip
+
+    def _check_open(self, c: Connection, rid: str, owner: str) -> None:
+        if owner == OUTCOME:
+            return
+        row = self._final_state(c, rid)
+        if row is not None and _load(row.value) == SIGNED_OFF:
+            raise Locked(row.updated_by, row.updated_at)
+
+    def signed_off(self, rid: str) -> dict | None:
+        """``{"by", "at"}`` of the sign-off (the last amendment's author) or None."""
+        with self.engine.connect() as c:
+            row = self._final_state(c, rid)
+        if row is None or _load(row.value) != SIGNED_OFF:
+            return None
+        return {"by": row.updated_by, "at": row.updated_at}
+
+    def sign_off(
+        self, rid: str, senior: str, category: Any, group: Any, note: Any,
+        intervals: list[tuple[Any, Any]], reason: str | None = None,
+        duration_s: float | None = None,
+    ) -> dict:  # fmt: skip
+        """Record the final verdict and lock the recording. Once signed off, a change needs a
+        ``reason`` (an amendment, kept in the audit trail with it); without one :class:`Locked`.
+        Returns the final review (:meth:`annotation` of :data:`FINAL`)."""
+        category = check_field("category", category)
+        if category is None:
+            raise ReviewInputError("the final verdict needs a category")
+        group = None if category in NO_GROUP else check_field("group", group)
+        if group is None and category not in NO_GROUP:
+            raise ReviewInputError("the final verdict needs a group")
+        note = check_field("note", note)
+        ivs = [check_interval(a, b, duration_s) for a, b in intervals]
+        if reason is not None:
+            reason = reason.strip()[:MAX_SOURCE]
+            if not reason:
+                raise ReviewInputError("an amendment needs a reason")
+        now = time.time()
+        with self._lock, self.engine.begin() as c:
+            row = self._final_state(c, rid)
+            locked = row is not None and _load(row.value) == SIGNED_OFF
+            if locked and reason is None:
+                raise Locked(row.updated_by, row.updated_at)
+            if not locked and reason is not None:
+                raise ReviewInputError("nothing is signed off yet: sign off first")
+            changes = {"category": (category, None), "group": (group, None), "note": (note, None),
+                       "state": (SIGNED_OFF, None)}  # fmt: skip
+            self._write_fields(c, rid, senior, FINAL, changes, now)
+            live = c.execute(
+                select(intervals_t).where(
+                    intervals_t.c.recording == rid, intervals_t.c.owner == FINAL,
+                    intervals_t.c.deleted.is_(False),
+                )
+            ).all()  # fmt: skip
+            if sorted((r.start_s, r.end_s) for r in live) != sorted(ivs):
+                for r in live:
+                    c.execute(intervals_t.update().where(intervals_t.c.id == r.id)
+                              .values(deleted=True, rev=r.rev + 1, updated_by=senior,
+                                      updated_at=now))  # fmt: skip
+                    self._audit(c, now, senior, rid, "final:delete_interval", r.id,
+                                json.dumps([r.start_s, r.end_s]), None)  # fmt: skip
+                for a, b in ivs:
+                    iid = "final-" + uuid.uuid4().hex
+                    c.execute(intervals_t.insert().values(
+                        id=iid, recording=rid, owner=FINAL, start_s=a, end_s=b, deleted=False,
+                        rev=1, created_by=senior, updated_by=senior, updated_at=now))  # fmt: skip
+                    self._audit(c, now, senior, rid, "final:add_interval", iid, None,
+                                json.dumps([a, b]))  # fmt: skip
+            verdict = {"category": category, "group": group}
+            if reason is not None:
+                verdict["reason"] = reason
+            self._audit(c, now, senior, rid, "amend" if locked else "sign_off", "final", None,
+                        json.dumps(verdict))  # fmt: skip
+        return self.annotation(rid, FINAL)
+
     # -- fields ----------------------------------------------------------------------------------
     def set_fields(
-        self, rid: str, reviewer: str, changes: dict[str, tuple[Any, int | None]]
-    ) -> tuple[dict[str, dict], dict[str, dict]]:
-        """Write ``{field: (value, base_rev)}`` in one transaction. ``base_rev`` is the revision
-        the reviewer saw (0 or None: the field was empty). Returns ``(fields, overwrote)``: the
-        fields as now stored, and for each field that had moved on since ``base_rev`` under
-        someone else, the value replaced, by whom and when."""
-        checked = {name: (check_field(name, v), base) for name, (v, base) in changes.items()}
-        insert = self._insert()
+        self, rid: str, reviewer: str, changes: dict[str, tuple[Any, int | None]],
+        owner: str | None = None,
+    ) -> tuple[dict[str, dict], dict[str, dict]]:  # fmt: skip
+        """Write ``{field: (value, base_rev)}`` into ``owner``'s review (default: the reviewer's
+        own) in one transaction. ``base_rev`` is the revision the reviewer saw (0 or None: the
+        field was empty). Returns ``(fields, overwrote)``: the fields as now stored, and for each
+        field that had moved on since ``base_rev`` under someone else, the value replaced, by
+        whom and when. :class:`Locked` once the recording is signed off."""
+        owner = owner or reviewer
+        checked = {name: (check_field(name, v, owner), base) for name, (v, base) in changes.items()}
         now = time.time()
-        out, overwrote = {}, {}
         with self._lock, self.engine.begin() as c:
-            for name, (value, base) in checked.items():
-                c.execute(
-                    insert(fields_t)
-                    .values(recording=rid, field=name, value=None, rev=0, updated_by=reviewer,
-                            updated_at=now)
-                    .on_conflict_do_nothing()
-                )  # fmt: skip
-                row = c.execute(
-                    self._locked(
-                        select(fields_t).where(
-                            fields_t.c.recording == rid, fields_t.c.field == name
-                        )
-                    )
-                ).one()
-                new = _dump(value)
-                if (base or 0) != row.rev and row.updated_by != reviewer and row.value != new:
-                    overwrote[name] = {
-                        "value": _load(row.value), "by": row.updated_by, "at": row.updated_at,
-                        "rev": row.rev,
-                    }  # fmt: skip
-                if row.value == new and (row.rev > 0 or new is None):
-                    if row.rev > 0:
-                        out[name] = _field(name, row.value, row.rev, row.updated_by,
-                                           row.updated_at)  # fmt: skip
-                    continue  # nothing changes: no new revision, no audit row
-                rev = row.rev + 1
-                c.execute(
-                    fields_t.update()
-                    .where(fields_t.c.recording == rid, fields_t.c.field == name)
-                    .values(value=new, rev=rev, updated_by=reviewer, updated_at=now)
-                )
-                self._audit(c, now, reviewer, rid, "set", name, row.value, new)
-                out[name] = _field(name, new, rev, reviewer, now)
+            self._check_open(c, rid, owner)
+            return self._write_fields(c, rid, reviewer, owner, checked, now)
+
+    def _write_fields(self, c, rid, reviewer, owner, checked, now):
+        insert = self._insert()
+        prefix = _prefix(owner)
+        out, overwrote = {}, {}
+        for name, (value, base) in checked.items():
+            where = (fields_t.c.recording == rid, fields_t.c.owner == owner,
+                     fields_t.c.field == name)  # fmt: skip
+            c.execute(
+                insert(fields_t)
+                .values(recording=rid, owner=owner, field=name, value=None, rev=0,
+                        updated_by=reviewer, updated_at=now)
+                .on_conflict_do_nothing()
+            )  # fmt: skip
+            row = c.execute(self._locked(select(fields_t).where(*where))).one()
+            new = _dump(value)
+            if (base or 0) != row.rev and row.updated_by != reviewer and row.value != new:
+                overwrote[name] = {
+                    "value": _load(row.value), "by": row.updated_by, "at": row.updated_at,
+                    "rev": row.rev,
+                }  # fmt: skip
+            if row.value == new and (row.rev > 0 or new is None):
+                if row.rev > 0:
+                    out[name] = _field(name, row.value, row.rev, row.updated_by,
+                                       row.updated_at)  # fmt: skip
+                continue  # nothing changes: no new revision, no audit row
+            rev = row.rev + 1
+            c.execute(
+                fields_t.update()
+                .where(*where)
+                .values(value=new, rev=rev, updated_by=reviewer, updated_at=now)
+            )
+            self._audit(c, now, reviewer, rid, prefix + "set", name, row.value, new)
+            out[name] = _field(name, new, rev, reviewer, now)
         return out, overwrote
 
     # -- intervals -------------------------------------------------------------------------------
     def add_interval(
-        self, rid: str, reviewer: str, iid: str, start_s, end_s, duration_s: float | None = None
-    ) -> dict:
-        """Add an FMs interval with the browser's id ``iid``; sending the same id again returns
-        the interval already stored (a retried request is not a second interval)."""
+        self, rid: str, reviewer: str, iid: str, start_s, end_s, duration_s: float | None = None,
+        owner: str | None = None,
+    ) -> dict:  # fmt: skip
+        """Add an FMs interval with the browser's id ``iid`` to ``owner``'s review (default:
+        the reviewer's own); sending the same id again returns the interval already stored (a
+        retried request is not a second interval)."""
+        owner = owner or reviewer
         if not isinstance(iid, str) or not _IID.match(iid):
             raise ReviewInputError("an interval id is 8-64 letters, digits, '-' or '_'")
         a, b = check_interval(start_s, end_s, duration_s)
         now = time.time()
         insert = self._insert()
         with self._lock, self.engine.begin() as c:
+            self._check_open(c, rid, owner)
             res = c.execute(
                 insert(intervals_t)
-                .values(id=iid, recording=rid, start_s=a, end_s=b, deleted=False, rev=1,
-                        created_by=reviewer, updated_by=reviewer, updated_at=now)
+                .values(id=iid, recording=rid, owner=owner, start_s=a, end_s=b, deleted=False,
+                        rev=1, created_by=reviewer, updated_by=reviewer, updated_at=now)
                 .on_conflict_do_nothing()
                 .returning(intervals_t.c.id)
             ).first()  # fmt: skip
             row = c.execute(select(intervals_t).where(intervals_t.c.id == iid)).one()
-            if row.recording != rid:
+            if row.recording != rid or row.owner != owner:
                 raise ReviewInputError("that interval id is taken")
             if res is not None:  # inserted now, not a resent create
-                self._audit(c, now, reviewer, rid, "add_interval", iid, None,
+                self._audit(c, now, reviewer, rid, _prefix(owner) + "add_interval", iid, None,
                             json.dumps([a, b]))  # fmt: skip
         return _interval(row)
 
     def update_interval(
-        self, rid, reviewer, iid, start_s, end_s, base_rev, duration_s: float | None = None
-    ) -> tuple[dict, dict | None]:
+        self, rid, reviewer, iid, start_s, end_s, base_rev, duration_s: float | None = None,
+        owner: str | None = None,
+    ) -> tuple[dict, dict | None]:  # fmt: skip
         """Move an interval's ends. Returns ``(interval, overwrote)``; :class:`Gone` when it was
-        deleted, :class:`NotFound` when it never existed here."""
+        deleted, :class:`NotFound` when it never existed in this review."""
+        owner = owner or reviewer
         a, b = check_interval(start_s, end_s, duration_s)
         now = time.time()
         with self._lock, self.engine.begin() as c:
-            row = self._interval_row(c, rid, iid)
+            self._check_open(c, rid, owner)
+            row = self._interval_row(c, rid, iid, owner)
             overwrote = None
             if base_rev is not None and base_rev != row.rev and row.updated_by != reviewer:
                 overwrote = {"value": [row.start_s, row.end_s], "by": row.updated_by,
@@ -342,18 +530,20 @@ class ReviewStore:
                 .where(intervals_t.c.id == iid)
                 .values(start_s=a, end_s=b, rev=row.rev + 1, updated_by=reviewer, updated_at=now)
             )
-            self._audit(c, now, reviewer, rid, "edit_interval", iid,
+            self._audit(c, now, reviewer, rid, _prefix(owner) + "edit_interval", iid,
                         json.dumps([row.start_s, row.end_s]), json.dumps([a, b]))  # fmt: skip
             row = c.execute(select(intervals_t).where(intervals_t.c.id == iid)).one()
         return _interval(row), overwrote
 
-    def delete_interval(self, rid, reviewer, iid, base_rev=None) -> dict | None:
+    def delete_interval(self, rid, reviewer, iid, base_rev=None, owner=None) -> dict | None:
         """Delete an interval (kept as a deleted row for the audit trail). Returns what was
         overwritten when someone had moved it since ``base_rev``; deleting twice is a no-op."""
+        owner = owner or reviewer
         now = time.time()
         with self._lock, self.engine.begin() as c:
+            self._check_open(c, rid, owner)
             try:
-                row = self._interval_row(c, rid, iid)
+                row = self._interval_row(c, rid, iid, owner)
             except Gone:
                 return None
             overwrote = None
@@ -365,16 +555,19 @@ class ReviewStore:
                 .where(intervals_t.c.id == iid)
                 .values(deleted=True, rev=row.rev + 1, updated_by=reviewer, updated_at=now)
             )
-            self._audit(c, now, reviewer, rid, "delete_interval", iid,
+            self._audit(c, now, reviewer, rid, _prefix(owner) + "delete_interval", iid,
                         json.dumps([row.start_s, row.end_s]), None)  # fmt: skip
         return overwrote
 
-    def _interval_row(self, c: Connection, rid: str, iid: str):
+    def _interval_row(self, c: Connection, rid: str, iid: str, owner: str):
         row = c.execute(
             self._locked(
-                select(intervals_t).where(intervals_t.c.id == iid, intervals_t.c.recording == rid)
+                select(intervals_t).where(
+                    intervals_t.c.id == iid, intervals_t.c.recording == rid,
+                    intervals_t.c.owner == owner,
+                )
             )
-        ).one_or_none()
+        ).one_or_none()  # fmt: skip
         if row is None:
             raise NotFound("no such interval")
         if row.deleted:
@@ -382,55 +575,112 @@ class ReviewStore:
         return row
 
     # -- reading ---------------------------------------------------------------------------------
-    def annotation(self, rid: str) -> dict:
-        """``{"fields": {name: {value, rev, by, at}}, "intervals": [...]}`` (live intervals, by
-        start)."""
-        with self.engine.connect() as c:
-            f = c.execute(select(fields_t).where(fields_t.c.recording == rid)).all()
-            iv = c.execute(
-                select(intervals_t)
-                .where(intervals_t.c.recording == rid, intervals_t.c.deleted.is_(False))
-                .order_by(intervals_t.c.start_s, intervals_t.c.id)
-            ).all()
-        return {
-            "fields": {
-                r.field: _field(r.field, r.value, r.rev, r.updated_by, r.updated_at)
-                for r in f
-                if r.rev > 0
-            },
-            "intervals": [_interval(r) for r in iv],
-        }
+    def annotation(self, rid: str, owner: str) -> dict:
+        """``owner``'s review: ``{"fields": {name: {value, rev, by, at}}, "intervals": [...]}``
+        (live intervals, by start)."""
+        return self.reviews(rid, owner).get(owner) or {"fields": {}, "intervals": []}
 
-    def summaries(self) -> dict[str, dict]:
-        """Per recording touched: ``state`` (``in_progress`` unless set to ``done``) and the
-        reviewer's ``category`` and ``group``: one pass for the worklist."""
+    def reviews(self, rid: str, owner: str | None = None) -> dict[str, dict]:
+        """Every review of a recording by owner (assessors' names and :data:`FINAL`; the
+        outcome record too when asked for by ``owner``), as :meth:`annotation` gives one."""
+        fq = select(fields_t).where(fields_t.c.recording == rid, fields_t.c.rev > 0)
+        iq = (
+            select(intervals_t)
+            .where(intervals_t.c.recording == rid, intervals_t.c.deleted.is_(False))
+            .order_by(intervals_t.c.start_s, intervals_t.c.id)
+        )
+        if owner is not None:
+            fq = fq.where(fields_t.c.owner == owner)
+            iq = iq.where(intervals_t.c.owner == owner)
+        with self.engine.connect() as c:
+            f, iv = c.execute(fq).all(), c.execute(iq).all()
+        out: dict[str, dict] = {}
+        for r in f:
+            if r.owner == OUTCOME and owner != OUTCOME:
+                continue
+            d = out.setdefault(r.owner, {"fields": {}, "intervals": []})
+            d["fields"][r.field] = _field(r.field, r.value, r.rev, r.updated_by, r.updated_at)
+        for r in iv:
+            out.setdefault(r.owner, {"fields": {}, "intervals": []})["intervals"].append(
+                _interval(r)
+            )
+        return out
+
+    def summaries(self, user: str | None = None) -> dict[str, dict]:
+        """Per recording touched, one pass for the worklist and the export: ``reviews``
+        (``{owner: {state, category, group}}``, every assessor's and :data:`FINAL`'s) and, for
+        ``user``, their own ``state`` (``in_progress`` unless set to ``done``; absent when they
+        have not started), ``category`` and ``group``."""
         out: dict[str, dict] = {}
         with self.engine.connect() as c:
             for r in c.execute(
-                select(fields_t.c.recording, fields_t.c.field, fields_t.c.value).where(
-                    fields_t.c.rev > 0
-                )
-            ):
-                s = out.setdefault(r.recording, {"state": "in_progress"})
+                select(fields_t.c.recording, fields_t.c.owner, fields_t.c.field,
+                       fields_t.c.value).where(fields_t.c.rev > 0, fields_t.c.owner != OUTCOME)
+            ):  # fmt: skip
+                s = out.setdefault(r.recording, {"reviews": {}})
+                rv = s["reviews"].setdefault(r.owner, {"state": "in_progress"})
                 if r.field in ("state", "category", "group") and r.value is not None:
-                    s[r.field] = json.loads(r.value)
-            for (rid,) in c.execute(select(intervals_t.c.recording).distinct()):
-                out.setdefault(rid, {"state": "in_progress"})
+                    rv[r.field] = json.loads(r.value)
+            for rid, owner in c.execute(
+                select(intervals_t.c.recording, intervals_t.c.owner).distinct()
+            ):
+                if owner != OUTCOME:
+                    s = out.setdefault(rid, {"reviews": {}})
+                    s["reviews"].setdefault(owner, {"state": "in_progress"})
+        for s in out.values():
+            if user is not None and user in s["reviews"]:
+                s.update(s["reviews"][user])
         return out
 
-    def history(self, rid: str, limit: int = 200) -> list[dict]:
+    def outcomes(self) -> dict[str, dict]:
+        """``{rid: {"cp_2y", "outcome_source", "by", "at"}}`` for every recording with a
+        follow-up outcome."""
+        out: dict[str, dict] = {}
         with self.engine.connect() as c:
-            rows = c.execute(
-                select(audit_t)
-                .where(audit_t.c.recording == rid)
-                .order_by(audit_t.c.seq.desc())
-                .limit(limit)
-            ).all()
+            for r in c.execute(
+                select(fields_t).where(fields_t.c.owner == OUTCOME, fields_t.c.rev > 0)
+            ):
+                blank = {"cp_2y": None, "outcome_source": None, "by": r.updated_by,
+                         "at": r.updated_at}  # fmt: skip
+                d = out.setdefault(r.recording, blank)
+                d[r.field] = _load(r.value)
+                if r.updated_at >= d["at"]:
+                    d["by"], d["at"] = r.updated_by, r.updated_at
+        return {k: v for k, v in out.items() if v["cp_2y"] or v["outcome_source"]}
+
+    def history(self, rid: str, limit: int = 200, reviewer: str | None = None) -> list[dict]:
+        """The recording's audit trail, newest first; with ``reviewer``, only what that
+        assessor may see: their own changes and the sign-off (not the others' reviews)."""
+        q = select(audit_t).where(audit_t.c.recording == rid)
+        if reviewer is not None:
+            q = q.where(
+                (audit_t.c.reviewer == reviewer)
+                | audit_t.c.action.in_(("sign_off", "amend"))
+                | audit_t.c.action.like("final:%")
+            )
+        with self.engine.connect() as c:
+            rows = c.execute(q.order_by(audit_t.c.seq.desc()).limit(limit)).all()
         return [
             {"at": r.at, "reviewer": r.reviewer, "action": r.action, "target": r.target,
              "old": _load(r.old), "new": _load(r.new)}
             for r in rows
         ]  # fmt: skip
+
+    # -- settings --------------------------------------------------------------------------------
+    def setting(self, key: str, default: Any = None) -> Any:
+        with self.engine.connect() as c:
+            r = c.execute(select(settings_t.c.value).where(settings_t.c.key == key)).scalar()
+        return default if r is None else json.loads(r)
+
+    def set_setting(self, key: str, value: Any) -> None:
+        insert = self._insert()
+        doc = json.dumps(value)
+        with self._lock, self.engine.begin() as c:
+            c.execute(
+                insert(settings_t)
+                .values(key=key, value=doc)
+                .on_conflict_do_update(index_elements=["key"], set_={"value": doc})
+            )
 
     def audit_count(self) -> int:
         with self.engine.connect() as c:
@@ -532,6 +782,11 @@ class ReviewStore:
     def delete_session(self, token_sha256: str) -> None:
         with self._lock, self.engine.begin() as c:
             c.execute(sessions_t.delete().where(sessions_t.c.token_sha256 == token_sha256))
+
+
+def _prefix(owner: str) -> str:
+    """Audit actions on the final and outcome records are named so (``final:set``)."""
+    return owner[1:] + ":" if owner in (FINAL, OUTCOME) else ""
 
 
 def _field(name: str, value: str | None, rev: int, by: str, at: float) -> dict:

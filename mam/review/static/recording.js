@@ -165,6 +165,11 @@
     }
     if (op.kind === "fields") {
       Object.assign(S.fields, d.fields || {});
+      // Blind review: the model's result is on the page once this assessor's verdict is saved.
+      if (D.blind && d.fields && d.fields.state && d.fields.state.value === "done" && !queue.length) {
+        location.reload();
+        return;
+      }
       for (const [name, o] of Object.entries(d.overwrote || {})) {
         notice(`Your ${label(name)} replaced ${o.by}'s, saved at ${clock(o.at)}: it was ${show(o.value)}. (Both are in the history.)`);
       }
@@ -266,7 +271,7 @@
     // category and group
     for (const name of ["category", "group"]) {
       const v = fieldValue(name);
-      for (const input of document.querySelectorAll(`input[name="${name}"]`)) {
+      for (const input of document.querySelectorAll(`#${name} input[name="${name}"]`)) {
         input.checked = input.value === v;
         input.parentElement.classList.toggle("checked", input.checked);
       }
@@ -344,10 +349,16 @@
     h.replaceChildren();
     for (const e of S.history) {
       const div = document.createElement("div");
-      const what = e.action === "set" ? `${label(e.target)}: ${show(e.old)} \u2192 ${show(e.new)}`
-        : e.action === "add_interval" ? `added FMs ${e.new.join("-")} s`
-        : e.action === "edit_interval" ? `moved FMs ${e.old.join("-")} \u2192 ${e.new.join("-")} s`
-        : `deleted FMs ${e.old.join("-")} s`;
+      // final:... and outcome:... are the senior's final verdict and the follow-up outcome.
+      const [scope, act] = e.action.includes(":") ? e.action.split(":") : ["", e.action];
+      const pre = scope === "final" ? "final verdict: " : scope === "outcome" ? "outcome: " : "";
+      const what = act === "sign_off" ? `signed off: ${show(e.new.category)} (${show(e.new.group)})`
+        : act === "amend" ? `amended: ${show(e.new.category)} (${show(e.new.group)}); reason: ${e.new.reason}`
+        : pre + (act === "set" ? `${label(e.target)}: ${show(e.old)} \u2192 ${show(e.new)}`
+        : act === "add_interval" ? `added FMs ${e.new.join("-")} s`
+        : act === "edit_interval" ? `moved FMs ${e.old.join("-")} \u2192 ${e.new.join("-")} s`
+        : `deleted FMs ${e.old.join("-")} s`);
+      div.className = "h-" + act;
       div.textContent = `${new Date(e.at * 1000).toLocaleString()} \u00B7 ${e.reviewer} \u00B7 ${what}`;
       h.appendChild(div);
     }
@@ -555,14 +566,14 @@
   });
 
   // -- the judgement ---------------------------------------------------------------------------
-  for (const input of document.querySelectorAll('input[name="category"]')) {
+  for (const input of document.querySelectorAll('#category input[name="category"]')) {
     input.addEventListener("change", () => {
       const values = { category: input.value };
       if (D.group_of[input.value]) values.group = D.group_of[input.value];
       setFields(values);
     });
   }
-  for (const input of document.querySelectorAll('input[name="group"]')) {
+  for (const input of document.querySelectorAll('#group input[name="group"]')) {
     input.addEventListener("change", () => setFields({ group: input.value }));
   }
   let noteTimer = null;
@@ -584,7 +595,8 @@
   }
   $("done").addEventListener("click", () => {
     const done = fieldValue("state") === "done";
-    if (!done && (!fieldValue("category") || !fieldValue("group"))) {
+    const cat = fieldValue("category");
+    if (!done && (!cat || (!fieldValue("group") && !(D.no_group || []).includes(cat)))) {
       notice("Choose the final category and group before marking the review done (the export needs them).");
       return;
     }
@@ -623,8 +635,8 @@
     else if ((k === "a" || k === "d") && current) {
       const name = "clip:" + current.i, v = k === "a" ? "agree" : "disagree";
       setFields({ [name]: fieldValue(name) === v ? null : v });
-    } else if (["1", "2", "3", "4"].includes(k)) {
-      const input = document.querySelectorAll('input[name="category"]')[Number(k) - 1];
+    } else if (["1", "2", "3", "4", "5", "6"].includes(k)) {
+      const input = document.querySelectorAll('#category input[name="category"]')[Number(k) - 1];
       input.checked = true; input.dispatchEvent(new Event("change"));
     } else if ((k === "Delete" || k === "Backspace") && S.selected) deleteInterval(S.selected);
     else if (k === "Escape") {
