@@ -10,6 +10,7 @@ import pytest
 
 import mam.batch
 import mam.errors
+import mam.review.study
 import mam.training.calibration
 import mam.training.dataset
 import mam.training.fitting
@@ -26,6 +27,7 @@ def _codes() -> set[str]:
         mam.training.dataset,
         mam.training.fitting,
         mam.training.calibration,
+        mam.review.study,
     ):
         for _, cls in inspect.getmembers(module, inspect.isclass):
             if issubclass(cls, mam.errors.MamError):

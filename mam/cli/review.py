@@ -6,6 +6,7 @@ Examples:
     mam review results/ --archive archive/ --blind  # model hidden until one's own verdict
     mam review results/ --archive archive/ --port 8080
     mam review results/ --export training/site_a    # no server: annotations -> training layout
+    mam review results/ --study-report beginners    # an assistance study's report; exit
     MAM_REVIEW_DB=postgresql+psycopg://mam@db/mam mam review results/ --archive archive/
 """
 
@@ -49,6 +50,12 @@ def register(sub) -> None:
                    help="write the finished reviews as a training folder (infants.csv, "
                         "fms_intervals.csv, poses as mam batch kept them, dataset.json) with "
                         "the agreement report; exit")  # fmt: skip
+    s.add_argument("--study-report", metavar="STUDY",
+                   help="print the report of assistance study STUDY (each assessor's accuracy, "
+                        "sensitivity and specificity without and with the model's assistance, "
+                        "against the signed-off verdicts) and exit")  # fmt: skip
+    s.add_argument("--study-json", action="store_true",
+                   help="with --study-report: print the report as JSON")  # fmt: skip
     s.add_argument("--add-user", metavar="NAME",
                    help="add or replace reviewer NAME (password from the terminal, or the first "
                         "line of stdin) and exit")  # fmt: skip
@@ -108,6 +115,11 @@ def run(args: argparse.Namespace) -> int:
         raise O.UsageError(f"no ledger.sqlite in {args.dir}: run mam batch INPUT --out DIR first")
     if args.archive is not None and not args.archive.is_dir():
         raise O.UsageError(f"--archive {args.archive} is not a folder")
+    if args.study_json and args.study_report is None:
+        raise O.UsageError("--study-json goes with --study-report STUDY")
+    if args.study_report is not None:
+        O.reject(args, [*SERVE_OPTIONS, "export"], "--study-report prints a report and exits")
+        return _study_report(config, args.study_report, args.study_json)
     if args.export is not None:
         O.reject(args, SERVE_OPTIONS, "--export writes files and exits; nothing is served")
         return _export(config, args.export)
@@ -137,6 +149,21 @@ def _export(config, out: Path) -> int:
     print(f"exported {s.exported} recordings ({groups}; {s.intervals} FMs intervals) to {out}; "
           f"{len(s.skipped)} left out (export.json says why); median per-video kappa with the "
           f"model {kappa}; {s.validated}")  # fmt: skip
+    return 0
+
+
+def _study_report(config, name: str, as_json: bool) -> int:
+    import json
+
+    from mam.review import study as S
+    from mam.review.store import ReviewStore
+
+    store = ReviewStore(config.database_url)
+    try:
+        rep = S.report(store, S.get_study(store, name))
+    finally:
+        store.close()
+    print(json.dumps(rep, indent=2) if as_json else S.format_report(rep))
     return 0
 
 

@@ -73,6 +73,7 @@ from mam import DISCLAIMER, __version__
 from mam.batch.report import REVIEW_NOTE, mmss
 from mam.gma import FMS_CATEGORIES, GROUP_OF, GROUPS
 from mam.review import pose as P
+from mam.review import study as S
 from mam.review.agreement import agreement_row, assessors_agreement, summarise, summarise_assessors
 from mam.review.auth import Authenticator, Throttle, new_token, same, token_digest
 from mam.review.catalog import Catalog, Recording, model_identity
@@ -100,7 +101,7 @@ LOGIN_COOKIE = "mam_review_login"
 SAFE_METHODS = frozenset({"GET", "HEAD"})
 MAX_BODY = 1 << 20
 _RID = r"rec-[0-9a-f]{16}"
-_NEXT = re.compile(rf"^/(r/{_RID}|export|audit|agreement)?$")
+_NEXT = re.compile(rf"^/(r/{_RID}|export|audit|agreement|study)?$")
 MEDIA_TYPES = {".mp4": "video/mp4", ".m4v": "video/mp4", ".mov": "video/quicktime",
                ".webm": "video/webm", ".mkv": "video/x-matroska",
                ".avi": "video/x-msvideo"}  # fmt: skip
@@ -491,12 +492,13 @@ class ReviewApp:
             self._rows = ((stamp, root), cached)
         rows, counts = [], {"not_reviewed": 0, "in_progress": 0, "done": 0}
         blind = self.blind()
+        hidden = S.hidden_rids(self.store, user)
         for n, rec in enumerate(recs, start=1):
             rv = reviews.get(rec.rid, {})
             state = rv.get("state", "not_reviewed")
             counts[state] = counts.get(state, 0) + 1
             _, attrs, cells, blind_attrs, blind_cells = cached[rec.rid]
-            if not self.revealed(rv, user, blind):
+            if not self.revealed(rv, user, blind) or rec.rid in hidden:
                 attrs, cells = blind_attrs, blind_cells
             others = rv.get("reviews", {})
             rv = {**rv, "signed_off": others.get(FINAL, {}).get("state") == "signed_off",
@@ -519,7 +521,8 @@ class ReviewApp:
         user = request.state.review_session.reviewer
         roles = self.roles(request)
         summary = self.store.summaries(user).get(rec.rid, {})
-        shown = self.revealed(summary, user)
+        # A study's without-assistance session still to come hides the model here too.
+        shown = self.revealed(summary, user) and rec.rid not in S.hidden_rids(self.store, user)
         signed = self.store.signed_off(rec.rid)
         reviews = self.store.reviews(rec.rid) if result is not None else {}
         final = reviews.pop(FINAL, None)
@@ -842,6 +845,112 @@ class ReviewApp:
                  "on" if form.get("blind") == "1" else "off")  # fmt: skip
         return RedirectResponse(_root(request) + "/", 303)
 
+    # -- the assistance study --------------------------------------------------------------------
+    def study_page(self, request: Request, status: int = 200, message: str = "") -> Response:
+        """The user's study worklist (only the sessions due now, with counts of those waiting
+        out their washout); for an admin also every study and the form to create one."""
+        user = request.state.review_session.reviewer
+        roles = self.roles(request)
+        mine = []
+        for st in S.list_studies(self.store):
+            if user in st.assessors:
+                ss = S.sessions(self.store, st, user)
+                mine.append({"study": st, "due": [s for s in ss if s["state"] == "due"],
+                             "waiting": sum(s["state"] == "waiting" for s in ss),
+                             "done": sum(s["state"] == "done" for s in ss)})  # fmt: skip
+        every = S.list_studies(self.store) if {"admin", "senior"} & roles else []
+        return self.render(request, "study.html", status, mine=mine, every=every,
+                           message=message, orders=S.ORDERS, arm_labels=S.ARM_LABELS,
+                           users=sorted(self.auth.users()))  # fmt: skip
+
+    async def create_study(self, request: Request) -> Response:
+        """An admin defines a study (a form): ``name``, ``recordings`` (ledger ids or rids, one
+        a line; empty: every screened recording), ``assessors`` (names, comma-separated),
+        ``order``, ``seed``, ``washout_days``, ``washout_recordings``."""
+        if "admin" not in self.roles(request):
+            return self.forbidden(request, "admin")
+        form = await self._form(request)
+        screened = [r for r in self.catalog.all() if r.status == "done"]
+        by_id = {**{r.id: r.rid for r in screened}, **{r.rid: r.rid for r in screened}}
+        wanted = [x.strip() for x in (form.get("recordings") or "").splitlines() if x.strip()]
+        unknown = sum(x not in by_id for x in wanted)
+        names = [a.strip() for a in (form.get("assessors") or "").split(",") if a.strip()]
+        try:
+            if unknown:
+                raise S.StudyError(f"{unknown} of the recordings are not screened recordings "
+                                   "of this worklist")  # fmt: skip
+            if not all(self.auth.known(a) for a in names):
+                raise S.StudyError("every assessor must be a user of this app")
+            await run_in_threadpool(
+                lambda: S.create_study(
+                    self.store, form.get("name") or "",
+                    [by_id[x] for x in wanted] or [r.rid for r in screened], names,
+                    order=form.get("order") or "random", seed=form.get("seed") or 0,
+                    washout_days=form.get("washout_days") or 0,
+                    washout_recordings=form.get("washout_recordings") or 0,
+                    by=request.state.review_session.reviewer,
+                )
+            )  # fmt: skip
+        except S.StudyError as e:
+            return self.study_page(request, 400, f"Study not created: {e}.")
+        return RedirectResponse(_root(request) + "/study", 303)
+
+    def _study_of(self, request: Request):
+        try:
+            return S.get_study(self.store, request.path_params["study"])
+        except S.UnknownStudy:
+            return None
+
+    async def study_session(self, request: Request) -> Response:
+        """One session of a study: the recording without the model's output, or with its top
+        clips by P(FMs); the form records the assessor's group. Only a due session opens."""
+        study, rec = self._study_of(request), self._rec(request)
+        arm = request.path_params["arm"]
+        user = request.state.review_session.reviewer
+        if study is None or rec is None or arm not in S.ARMS or rec.rid not in study.recordings:
+            return self.render(request, "error.html", 404, title="No such session",
+                               message="This study has no such session.")  # fmt: skip
+        back = f"{_root(request)}/study"
+        if request.method == "POST":
+            form = await self._form(request)
+            try:
+                await run_in_threadpool(S.record_verdict, self.store, study, user, rec.rid, arm,
+                                        form.get("group") or "")  # fmt: skip
+            except S.NotDue:
+                return self.render(request, "error.html", 409, title="Not due",
+                                   message="This session is not on your study worklist now.",
+                                   back=back)  # fmt: skip
+            except S.StudyError as e:
+                return self.render(request, "error.html", 400, title="Not saved",
+                                   message=f"{e}.", back=back)  # fmt: skip
+            return RedirectResponse(back, 303)
+        if (rec.rid, arm) not in S.due(self.store, study, user):
+            return self.render(request, "error.html", 409, title="Not due",
+                               message="This session is not on your study worklist now: done "
+                               "already, not yours, or still inside its washout.",
+                               back=back)  # fmt: skip
+        result = rec.result()
+        clips = list(result.top_fms_clips) if arm == "with" else []
+        video = rec.kind == "video" and self.catalog.locate(rec) is not None
+        unusable = arm == "with" and result.classification.label == "indeterminate"
+        return self.render(request, "study_session.html", study=study, rec=rec, arm=arm,
+                           arm_label=S.ARM_LABELS[arm], clips=clips, video=video,
+                           groups=GROUPS, unusable=unusable)  # fmt: skip
+
+    def study_report(self, request: Request) -> Response:
+        """The study's report (senior or admin): against the signed-off verdicts."""
+        if not {"senior", "admin"} & self.roles(request):
+            return self.forbidden(request, "senior or admin")
+        study = self._study_of(request)
+        if study is None:
+            return self.render(request, "error.html", 404, title="No such study",
+                               message="There is no study of that name.")  # fmt: skip
+        rep = S.report(self.store, study)
+        if "application/json" in request.headers.get("accept", ""):
+            return JSONResponse(rep)
+        return self.render(request, "study_report.html", rep=rep, arms=S.ARMS,
+                           arm_labels=S.ARM_LABELS)  # fmt: skip
+
     # -- export ----------------------------------------------------------------------------------
     def start_export(self, request: Request) -> Response:
         if "admin" not in self.roles(request):
@@ -983,6 +1092,12 @@ def create_app(config: ReviewConfig) -> Starlette:
         Route(f"/r/{rid}/signoff", review.sign_off, methods=["POST"]),
         Route(f"/r/{rid}/outcome", review.set_outcome, methods=["POST"]),
         Route("/settings/blind", review.set_blind, methods=["POST"]),
+        Route("/study", review.study_page),
+        Route("/study", review.create_study, methods=["POST"]),
+        Route("/study/{study:str}/report", review.study_report),
+        Route(
+            f"/study/{{study:str}}/{rid}/{{arm:str}}", review.study_session, methods=["GET", "POST"]
+        ),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
 

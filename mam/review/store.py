@@ -25,7 +25,9 @@ follow-up outcomes (owner :data:`OUTCOME`):
 * failed-login counters per client address and name (the name as its SHA-256: a password typed
   into the name field is not kept), so a restart does not reset the login throttle;
 * the export button's last job, so a restart does not forget a finished export;
-* settings of the worklist (blind review).
+* settings of the worklist (blind review);
+* studies of the model's assistance (:mod:`mam.review.study`): their definitions and each
+  assessor's verdict per session, apart from their ordinary review.
 
 Sign-off (:meth:`ReviewStore.sign_off`) writes the final verdict in one transaction and locks the
 recording: every later write to an assessor's review or the final one is refused
@@ -170,6 +172,27 @@ _legacy_intervals = Table(
     Column("deleted", Boolean), Column("rev", Integer), Column("created_by", String(160)),
     Column("updated_by", String(160)), Column("updated_at", Float),
 )  # fmt: skip
+# The beginner-assist study (:mod:`mam.review.study`): each study's definition, and each
+# assessor's verdict per recording and session (without / with the model's assistance), kept
+# apart from their ordinary review.
+studies_t = Table(
+    "review_studies",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("spec", Text, nullable=False),  # JSON
+    Column("created_by", String(160), nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+study_verdicts_t = Table(
+    "review_study_verdicts",
+    metadata,
+    Column("study", String(64), primary_key=True),
+    Column("assessor", String(160), primary_key=True),
+    Column("recording", String(64), primary_key=True),
+    Column("arm", String(16), primary_key=True),
+    Column("grp", String(16), nullable=False),
+    Column("at", Float, nullable=False),
+)
 export_job_t = Table(
     "review_export_job",
     metadata,
@@ -681,6 +704,70 @@ class ReviewStore:
                 .values(key=key, value=doc)
                 .on_conflict_do_update(index_elements=["key"], set_={"value": doc})
             )
+
+    # -- studies ---------------------------------------------------------------------------------
+    def create_study(self, name: str, spec: dict, by: str, at: float) -> None:
+        """Store a study's definition; :class:`ReviewInputError` when the name is taken."""
+        insert = self._insert()
+        with self._lock, self.engine.begin() as c:
+            res = c.execute(
+                insert(studies_t)
+                .values(name=name, spec=json.dumps(spec), created_by=by, created_at=at)
+                .on_conflict_do_nothing()
+                .returning(studies_t.c.name)
+            ).first()
+        if res is None:
+            raise ReviewInputError(f"a study named {name!r} exists already")
+
+    def studies(self) -> list[dict]:
+        """Every study's definition (``spec`` with ``name``, ``created_by``, ``created_at``),
+        oldest first."""
+        with self.engine.connect() as c:
+            rows = c.execute(select(studies_t).order_by(studies_t.c.created_at)).all()
+        return [{**json.loads(r.spec), "name": r.name, "created_by": r.created_by,
+                 "created_at": r.created_at} for r in rows]  # fmt: skip
+
+    def add_study_verdict(
+        self, study: str, assessor: str, rid: str, arm: str, group: str, at: float
+    ) -> None:
+        """Record one session's verdict (once: a second one for the same session is refused,
+        :class:`ReviewInputError`). The row, never changed, is its own record of who gave what
+        when; it stays out of the recording's history, which shows the ordinary review."""
+        insert = self._insert()
+        with self._lock, self.engine.begin() as c:
+            res = c.execute(
+                insert(study_verdicts_t)
+                .values(study=study, assessor=assessor, recording=rid, arm=arm, grp=group, at=at)
+                .on_conflict_do_nothing()
+                .returning(study_verdicts_t.c.study)
+            ).first()
+        if res is None:
+            raise ReviewInputError("this session's verdict is recorded already")
+
+    def study_verdicts(self, study: str, assessor: str | None = None) -> list[dict]:
+        """``[{assessor, recording, arm, group, at}]`` of a study, in the order recorded."""
+        q = select(study_verdicts_t).where(study_verdicts_t.c.study == study)
+        if assessor is not None:
+            q = q.where(study_verdicts_t.c.assessor == assessor)
+        with self.engine.connect() as c:
+            rows = c.execute(q.order_by(study_verdicts_t.c.at)).all()
+        return [{"assessor": r.assessor, "recording": r.recording, "arm": r.arm,
+                 "group": r.grp, "at": r.at} for r in rows]  # fmt: skip
+
+    def final_groups(self, rids) -> dict[str, str | None]:
+        """``{rid: group}`` of the signed-off verdicts among ``rids`` (None: signed off with
+        no group, e.g. abnormal FMs or not assessable); recordings not signed off are absent."""
+        rids = list(rids)
+        out: dict[str, dict] = {}
+        with self.engine.connect() as c:
+            for r in c.execute(
+                select(fields_t.c.recording, fields_t.c.field, fields_t.c.value).where(
+                    fields_t.c.owner == FINAL, fields_t.c.rev > 0,
+                    fields_t.c.field.in_(("state", "group")), fields_t.c.recording.in_(rids),
+                )
+            ):  # fmt: skip
+                out.setdefault(r.recording, {})[r.field] = _load(r.value)
+        return {k: v.get("group") for k, v in out.items() if v.get("state") == SIGNED_OFF}
 
     def audit_count(self) -> int:
         with self.engine.connect() as c:
