@@ -34,7 +34,7 @@ from service import bentoml_compat as compat
 from service import core
 from service import errors as E
 from service.core import RuntimeInfo, TaskProgress
-from service.metrics import get_metrics
+from service.metrics import get_metrics, watch_agreement
 from service.middleware import ServiceMiddleware
 from service.packaging import served_weights
 from service.settings import get_settings
@@ -303,6 +303,8 @@ Screening.add_asgi_middleware(ModelRoute)  # first added: in front of the review
 _review = review_from_environment(S.key_hashes())
 if _review is not None:
     Screening.add_asgi_middleware(_review[0], **_review[1])
+    # Finished reviews feed the clinicians' agreement gauges on /metrics (read at scrape time).
+    watch_agreement(_review[1]["mounted"].state.review, S.agreement_window_days)
 Screening.add_asgi_middleware(ServiceMiddleware, **_middleware_kwargs())
 Screening.add_asgi_middleware(V2Rest)  # last added: behind the keys, limits and metering
 

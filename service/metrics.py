@@ -41,6 +41,9 @@ EXPECTED_OUTCOMES = ("risk", "out_of_domain")
 SHARE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 DOMAIN_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
 TRACKED_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 1.0)
+# Clinicians' agreement with the model (AgreementCollector): fixed names here too.
+MEASURES = ("sensitivity", "specificity")
+CLINICIAN_GROUPS = ("risk", "normal", "no_group", "split")  # mam.review.agreement's
 
 
 @lru_cache(maxsize=1)
@@ -110,6 +113,133 @@ def expected_rates(meta) -> dict[tuple[str, str], tuple[float, int]]:
         for k, v in out.items()
         if k[0] in KINDS and k[1] in EXPECTED_OUTCOMES and 0 <= v[0] <= 1 and math.isfinite(v[0])
     }
+
+
+def validated_agreement(meta) -> dict[tuple[str, str], tuple[float, int]]:
+    """``(kind, measure) -> (value, recordings)``: the sensitivity and specificity the weights
+    were validated at, where they store them: a kind's calibrated operating point
+    (``provenance.calibration.operating_point``: infants at risk behind the sensitivity, the
+    others behind the specificity), or ``provenance.heldout_results[kind]`` when it holds
+    ``sensitivity``/``specificity`` (with ``risk_infants``/``normal_infants``), which takes
+    precedence. Nothing for the rest: no band, no alert."""
+    prov = getattr(meta, "provenance", None) or {}
+    out: dict[tuple[str, str], tuple[float, int]] = {}
+    for kind, op in ((prov.get("calibration") or {}).get("operating_point") or {}).items():
+        try:
+            n, risk = int(op["infants"]), int(op["risk_infants"])
+            out[kind, "sensitivity"] = (float(op["sensitivity"]), risk)
+            out[kind, "specificity"] = (float(op["specificity"]), n - risk)
+        except (KeyError, TypeError, ValueError):
+            continue
+    for kind, rec in (prov.get("heldout_results") or {}).items():
+        for measure, n_key in (("sensitivity", "risk_infants"), ("specificity", "normal_infants")):
+            if isinstance(rec, dict) and rec.get(measure) is not None:
+                out[kind, measure] = (float(rec[measure]), int(rec.get(n_key) or 0))
+    return {
+        k: v for k, v in out.items() if k[0] in KINDS and 0 <= v[0] <= 1 and math.isfinite(v[0])
+    }
+
+
+# The agreement collector's gauge families: key -> (name without prefix, help, label names).
+AGREEMENT_FAMILIES = {
+    "ratio": ("clinician_agreement_ratio", "Sensitivity and specificity of the model's risk "
+              "label against the clinicians' finished verdicts in the window (indeterminate "
+              "results excluded); absent without verdicts.", ("kind", "measure")),
+    "n": ("clinician_agreement_recordings", "Recordings behind each agreement ratio "
+          "(clinicians' risk, resp. normal, with a model label).", ("kind", "measure")),
+    "kappa": ("clinician_agreement_clip_kappa", "Median Cohen's kappa of FMs clips, clinicians "
+              "against the model, over the reviews in the window.", ("kind",)),
+    "kappa_n": ("clinician_agreement_clip_kappa_reviews", "Reviews behind the clip kappa.",
+                ("kind",)),
+    "verdicts": ("clinician_verdicts", "Recordings with a finished clinicians' verdict in the "
+                 "window, by the clinicians' group (risk, normal, no_group, split) and the "
+                 "model's label.", ("kind", "clinician", "model")),
+    "other": ("clinician_verdicts_other_model", "Finished verdicts in the window on results of "
+              "other weights than the loaded ones (not counted above).", ()),
+    "window": ("clinician_agreement_window_seconds", "The rolling window of the agreement "
+               "gauges (MAM_AGREEMENT_WINDOW_DAYS).", ()),
+}  # fmt: skip
+
+
+class AgreementCollector:
+    """Clinicians' agreement with the model, computed at scrape time from the review store and
+    the batch ledger (a Prometheus custom collector: ``collect()`` yields gauge families), so
+    every process and every restart sees the same figures, whoever wrote the reviews.
+
+    Counted: screened recordings whose clinicians' verdict was finished within the window
+    (:func:`mam.review.agreement.clinicians_verdicts`: the signed-off verdict, else the done
+    assessors' shared group) and whose result the loaded model made (same digest; others are
+    only counted in ``mam_clinician_verdicts_other_model``). Until :meth:`watch` is given a
+    review app it yields the families without samples. Labels: kind, measure, clinician and
+    model from fixed sets; never a recording, a reviewer or an infant. It follows
+    prometheus_client's collector protocol (``describe``, ``collect``) without subclassing its
+    ``Collector``: importing prometheus_client here would fix the metrics mode too early.
+    """
+
+    def __init__(self, window_s: float = 30 * 86400.0, digest=lambda: None, clock=None) -> None:
+        import time
+
+        self.source = None
+        self.window_s = window_s
+        self.digest = digest
+        self.clock = clock or time.time
+        self._cache: tuple[tuple | None, list[dict]] = (None, [])
+
+    def watch(self, catalog, store, window_s: float | None = None) -> None:
+        """Read agreement from ``catalog`` (the ledger's recordings) and ``store`` (reviews)."""
+        self.source = (catalog, store)
+        if window_s is not None:
+            self.window_s = window_s
+        self._cache = (None, [])
+
+    def _rows(self) -> list[dict]:
+        from mam.review.agreement import clinicians_verdicts
+
+        catalog, store = self.source
+        stamp, recs = catalog.snapshot()
+        key = (stamp, store.audit_count())  # every review change writes an audit row
+        if key != self._cache[0]:
+            self._cache = (key, clinicians_verdicts(recs, store))
+        return self._cache[1]
+
+    def _families(self) -> dict:
+        from prometheus_client.core import GaugeMetricFamily
+
+        return {
+            k: GaugeMetricFamily(PREFIX + name, doc, labels=labels)
+            for k, (name, doc, labels) in AGREEMENT_FAMILIES.items()
+        }
+
+    def describe(self):
+        return list(self._families().values())
+
+    def collect(self):
+        from mam.review.agreement import live_agreement
+
+        fam = self._families()
+        if self.source is not None:
+            try:
+                since = self.clock() - self.window_s
+                rows = [r for r in self._rows() if r["at"] >= since]
+                digest = self.digest()
+                ours = [r for r in rows if digest is None or r["digest"] == digest]
+                fam["other"].add_metric((), len(rows) - len(ours))
+                fam["window"].add_metric((), self.window_s)
+                for kind, a in sorted(live_agreement(ours).items()):
+                    if kind not in KINDS:
+                        continue
+                    for (clinician, model), n in sorted(a["verdicts"].items()):
+                        fam["verdicts"].add_metric((kind, clinician, model), n)
+                    for m in MEASURES:
+                        fam["n"].add_metric((kind, m), a[m + "_recordings"])
+                        if a[m] is not None:
+                            fam["ratio"].add_metric((kind, m), a[m])
+                    fam["kappa_n"].add_metric((kind,), a["clip_kappa_reviews"])
+                    if a["clip_kappa"] is not None:
+                        fam["kappa"].add_metric((kind,), a["clip_kappa"])
+            except Exception as e:  # noqa: BLE001 - a scrape never fails for the reviews
+                logger.warning("clinician agreement metrics skipped: %s", type(e).__name__)
+        yield from fam.values()
 
 
 class Metrics:
@@ -233,6 +363,26 @@ class Metrics:
             ("kind", "outcome"),
             mode="max",
         )
+        self.validated = gauge(
+            "validated_agreement_ratio",
+            "Sensitivity and specificity the weights were validated at (calibrated operating "
+            "point), by kind and measure; absent where the weights store none.",
+            ("kind", "measure"),
+            mode="max",
+        )
+        self.validated_recordings = gauge(
+            "validated_agreement_recordings",
+            "Held-out infants behind each validated ratio (at risk: sensitivity; not: "
+            "specificity).",
+            ("kind", "measure"),
+            mode="max",
+        )
+        self.model_digest: str | None = None  # the loaded model's, once export_expectations ran
+        # Clinicians' agreement: computed at scrape time from the review store (watch_agreement).
+        self.agreement = AgreementCollector(digest=lambda: self.model_digest)
+        if _WATCHED:
+            self.agreement.watch(*_WATCHED[0])
+        pc.REGISTRY.register(self.agreement)
         # FHIR push: outcome is one of ok, failed (given up after its tries, kept in the
         # outbox), rejected (a final 4xx from the site's server), skipped (no subject given).
         self.fhir_push = pc.Counter(
@@ -280,6 +430,10 @@ class Metrics:
         for (kind, outcome), (rate, n) in expected_rates(meta).items():
             self.expected_rate.labels(kind=kind, outcome=outcome).set(rate)
             self.expected_recordings.labels(kind=kind, outcome=outcome).set(n)
+        for (kind, measure), (value, n) in validated_agreement(meta).items():
+            self.validated.labels(kind=kind, measure=measure).set(value)
+            self.validated_recordings.labels(kind=kind, measure=measure).set(n)
+        self.model_digest = getattr(meta, "digest", None)
 
 
 @lru_cache(maxsize=1)
@@ -294,3 +448,21 @@ def observe_result(result) -> None:
         get_metrics().observe_result(result)
     except Exception as e:  # noqa: BLE001
         logger.warning("result metrics skipped: %s", type(e).__name__)
+
+
+_WATCHED: list[tuple] = []  # (catalog, store, window_s) of the review app the service mounts
+
+
+def watch_agreement(review, window_days: float) -> None:
+    """Feed the agreement gauges from a review app (``create_app(...).state.review``: its
+    catalog and store) over the last ``window_days``. Called when ``service.app`` is imported:
+    the metrics are not built here (see the module docstring), they pick this up when built."""
+    _WATCHED[:] = [(review.catalog, review.store, window_days * 86400.0)]
+    if get_metrics.cache_info().currsize:
+        get_metrics().agreement.watch(*_WATCHED[0])
+
+
+def scrape_collectors() -> list:
+    """Collectors computed at scrape time, for a registry built per scrape (multi-process
+    ``/metrics``) beside ``MultiProcessCollector``; the default registry has them already."""
+    return [get_metrics().agreement]

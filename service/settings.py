@@ -120,6 +120,10 @@ class Settings(BaseSettings):
         10.0, ge=0, description="On shutdown, how long due Bundles are still delivered; the rest "
         "stay in the outbox for the next start."
     )  # fmt: skip
+    agreement_window_days: float = Field(
+        30.0, gt=0, description="Rolling window of the clinicians' agreement gauges (days of "
+        "finished reviews; service/metrics.py AgreementCollector)."
+    )  # fmt: skip
     audit_file: str = Field(
         "-", description="Audit trail (mam/audit.py): '-' stdout, a path (rotated), or 'off'."
     )

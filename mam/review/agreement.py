@@ -148,3 +148,79 @@ def summarise_assessors(pairs: list[dict], model: list[dict]) -> dict:
         "assessor_rule": "finished assessors' reviews; FMs clip = more than half covered by the "
         "assessor's FMs intervals; model FMs clip = P(FMs) > 0.5 (paper Fig. 3b)",
     }
+
+
+# -- live agreement (the service's /metrics) ----------------------------------------------------
+CLINICIAN_GROUPS = ("risk", "normal", "no_group", "split")
+MODEL_LABELS = ("risk", "normal", "indeterminate")
+
+
+def clinicians_verdicts(recordings, store) -> list[dict]:
+    """The finished clinicians' verdict of each screened recording, against the model's result.
+
+    The verdict is the senior's signed-off one where there is one; else the assessors' reviews
+    marked done, when they all give the same group (``split`` when they do not: the sign-off
+    settles it; ``no_group`` for abnormal FMs or not assessable). Per row: ``at`` (when the
+    verdict was finished: the sign-off, else the last assessor's done), ``kind`` (the result's
+    domain kind), ``digest`` (the model's), ``clinician`` (one of :data:`CLINICIAN_GROUPS`),
+    ``model`` (the model's label) and ``kappas`` (clip kappa of each review counted: the
+    signed-off one, else every done assessor's; as :func:`agreement_row`). No identifiers.
+
+    Args:
+        recordings: :class:`mam.review.catalog.Recording` objects (the catalog's).
+        store: the :class:`mam.review.store.ReviewStore`.
+    """
+    from mam.review.store import FINAL, SIGNED_OFF
+
+    touched = store.summaries()
+    rows = []
+    for rec in recordings:
+        owners = touched.get(rec.rid, {}).get("reviews", {})
+        final = owners.get(FINAL, {}).get("state") == SIGNED_OFF
+        done = [o for o, r in owners.items() if o != FINAL and r.get("state") == "done"]
+        if rec.status != "done" or not (final or done):
+            continue
+        result = rec.result()
+        if result is None:
+            continue
+        reviews = store.reviews(rec.rid)
+        if final:
+            counted = {FINAL: reviews[FINAL]}
+            kappas = [agreement_row(rec.id, result, reviews[FINAL])["kappa"]]
+        else:
+            counted = {o: reviews[o] for o in done if o in reviews}
+            kappas = [m["kappa"] for m in assessors_agreement(rec.id, result, counted)["model"]]
+        groups = {_verdict(r)[1] for r in counted.values()}
+        at = max(r["fields"].get("state", {}).get("at", 0.0) for r in counted.values())
+        clinician = "split" if len(groups) > 1 else (groups.pop() or "no_group")
+        rows.append({
+            "at": float(at), "kind": result.domain.kind, "digest": result.model.digest,
+            "clinician": clinician, "model": result.classification.label,
+            "kappas": [k for k in kappas if k is not None],
+        })  # fmt: skip
+    return rows
+
+
+def live_agreement(rows: list[dict]) -> dict[str, dict]:
+    """Per kind, the figures of :func:`clinicians_verdicts` rows (already cut to a window):
+    ``verdicts`` (``(clinician, model) -> recordings``), ``sensitivity`` and ``specificity`` of
+    the model's label against the clinicians' group with the recordings behind each
+    (``*_recordings``; indeterminate results are counted in ``verdicts`` only, never as a
+    disagreement; None when there are none), and the median clip kappa with its reviews."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        k = out.setdefault(r["kind"], {"verdicts": {}, "kappas": []})
+        key = (r["clinician"], r["model"])
+        k["verdicts"][key] = k["verdicts"].get(key, 0) + 1
+        k["kappas"] += r["kappas"]
+    for k in out.values():
+        v = k["verdicts"]
+        for measure, group, hit in (("sensitivity", "risk", "risk"),
+                                    ("specificity", "normal", "normal")):  # fmt: skip
+            n = v.get((group, "risk"), 0) + v.get((group, "normal"), 0)
+            k[measure] = v.get((group, hit), 0) / n if n else None
+            k[measure + "_recordings"] = n
+        kappas = k.pop("kappas")
+        k["clip_kappa"] = float(np.median(kappas)) if kappas else None
+        k["clip_kappa_reviews"] = len(kappas)
+    return out
