@@ -423,7 +423,7 @@ class DataPlane:
             self.metrics.videos.labels(outcome="ok").inc()
             observe_result(result)
             self.progress.set(task_id, stage="done", fraction=1.0)
-            self._push(result, headers, task_id or rid, uids)
+            self._push(result, headers, task_id or rid, uids, sha)
             if task_id:
                 self._task_audit(headers, rid, task_id, sha, "ok", t0)
             return result
@@ -523,12 +523,14 @@ class DataPlane:
                 I.UIDS.put(task_id, uids)
         return state["content_sha256"], uids
 
-    def _push(self, result, headers: dict, result_id: str | None, uids=None) -> None:
-        """The result's Bundle to the site's FHIR server, in the background (if configured)."""
+    def _push(self, result, headers: dict, result_id: str | None, uids=None,
+              content_sha256: str | None = None) -> None:  # fmt: skip
+        """The result's Bundle to the site's FHIR server, in the background (if configured);
+        ``content_sha256``: the recording's, for the Provenance's input entity."""
         if not self.pushes.enabled or not result_id:
             return
         try:
-            self.pushes.push(result, I.context(headers, result_id, uids))
+            self.pushes.push(result, I.context(headers, result_id, uids, content_sha256))
         except MamError as e:  # references are checked by the middleware; belt and braces
             logger.warning("FHIR push skipped: %s", e.code)
 

@@ -6,6 +6,7 @@ server has (auth, limits, load, time). gRPC maps the same codes to status codes.
 
 from __future__ import annotations
 
+import json
 from http import HTTPStatus
 
 from pydantic import BaseModel, Field
@@ -87,6 +88,41 @@ def error_response(code: str, message: str, request_id: str | None = None) -> JS
     if code == OVERLOADED:
         headers["retry-after"] = RETRY_AFTER_S  # every refusal under load says when to come back
     return JSONResponse(body.model_dump(), status_code=http_status(code), headers=headers)
+
+
+def wants_fhir_errors(accept: str | None) -> bool:
+    """A FHIR client (``Accept: application/fhir+json``, not ``;q=0``) reads errors as an
+    OperationOutcome."""
+    for media in (accept or "").lower().split(","):
+        kind, *params = (p.strip() for p in media.split(";"))
+        if kind == "application/fhir+json":
+            q = next((p[2:] for p in params if p.startswith("q=")), "1")
+            try:
+                return float(q) > 0
+            except ValueError:
+                return True
+    return False
+
+
+def fhir_error_response(code: str, message: str, request_id: str | None = None) -> JSONResponse:
+    """The error as a FHIR ``OperationOutcome`` (``mam.fhir.operation_outcome``): status and
+    headers as :func:`error_response`'s, the request id in ``x-request-id``."""
+    from mam.fhir import FHIR_JSON, operation_outcome
+
+    status = http_status(code)
+    headers = {ERROR_HEADER: code} | ({"retry-after": RETRY_AFTER_S} if code == OVERLOADED else {})
+    if request_id:
+        headers["x-request-id"] = request_id
+    return JSONResponse(operation_outcome(code, message, status), status_code=status,
+                        headers=headers, media_type=FHIR_JSON)  # fmt: skip
+
+
+def envelope_message(body: bytes) -> str:
+    """The message of an error envelope (``error_response``'s body)."""
+    try:
+        return str(json.loads(body)["error"]["message"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return "error"
 
 
 def v2_error_response(code: str, message: str) -> JSONResponse:

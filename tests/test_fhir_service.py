@@ -125,18 +125,20 @@ def test_fhir_answers_equal_the_json_ones(svc, pose_bytes):
     inst = post(svc, "/screen_instances", "instances", tensors, headers=FHIR)
     assert inst.status_code == 200 and inst.headers["content-type"] == "application/fhir+json"
     validate(inst.json())
-    # format=json wins over Accept; errors stay in the service's envelope
+    # format=json wins over Accept; errors for a FHIR client are an OperationOutcome
     assert post(svc, "/screen_pose", "pose", pose, headers=FHIR, params={"format": "json"}).json()[
         "disclaimer"
     ]
     bad = post(svc, "/screen_instances", "instances", b"nope", headers=FHIR)
-    assert bad.status_code == 400 and bad.json()["error"]["code"] == "malformed_request"
+    assert bad.status_code == 400
+    assert bad.json()["issue"][0]["details"]["text"] == "malformed_request"
 
 
 def test_a_reference_that_is_not_one_is_refused_before_any_work(svc, pose_bytes):
     r = post(svc, "/screen_pose", "pose", pose_bytes[0],
              headers=FHIR | {"X-MAM-FHIR-Subject": "Jane Doe 2026-01-01"})  # fmt: skip
-    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_fhir_reference"
+    assert r.status_code == 422
+    assert r.json()["issue"][0]["details"]["text"] == "invalid_fhir_reference"
     assert "Jane" not in r.text
 
 

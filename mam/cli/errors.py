@@ -30,6 +30,11 @@ HINTS: dict[str, str] = {
     "the weights already stored",
     "invalid_model_name": "name and version: lowercase letters, digits, . _ - (alphanumeric at "
     "both ends, at most 63)",
+    "invalid_study": "check the study: a 1-64 character name, at least 2 recordings, known "
+    "assessors, order, washout",
+    "unknown_study": "name a study an admin created on the review app's /study page",
+    "study_session_not_due": "open the session from your study list (/study) once its washout "
+    "has passed",
     "source_kind": "calibrate one source kind at a time: --kind video or --kind pose_file, with "
     "recordings of that kind in --data",
     "invalid_manifest": "the manifest is a CSV with a 'file' column (README, mam batch)",
@@ -47,7 +52,8 @@ HINTS: dict[str, str] = {
     "changing weights run python -m export onnx",
     "dependency_missing": "install what the message names (e.g. pip install -e '.[train]')",
     "dicom_without_video": "give a DICOM video object (MPEG-2, H.264 or HEVC encapsulated)",
-    "invalid_fhir_reference": "give --fhir-subject Patient/ID and --fhir-encounter Encounter/ID",
+    "invalid_fhir_reference": "give Patient/ID or SYSTEM|VALUE (SYSTEM an absolute URI) for "
+    "patient or order, and Encounter/ID",
     "invalid_fhir_config": "fix MAM_FHIR_CODES_FILE / MAM_FHIR_UNIT (see mam/fhir/codes.py)",
     "invalid_fhir_url": "give --base-url https://HOST/PATH (the FHIR server's base), or set "
     "MAM_FHIR_BASE_URL",

@@ -9,11 +9,14 @@ Examples:
     mam fhir outbox status
     mam fhir outbox retry --all && mam fhir push --base-url https://ehr.example/fhir
     mam fhir outbox give-up RESULT_ID
+    mam fhir definitions --format ndjson > definitions.ndjson   # to publish on the site's server
 
 Every Bundle is kept in the outbox (``--outbox``, default ``MAM_FHIR_OUTBOX``, else beside
 ``MAM_AUDIT_FILE``, else ./fhir-outbox.sqlite) before it is sent, so nothing is lost to an outage:
 what is not delivered within ``--wait`` seconds stays there for the next ``mam fhir push`` (or the
 service's outbox on the same file). Output names result ids and counts only.
+``mam fhir definitions`` prints the CodeSystem, StructureDefinition and NamingSystems behind the
+results' local URLs (under ``canonical_base`` of MAM_FHIR_CODES_FILE; mam.fhir.definitions).
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ def register(sub) -> None:
                        "a durable outbox, and manage the outbox",
                        epilog=__doc__.split("\n", 1)[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    group = s.add_subparsers(dest="fhir_command", required=True, metavar="{push,outbox}")
+    group = s.add_subparsers(
+        dest="fhir_command", required=True, metavar="{push,outbox,definitions}"
+    )
 
     p = group.add_parser("push", help="queue NDJSON Bundles (e.g. mam batch's "
                          "results.fhir.ndjson) and deliver the outbox")  # fmt: skip
@@ -96,6 +101,12 @@ def register(sub) -> None:
     o.add_argument("--all", action="store_true", help="retry every given-up entry")
     _add_format(o)
     o.set_defaults(func=run_outbox)
+
+    d = group.add_parser("definitions", help="print the FHIR CodeSystem, StructureDefinition "
+                         "and NamingSystems of the results' local URLs")  # fmt: skip
+    d.add_argument("--format", choices=("json", "ndjson"), default="json",
+                   help="json: a collection Bundle; ndjson: one resource per line")  # fmt: skip
+    d.set_defaults(func=run_definitions)
 
 
 def _add_outbox(p) -> None:
@@ -238,3 +249,15 @@ def run_outbox(args: argparse.Namespace) -> int:
         return 0
     finally:
         outbox.close()
+
+
+def run_definitions(args: argparse.Namespace) -> int:
+    from mam.fhir import FhirCodes
+    from mam.fhir.definitions import definitions, definitions_bundle
+
+    codes = FhirCodes.from_env()  # the site's canonical_base
+    if args.format == "ndjson":
+        print("\n".join(json.dumps(r) for r in definitions(codes)))
+    else:
+        print(json.dumps(definitions_bundle(codes), indent=2))
+    return 0

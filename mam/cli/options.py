@@ -88,6 +88,39 @@ def add_infant(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corrected-age-weeks", type=float, metavar="W", help="at recording")
 
 
+FHIR_LINKAGE = ("fhir_subject", "fhir_encounter", "fhir_patient_identifier",
+                "fhir_order_identifier", "accession_number")  # fmt: skip
+
+
+def add_fhir_linkage(g) -> None:
+    """The patient, encounter and order a FHIR result belongs to (``mam.fhir.FhirContext``):
+    the caller's, checked, never logged."""
+    g.add_argument("--fhir-subject", metavar="Patient/ID",
+                   help="the patient of the result (a FHIR reference; never logged)")  # fmt: skip
+    g.add_argument("--fhir-encounter", metavar="Encounter/ID", help="the encounter, likewise")
+    g.add_argument("--fhir-patient-identifier", metavar="SYSTEM|VALUE",
+                   help="the patient by identifier (e.g. an MRN): the subject becomes the "
+                        "conditional reference Patient?identifier=SYSTEM|VALUE, which the FHIR "
+                        "server resolves; not with --fhir-subject")  # fmt: skip
+    g.add_argument("--fhir-order-identifier", metavar="SYSTEM|VALUE",
+                   help="the order (ServiceRequest) the result answers: basedOn "
+                        "ServiceRequest?identifier=SYSTEM|VALUE")  # fmt: skip
+    g.add_argument("--accession-number", metavar="A",
+                   help="the accession number: a report identifier of type ACSN (and the "
+                        "order's, when no --fhir-order-identifier)")  # fmt: skip
+
+
+def fhir_linkage(args: argparse.Namespace) -> dict:
+    """``FhirContext`` keyword arguments from ``add_fhir_linkage``'s options."""
+    return {
+        "subject": args.fhir_subject,
+        "encounter": args.fhir_encounter,
+        "patient_identifier": args.fhir_patient_identifier,
+        "order_identifier": args.fhir_order_identifier,
+        "accession_number": args.accession_number,
+    }
+
+
 def add_data(p: argparse.ArgumentParser, what: str = "dataset folder(s)") -> None:
     p.add_argument("--data", type=Path, nargs="+", required=True,
                    help=f"{what}: infants.csv, fms_intervals.csv, poses or recordings")  # fmt: skip

@@ -2,13 +2,23 @@
 
 ``codes`` (the local code system, site codes, units), ``bundle`` (a result -> a transaction
 Bundle: Device, Observations, DiagnosticReport, Provenance), ``parse`` (the numbers back),
-``push`` (POST to a site's FHIR server with retries). The service answers FHIR for
-``Accept: application/fhir+json`` or ``?format=fhir``; ``mam screen --format fhir`` prints a
-Bundle; ``mam batch`` writes ``results.fhir.ndjson`` (one Bundle per line, as in FHIR Bulk Data).
+``push`` (POST to a site's FHIR server with retries), ``definitions`` (the CodeSystem,
+StructureDefinition and NamingSystems behind the local URLs), ``outcome`` (an error as an
+OperationOutcome). The service answers FHIR for ``Accept: application/fhir+json`` or
+``?format=fhir`` (errors then as an OperationOutcome); ``mam screen --format fhir`` prints a
+Bundle; ``mam batch`` writes ``results.fhir.ndjson``: NDJSON of transaction Bundles, one per
+line (not a FHIR Bulk Data export, whose files hold one resource per line).
 """
 
-from mam.fhir.bundle import FhirContext, InvalidFhirReferenceError, build_bundle, result_id_for
+from mam.fhir.bundle import (
+    FhirContext,
+    InvalidFhirIdentifierError,
+    InvalidFhirReferenceError,
+    build_bundle,
+    result_id_for,
+)
 from mam.fhir.codes import FhirCodes, InvalidFhirConfigError
+from mam.fhir.outcome import operation_outcome
 from mam.fhir.parse import FhirReadback, parse_bundle
 
 FHIR_JSON = "application/fhir+json"
@@ -19,8 +29,10 @@ __all__ = [
     "FhirContext",
     "FhirReadback",
     "InvalidFhirConfigError",
+    "InvalidFhirIdentifierError",
     "InvalidFhirReferenceError",
     "build_bundle",
+    "operation_outcome",
     "parse_bundle",
     "result_id_for",
 ]

@@ -1,21 +1,31 @@
 """A screening result as an HL7 FHIR R4 transaction Bundle, with AI provenance.
 
 What an EHR receives for one result (``build_bundle``), each resource labelled as the HL7 AI
-Transparency on FHIR guide (STU1 ballot, FHIR 4.0.1) asks:
+Transparency on FHIR guide (``hl7.fhir.uv.aitransparency#1.0.0-ballot``, FHIR 4.0.1) asks:
 
 * ``Device``: the model (AI Device profile): name, version, model digest (a second
   ``version`` entry of type ``model-digest``, ``mam.model.weights``), weights SHA-256, pose
-  backend, runtime; type ``Artificial-Intelligence`` with its kinds (deep learning, video data,
-  deterministic); the weights' provenance as a note. Conditionally created on its configuration
+  backend, runtime; type ``Artificial-Intelligence`` with its kind (deep learning: the only
+  kind code of the ballot package that fits); manufacturer, safety (decision support only),
+  ``url`` the model card (also named in the note with the weights' provenance); ``owner`` and
+  ``contact`` the site's (``FhirCodes``). Conditionally created on its configuration
   identifier, so a server keeps one Device per model configuration.
 * ``Observation`` (status ``preliminary``, ``meta.security`` AIAST, ``device`` = the model):
   P(risk) with the risk threshold as its reference range; the classification (normal, risk or
   indeterminate, interpretation POS / NEG / IND); the FMs frequency; the FMs category; per-clip
   P(FMs) as one component per clip, each with its time window (``CLIP_WINDOW_EXTENSION``).
 * ``DiagnosticReport`` (status ``preliminary``: decision support awaiting a GMA assessor's
-  review; AIAST) referencing them, with the conclusion in words and as a code.
+  review; AIAST; category v2-0074 ``OTH``) referencing them, with the conclusion in words and as
+  a code; ``performer`` the site's organisation when configured (R4 has no Device performer:
+  the Device is the Provenance's author and each Observation's ``device``).
+* Every Observation and the report: ``effectiveDateTime`` when the infant was recorded
+  (``FhirContext.recorded_at``) if the caller knows it, else the screening time (``issued``);
+  ``basedOn`` the order (``ServiceRequest?identifier=...``, or a logical reference by the
+  accession number); the subject by id or as ``Patient?identifier=SYSTEM|VALUE``, which the
+  server resolves in the transaction. The accession number is also a report identifier (ACSN).
 * ``Provenance`` (AI Provenance profile): the Device as author (role Artificial-Intelligence),
-  reason AIAST, targets every AI-asserted resource.
+  reason AIAST, targets every AI-asserted resource; ``occurredDateTime`` the screening; the
+  screened file as a source entity by its SHA-256 (never a path).
 
 Choices where FHIR and the guide leave room (written down here, see also ``mam.fhir.codes``):
 
@@ -56,8 +66,8 @@ from mam.fhir import codes as C
 from mam.fhir.codes import FhirCodes
 from mam.schemas import InstancesResult, ScreeningResult
 
-__all__ = ["FhirContext", "InvalidFhirReferenceError", "as_correction", "build_bundle",
-           "result_id_for"]  # fmt: skip
+__all__ = ["FhirContext", "InvalidFhirIdentifierError", "InvalidFhirReferenceError",
+           "as_correction", "build_bundle", "result_id_for"]  # fmt: skip
 
 _ID = r"[A-Za-z0-9\-.]{1,64}"  # FHIR id
 _INTERPRETATION = {
@@ -71,6 +81,26 @@ class InvalidFhirReferenceError(InputError):
     """A patient or encounter reference that is not one (the value itself is never echoed)."""
 
     code = "invalid_fhir_reference"
+
+
+class InvalidFhirIdentifierError(InvalidFhirReferenceError):
+    """A patient or order identifier, or an accession number, that is not one (never echoed);
+    the same code as a bad reference: both are the caller's linkage."""
+
+
+def _identifier(value: str | None, what: str) -> tuple[str, str] | None:
+    """``SYSTEM|VALUE`` -> (system, value): the system an absolute URI (``https://...``,
+    ``urn:oid:...``), the value without ``|`` or spaces at its ends."""
+    if value is None or value == "":
+        return None
+    system, sep, ident = value.strip().partition("|")
+    if (not sep or not ident.strip() or "|" in ident or len(value) > 512
+            or not re.match(r"^(?:https?://\S+|urn:(?:oid|uuid):\S+)$", system)):  # fmt: skip
+        raise InvalidFhirIdentifierError(
+            f"the {what} must look like SYSTEM|VALUE with SYSTEM an absolute URI, e.g. "
+            "https://hospital.example/mrn|12345 (the value given is not echoed)"
+        )
+    return system, ident.strip()
 
 
 def _reference(value: str | None, kind: str) -> str | None:
@@ -98,6 +128,16 @@ class FhirContext:
         issued: when the result was made (default: now, UTC).
         study_instance_uid, series_instance_uid: DICOM UIDs, only when the caller asked for
             them to be echoed.
+        patient_identifier: ``SYSTEM|VALUE`` (an MRN): the subject as the conditional reference
+            ``Patient?identifier=SYSTEM|VALUE``, resolved by the server; not with ``subject``.
+        order_identifier: ``SYSTEM|VALUE`` of the ServiceRequest (the order) the result
+            answers: ``basedOn`` ``ServiceRequest?identifier=SYSTEM|VALUE``.
+        accession_number: the accession number: a DiagnosticReport identifier of type ACSN
+            (and the order's, as a logical ``basedOn`` reference, when no order is given).
+        accession_system: the system of the accession number (default: none, a bare value).
+        recorded_at: when the infant was recorded (the ``effective[x]`` of the Observations
+            and DiagnosticReport); None: unknown, the screening time (``issued``) is used.
+        content_sha256: SHA-256 of the screened file: the Provenance's input entity.
     """
 
     result_id: str
@@ -106,12 +146,41 @@ class FhirContext:
     issued: datetime | None = None
     study_instance_uid: str | None = None
     series_instance_uid: str | None = None
+    patient_identifier: str | None = None
+    order_identifier: str | None = None
+    accession_number: str | None = None
+    accession_system: str | None = None
+    recorded_at: datetime | None = None
+    content_sha256: str | None = None
 
     def __post_init__(self) -> None:
         if not re.match(r"^[A-Za-z0-9._:\-]{1,64}$", self.result_id or ""):
             raise ValueError("result_id must be 1-64 characters of [A-Za-z0-9._:-]")
+        if self.patient_identifier and (self.subject or "").startswith("Patient?identifier="):
+            object.__setattr__(self, "subject", None)  # replace() of a context by identifier
         object.__setattr__(self, "subject", _reference(self.subject, "Patient"))
         object.__setattr__(self, "encounter", _reference(self.encounter, "Encounter"))
+        if self.subject and self.patient_identifier:
+            raise InvalidFhirReferenceError(
+                "give the patient by reference or by identifier, not both"
+            )
+        patient = _identifier(self.patient_identifier, "patient identifier")
+        order = _identifier(self.order_identifier, "order identifier")
+        for name, pair in (("patient_identifier", patient), ("order_identifier", order)):
+            object.__setattr__(self, name, "|".join(pair) if pair else None)
+        if self.patient_identifier:
+            object.__setattr__(self, "subject", f"Patient?identifier={self.patient_identifier}")
+        acc = (self.accession_number or "").strip() or None
+        if acc is not None and (len(acc) > 64 or not re.match(r"^[^|\s][^|]*$", acc)):
+            raise InvalidFhirIdentifierError(
+                "the accession number must be 1-64 characters without '|' (not echoed)"
+            )
+        object.__setattr__(self, "accession_number", acc)
+        if self.accession_system is not None:
+            _identifier(f"{self.accession_system}|x", "accession number system")
+        if self.content_sha256 is not None and not re.match(r"^[0-9a-f]{64}$",
+                                                            self.content_sha256):  # fmt: skip
+            raise ValueError("content_sha256 must be 64 lower-case hex digits")
         for name in ("study_instance_uid", "series_instance_uid"):
             uid = getattr(self, name)
             if uid is not None and not re.match(r"^[0-9]+(\.[0-9]+)*$", uid):
@@ -138,6 +207,9 @@ class _Builder:
     def __init__(self, result, ctx: FhirContext, codes: FhirCodes) -> None:
         self.r, self.ctx, self.codes = result, ctx, codes
         self.issued = _instant(ctx.issued)
+        # When the infant was recorded when the caller knows it, else when it was screened.
+        self.effective = _instant(ctx.recorded_at) if ctx.recorded_at else self.issued
+        self.sys = codes.systems
         self.entries: list[dict] = []
         self.ns = uuid.UUID(C.FULL_URL_NAMESPACE)
 
@@ -154,15 +226,36 @@ class _Builder:
 
     def identifier(self, suffix: str = "") -> dict:
         value = self.ctx.result_id + (f"-{suffix}" if suffix else "")
-        return {"system": C.RESULT_ID_SYSTEM, "value": value}
+        return {"system": self.sys.result_id, "value": value}
+
+    def based_on(self) -> list[dict]:
+        """The order: a conditional reference by its identifier, else a logical one by the
+        accession number; none without either."""
+        ctx = self.ctx
+        if ctx.order_identifier:
+            return [{"reference": f"ServiceRequest?identifier={ctx.order_identifier}"}]
+        if ctx.accession_number:
+            return [{"type": "ServiceRequest", "identifier": self.accession()}]
+        return []
+
+    def accession(self) -> dict:
+        out = {"type": {"coding": [{"system": C.IDENTIFIER_TYPE, "code": "ACSN",
+                                    "display": "Accession ID"}]}}  # fmt: skip
+        if self.ctx.accession_system:
+            out["system"] = self.ctx.accession_system
+        out["value"] = self.ctx.accession_number
+        return out
 
     def common(self) -> dict:
         """Fields every AI-asserted resource carries."""
         out: dict = {"meta": {"security": [dict(C.AIAST)]}}
+        if based_on := self.based_on():
+            out["basedOn"] = based_on
         if self.ctx.subject:
             out["subject"] = {"reference": self.ctx.subject}
         if self.ctx.encounter:
             out["encounter"] = {"reference": self.ctx.encounter}
+        out["effectiveDateTime"] = self.effective
         return out
 
     # -- resources ---------------------------------------------------------------------------------
@@ -170,7 +263,7 @@ class _Builder:
         m = self.r.model
         # The digest, not the file's hash: recalibrated weights are another Device.
         key = f"{m.digest or m.weights_sha256}/{m.pose_backend}/{m.runtime}/{m.precision}"
-        kinds = ("Deep-Learning-Models", "AI-for-Video-Data", "Deterministic-AI")
+        kinds = C.AI_KINDS
 
         def prop(code: str, text: str) -> dict:
             return {"type": self.codes.concept(code), "valueCode": [{"text": text}]}
@@ -188,10 +281,13 @@ class _Builder:
                 for k in kinds
             ],  # fmt: skip
             "identifier": [
-                {"system": C.WEIGHTS_SHA256_SYSTEM, "value": m.weights_sha256},
-                {"system": C.MODEL_CONFIGURATION_SYSTEM, "value": key},
+                {"system": self.sys.weights_sha256, "value": m.weights_sha256},
+                {"system": self.sys.model_configuration, "value": key},
             ],
             "status": "active",
+            "safety": [{"text": "Decision support only, not a diagnosis: every result is "
+                                "reviewed by a certified GMA assessor"}],
+            "manufacturer": C.MANUFACTURER,
             "deviceName": [
                 {"name": m.name, "type": "model-name"},
                 {
@@ -217,10 +313,18 @@ class _Builder:
                 prop("runtime", f"{m.runtime} ({m.device})"),
                 prop("precision", m.precision),
             ],
-            "note": [{"text": f"Weights: {m.provenance}. {DISCLAIMER}"}],
-        }
+            "url": self.codes.model_card_url,
+            "note": [{"text": f"Model card: {self.codes.model_card_url}. Weights: {m.provenance}. "
+                              f"{DISCLAIMER}"}],
+        }  # fmt: skip
+        if self.codes.owner:
+            device["owner"] = {"reference": self.codes.owner}
+        if self.codes.contact:
+            contact = self.codes.contact
+            kind = "email" if "@" in contact and "://" not in contact else "url"
+            device["contact"] = [{"system": kind, "value": self.codes.contact}]
         return self.add("device", device,
-                        f"identifier={C.MODEL_CONFIGURATION_SYSTEM}|{key}")  # fmt: skip
+                        f"identifier={self.sys.model_configuration}|{key}")  # fmt: skip
 
     def observation(self, part: str, code: str, device: str, **fields) -> str:
         obs = {
@@ -273,7 +377,7 @@ class _Builder:
                 }
                 text = f"P(FMs), clip {c.index}, {c.start_s:g}-{c.end_s:g} s"
                 out.append({
-                    "extension": [{"url": C.CLIP_WINDOW_EXTENSION, "valueRange": window}],
+                    "extension": [{"url": self.sys.clip_window, "valueRange": window}],
                     "code": self.codes.concept("clip-fms-probability", text),
                     "valueQuantity": self.codes.quantity(_round(c.fms_probability)),
                 })  # fmt: skip
@@ -334,14 +438,23 @@ class _Builder:
         report = {
             "resourceType": "DiagnosticReport",
             **self.common(),
-            "identifier": [self.identifier()],
+            "identifier": [self.identifier()]
+            + ([self.accession()] if self.ctx.accession_number else []),
             "status": "preliminary",
+            "category": [
+                {
+                    "coding": [dict(C.REPORT_CATEGORY)],
+                    "text": "Neurodevelopmental screening (video)",
+                }
+            ],
             "code": codes.concept("gma-screening-report"),
             "issued": self.issued,
             "result": [{"reference": u} for u in results],
             "conclusion": self.conclusion(),
             "conclusionCode": [codes.concept(c.label)],
         }
+        if self.codes.owner:  # the Device is the Provenance's author: R4 performers are people
+            report["performer"] = [{"reference": self.codes.owner}]
         if self.ctx.study_instance_uid:
             report["imagingStudy"] = [{
                 "identifier": {"system": C.DICOM_UID_SYSTEM,
@@ -354,6 +467,7 @@ class _Builder:
             "resourceType": "Provenance",
             "meta": {"profile": [C.AI_PROVENANCE_PROFILE]},
             "target": [{"reference": u} for u in (dr, *results)],
+            "occurredDateTime": self.issued,
             "recorded": self.issued,
             "activity": {"coding": [{"system": C.DATA_OPERATION, "code": "CREATE",
                                      "display": "create"}]},
@@ -366,13 +480,23 @@ class _Builder:
                 "who": {"reference": device},
             }],
         }  # fmt: skip
+        entities = []
+        if self.ctx.content_sha256:  # the input, by its content: never a path
+            entities.append({
+                "role": "source",
+                "what": {"identifier": {"system": self.sys.content_sha256,
+                                        "value": self.ctx.content_sha256},
+                         "display": "the screened file (SHA-256 of its content)"},
+            })  # fmt: skip
         if self.ctx.series_instance_uid:
-            provenance["entity"] = [{
+            entities.append({
                 "role": "source",
                 "what": {"identifier": {"system": C.DICOM_UID_SYSTEM,
                                         "value": "urn:oid:" + self.ctx.series_instance_uid},
                          "display": "the DICOM series of the screened recording"},
-            }]  # fmt: skip
+            })  # fmt: skip
+        if entities:
+            provenance["entity"] = entities
         # Keyed by the result and what it asserts (not when the Bundle was built), so a re-push
         # creates nothing new and a correction (other content) records another Provenance. R4's
         # Provenance has no identifier element: the key is a tag, searchable as _tag.
@@ -398,11 +522,11 @@ def build_bundle(
     return _Builder(result, context, codes or FhirCodes()).build()
 
 
-TIME_FIELDS = ("timestamp", "issued", "recorded")
+TIME_FIELDS = ("timestamp", "issued", "recorded", "occurredDateTime", "effectiveDateTime")
 
 
 def content_digest(entries: list[dict]) -> str:
-    """SHA-256 of Bundle entries less when they were built (``issued``, ``recorded``): the
+    """SHA-256 of Bundle entries less their times (``issued``, ``recorded``, ...): the
     same assertions give the same digest whenever the Bundle is built again."""
     kept = [{**e, "resource": {k: v for k, v in e["resource"].items() if k not in TIME_FIELDS}}
             for e in entries]  # fmt: skip

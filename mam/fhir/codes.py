@@ -2,11 +2,15 @@
 
 No LOINC or SNOMED CT code exists for Prechtl's General Movements Assessment or for the MAM
 model's outputs, so the concepts are coded in a local code system, ``GMA_SYSTEM``. Every local
-namespace below is a ``urn:uuid:`` (FHIR's choice for a system without a web home: globally
-unique, owned by nobody else, never resolved); they are fixed for good, since receiving systems
-match on them. A site that has its own codes (or, one day, LOINC ones) configures them in a JSON
-file (``MAM_FHIR_CODES_FILE``): its codings are placed before the local one in each
-CodeableConcept, and the local coding is always kept, so any reader can still find each value.
+namespace (the code system, the identifier systems, the clip extension) is a canonical https URL
+under one base, ``CANONICAL_BASE`` (``https://mam-screening.example/fhir``; ``Systems``), and the
+CodeSystem and StructureDefinition resources that define them ship with the package
+(``mam.fhir.definitions``, ``mam fhir definitions``): a site publishes them on its own server
+and, to make the URLs resolve there, sets its base in the codes file (``canonical_base``). The
+URLs are stable for a given base; receiving systems match on them. A site that has its own codes
+(or, one day, LOINC ones) configures them in a JSON file (``MAM_FHIR_CODES_FILE``): its codings
+are placed before the local one in each CodeableConcept, and the local coding is always kept, so
+any reader can still find each value.
 
 Local code system ``GMA_SYSTEM`` (``CONCEPTS``):
 
@@ -32,37 +36,87 @@ precision
 
 Site configuration (``MAM_FHIR_CODES_FILE``), e.g.::
 
-    {"unit": "%",
+    {"unit": "%", "canonical_base": "https://fhir.site.example/mam",
      "codes": {"cp-risk-probability": [{"system": "https://site.example/codes",
                                         "code": "GMA-RISK", "display": "GMA risk"}]}}
 
 ``unit`` is UCUM ``%`` (default: 12.34 %, clearer in an EHR's flowsheet) or ``1`` (0.1234).
+``canonical_base`` (an https URL, no trailing slash) replaces ``CANONICAL_BASE`` in every local
+system and extension URL (``Systems``); ``owner`` (a reference such as ``Organization/12``)
+and ``contact`` (an email address or URL) fill the Device's ``owner`` and ``contact``;
+``model_card`` (an https URL) is where the site publishes the model card (Device ``url``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from mam.errors import InputError
 
-# -- local namespaces (fixed for good) -------------------------------------------------------------
-GMA_SYSTEM = "urn:uuid:56b2cb7a-0c30-41e2-9fcd-c46ced14c7b4"
-"""Local code system of the GMA concepts above."""
-RESULT_ID_SYSTEM = "urn:uuid:d671f6b9-15b4-48a6-b6ad-1f8363154a95"
-"""Identifier system of a result: the service's request or task id, the CLI's or batch run's
-result id (DiagnosticReport.identifier; each Observation adds its code after a hyphen)."""
-WEIGHTS_SHA256_SYSTEM = "urn:uuid:4a50ac69-54ae-4f62-8d08-3329b57a96b2"
-"""Identifier system of a model's weights: the SHA-256 of its weights file (Device)."""
-MODEL_CONFIGURATION_SYSTEM = "urn:uuid:099e4905-9e39-4072-acd6-90ceb792e083"
-"""Identifier system of a model configuration: model digest / pose backend / runtime /
-precision (Device; the key a transaction's conditional create matches on)."""
-CLIP_WINDOW_EXTENSION = "urn:uuid:7c5aecc3-7cb1-414b-8f82-29d60087a7a9"
-"""Extension on a clip component: valueRange, the clip's start and end in seconds from the start
-of the recording (absent for ready-made instances, which carry no times)."""
+# -- local namespaces (canonical URLs under one base) ---------------------------------------------
+CANONICAL_BASE = "https://mam-screening.example/fhir"
+"""Default base of every local canonical URL; a site sets its own (``canonical_base``)."""
+
+
+@dataclass(frozen=True)
+class Systems:
+    """The local canonical URLs under ``base``: code system, identifier systems, extension."""
+
+    base: str = CANONICAL_BASE
+
+    @property
+    def gma(self) -> str:
+        """Local code system of the GMA concepts above."""
+        return f"{self.base}/CodeSystem/gma"
+
+    @property
+    def result_id(self) -> str:
+        """Identifier system of a result: the service's request or task id, the CLI's or batch
+        run's result id (DiagnosticReport.identifier; each Observation adds its code after a
+        hyphen)."""
+        return f"{self.base}/NamingSystem/result-id"
+
+    @property
+    def weights_sha256(self) -> str:
+        """Identifier system of a model's weights: the SHA-256 of its weights file (Device)."""
+        return f"{self.base}/NamingSystem/weights-sha256"
+
+    @property
+    def model_configuration(self) -> str:
+        """Identifier system of a model configuration: model digest / pose backend / runtime /
+        precision (Device; the key a transaction's conditional create matches on)."""
+        return f"{self.base}/NamingSystem/model-configuration"
+
+    @property
+    def content_sha256(self) -> str:
+        """Identifier system of a recording's content: the SHA-256 of its bytes (Provenance
+        input entity; never a path)."""
+        return f"{self.base}/NamingSystem/content-sha256"
+
+    @property
+    def clip_window(self) -> str:
+        """Extension on a clip component: valueRange, the clip's start and end in seconds from
+        the start of the recording (absent for ready-made instances, which carry no times)."""
+        return f"{self.base}/StructureDefinition/clip-window"
+
+    @property
+    def model_card(self) -> str:
+        """Where the model card is published (Device.url and its model-card link)."""
+        return f"{self.base}/model-card"
+
+
+_DEFAULT = Systems()
+GMA_SYSTEM = _DEFAULT.gma
+RESULT_ID_SYSTEM = _DEFAULT.result_id
+WEIGHTS_SHA256_SYSTEM = _DEFAULT.weights_sha256
+MODEL_CONFIGURATION_SYSTEM = _DEFAULT.model_configuration
+CONTENT_SHA256_SYSTEM = _DEFAULT.content_sha256
+CLIP_WINDOW_EXTENSION = _DEFAULT.clip_window
 # A stable namespace for the deterministic fullUrls of a result's resources (uuid5).
 FULL_URL_NAMESPACE = "3c7f5d0e-8a1b-5c59-9f3e-6a2d4b1c0e77"
 
@@ -73,8 +127,21 @@ INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpreta
 DATA_ABSENT_REASON = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
 DATA_OPERATION = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
 PARTICIPANT_TYPE = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
+IDENTIFIER_TYPE = "http://terminology.hl7.org/CodeSystem/v2-0203"
+REPORT_CATEGORY = {  # diagnostic service section (FHIR's example binding): none closer fits
+    "system": "http://terminology.hl7.org/CodeSystem/v2-0074",
+    "code": "OTH",
+    "display": "Other",
+}
+MANUFACTURER = "MAM screening project (model of Gao, Yao et al., Nat Commun 2023)"
 DICOM_UID_SYSTEM = "urn:dicom:uid"  # ImagingStudy identifiers: value "urn:oid:<UID>"
-# HL7 AI Transparency on FHIR (http://hl7.org/fhir/uv/aitransparency, STU1 ballot, FHIR 4.0.1).
+# HL7 AI Transparency on FHIR (http://hl7.org/fhir/uv/aitransparency), the STU1 ballot package
+# hl7.fhir.uv.aitransparency#1.0.0-ballot (FHIR 4.0.1): every code used below is in it. Its
+# AI-kind code system holds Deep-Learning-Models; AI-for-Video-Data and Deterministic-AI came
+# only in the post-ballot build, so they are not sent.
+AIT_PACKAGE = "hl7.fhir.uv.aitransparency"
+AIT_VERSION = "1.0.0-ballot"
+AI_KINDS = ("Deep-Learning-Models",)
 OBSERVATION_VALUE = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"
 AIAST = {
     "system": OBSERVATION_VALUE,
@@ -131,12 +198,41 @@ class FhirCodes:
     Args:
         site: local code -> codings (``system``, ``code``, optional ``display``) to put first.
         unit: UCUM unit of probabilities and the FMs frequency: ``%`` or ``1``.
+        canonical_base: https base of the local canonical URLs (``Systems``).
+        owner: the site operating the model, a Reference (``Organization/12``): Device.owner.
+        contact: the site's contact for the model, an email address or https URL.
+        model_card: where the site publishes the model card (``mam evaluate --model-card``);
+            default ``<canonical_base>/model-card``.
     """
 
     site: dict[str, tuple[dict, ...]] = field(default_factory=dict)
     unit: Unit = "%"
+    canonical_base: str = CANONICAL_BASE
+    owner: str | None = None
+    contact: str | None = None
+    model_card: str | None = None
+
+    @property
+    def systems(self) -> Systems:
+        return Systems(self.canonical_base)
+
+    @property
+    def model_card_url(self) -> str:
+        return self.model_card or self.systems.model_card
 
     def __post_init__(self) -> None:
+        base = self.canonical_base
+        if not isinstance(base, str) or not re.match(r"^https://[^\s?#|]+[^/\s?#|]$", base):
+            raise InvalidFhirConfigError(
+                "canonical_base must be an https URL without a trailing slash"
+            )
+        if self.owner is not None and not re.match(r"^Organization/[A-Za-z0-9\-.]{1,64}$",
+                                                   str(self.owner)):  # fmt: skip
+            raise InvalidFhirConfigError("owner must be a reference such as Organization/12")
+        if self.contact is not None and not isinstance(self.contact, str):
+            raise InvalidFhirConfigError("contact must be an email address or a URL")
+        if self.model_card is not None and not re.match(r"^https://\S+$", str(self.model_card)):
+            raise InvalidFhirConfigError("model_card must be an https URL")
         if self.unit not in ("%", "1"):
             raise InvalidFhirConfigError(
                 f"the FHIR unit must be '%' or '1'; received {self.unit!r}"
@@ -151,7 +247,7 @@ class FhirCodes:
                     raise InvalidFhirConfigError(
                         f"FHIR codes for {key!r}: each coding needs a 'system' and a 'code'"
                     )
-                if c["system"] == GMA_SYSTEM:
+                if c["system"] in (GMA_SYSTEM, self.systems.gma):
                     raise InvalidFhirConfigError(
                         f"FHIR codes for {key!r}: site codes need their own system"
                     )
@@ -162,7 +258,8 @@ class FhirCodes:
             {k: v for k, v in c.items() if k in ("system", "version", "code", "display")}
             for c in self.site.get(code, ())
         ]
-        out: dict = {"coding": [*codings, coding(code)]}
+        local = {"system": self.systems.gma, "code": code, "display": CONCEPTS[code]}
+        out: dict = {"coding": [*codings, local]}
         out["text"] = text or CONCEPTS[code]
         return out
 
@@ -199,7 +296,10 @@ class FhirCodes:
             raise InvalidFhirConfigError(f"{path}: expected {{'codes': {{...}}, 'unit': ...}}")
         raw = data.get("codes", {})
         site = {k: tuple(v if isinstance(v, list) else [v]) for k, v in raw.items()}
-        return cls(site=site, unit=unit or data.get("unit", "%"))
+        return cls(site=site, unit=unit or data.get("unit", "%"),
+                   canonical_base=data.get("canonical_base", CANONICAL_BASE),
+                   owner=data.get("owner"), contact=data.get("contact"),
+                   model_card=data.get("model_card"))  # fmt: skip
 
     @classmethod
     def from_env(cls) -> FhirCodes:
