@@ -1,11 +1,15 @@
 """Hospital integration in the service: FHIR answers, FHIR push through the outbox, the audit trail.
 
-* FHIR is asked for with ``Accept: application/fhir+json`` or ``?format=fhir`` on
-  ``/screen``, ``/screen_pose``, ``/screen_instances`` and ``/screen/get``; the middleware turns
-  the JSON result into the Bundle of :mod:`mam.fhir` (``to_fhir``), so handlers and BentoML's task
-  routes stay as they are. Errors keep the service's JSON envelope.
+* A result is answered in any format of :mod:`mam.formats`, asked for with ``?format=NAME`` or
+  its media type in ``Accept`` (``application/fhir+json`` or ``?format=fhir``: the FHIR Bundle
+  of :mod:`mam.fhir`) on ``/screen``, ``/screen_pose``, ``/screen_instances`` and
+  ``/screen/get``; the middleware turns the JSON result into it (``negotiate``, ``render``), so
+  handlers and BentoML's task routes stay as they are. Errors keep the service's JSON envelope.
 * The caller passes its references in headers, never in the URL (proxies log URLs):
-  ``X-MAM-FHIR-Subject: Patient/<id>``, ``X-MAM-FHIR-Encounter: Encounter/<id>``;
+  ``X-MAM-FHIR-Subject: Patient/<id>``, ``X-MAM-FHIR-Encounter: Encounter/<id>``, or the
+  patient by identifier ``X-MAM-FHIR-Patient-Identifier: SYSTEM|VALUE`` (a conditional
+  reference), the order ``X-MAM-FHIR-Order-Identifier: SYSTEM|VALUE`` (``basedOn``) and
+  ``X-MAM-Accession-Number``;
   ``X-MAM-Echo-DICOM-UIDs: true`` asks for a DICOM upload's study and series UIDs to be echoed
   into the Bundle. The result id is the request id (``x-request-id``) of a synchronous call and
   the task id of a task, so a result fetched twice is the same FHIR result.
@@ -18,14 +22,14 @@ Echoed UIDs of tasks are kept in memory only (``UidStore``, bounded), for ``/scr
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from urllib.parse import parse_qs
 
-from mam.fhir import FHIR_JSON, FhirCodes, FhirContext, build_bundle
+from mam import formats
+from mam.fhir import FhirCodes, FhirContext, build_bundle
 from mam.schemas import InstancesResult, ScreeningResult
 
 logger = logging.getLogger("mam.service")
@@ -33,6 +37,9 @@ logger = logging.getLogger("mam.service")
 SUBJECT_HEADER = "x-mam-fhir-subject"
 ENCOUNTER_HEADER = "x-mam-fhir-encounter"
 ECHO_UIDS_HEADER = "x-mam-echo-dicom-uids"
+PATIENT_IDENTIFIER_HEADER = "x-mam-fhir-patient-identifier"
+ORDER_IDENTIFIER_HEADER = "x-mam-fhir-order-identifier"
+ACCESSION_HEADER = "x-mam-accession-number"
 # Endpoints (service.middleware.ROUTES names) whose results can be answered as FHIR.
 RESULT_TYPES = {
     "screen": ScreeningResult,
@@ -40,6 +47,8 @@ RESULT_TYPES = {
     "screen_pose": ScreeningResult,
     "screen_instances": InstancesResult,
 }
+RESULT_KINDS = {name: formats.INSTANCES if t is InstancesResult else formats.SCREENING
+                for name, t in RESULT_TYPES.items()}  # fmt: skip
 # Endpoints every call of which is audited (status polls are not: they carry no data).
 AUDITED = frozenset({"screen", "screen_submit", "screen_get", "screen_pose", "screen_instances"})
 
@@ -53,35 +62,44 @@ def query_of(scope) -> dict[str, str]:
     return {k: v[-1] for k, v in q.items()}
 
 
-def wants_fhir(scope) -> bool:
-    """``?format=fhir``, or an Accept header naming ``application/fhir+json`` (``format=json``
-    wins over Accept)."""
-    fmt = query_of(scope).get("format", "").lower()
-    if fmt:
-        return fmt == "fhir"
-    accept = headers_of(scope).get("accept", "").lower()
-    return FHIR_JSON in accept
+def negotiate(scope, endpoint: str):
+    """The output format (``mam.formats``) a result request asks for: ``?format=NAME`` (which
+    wins over Accept), else its ``Accept`` header, else JSON; None for an endpoint that answers
+    no result."""
+    kind = RESULT_KINDS.get(endpoint)
+    if kind is None:
+        return None
+    return formats.negotiate(query_of(scope).get("format"), headers_of(scope).get("accept"), kind)
 
 
 def echo_uids(headers: Mapping[str, str]) -> bool:
     return headers.get(ECHO_UIDS_HEADER, "").strip().lower() in ("1", "true", "yes")
 
 
-def context(headers: Mapping[str, str], result_id: str, uids=None) -> FhirContext:
-    """The caller's references (``InvalidFhirReferenceError`` when they are not references)."""
+def context(headers: Mapping[str, str], result_id: str, uids=None,
+            content_sha256: str | None = None) -> FhirContext:  # fmt: skip
+    """The caller's references and identifiers (``InvalidFhirReferenceError`` when they are not
+    ones); ``content_sha256``: the screened upload's, for the Provenance."""
     return FhirContext(
         result_id=result_id,
         subject=headers.get(SUBJECT_HEADER) or None,
         encounter=headers.get(ENCOUNTER_HEADER) or None,
+        patient_identifier=headers.get(PATIENT_IDENTIFIER_HEADER) or None,
+        order_identifier=headers.get(ORDER_IDENTIFIER_HEADER) or None,
+        accession_number=headers.get(ACCESSION_HEADER) or None,
+        content_sha256=content_sha256,
         study_instance_uid=getattr(uids, "study_instance_uid", None),
         series_instance_uid=getattr(uids, "series_instance_uid", None),
     )
 
 
-def to_fhir(body: bytes, endpoint: str, ctx: FhirContext, codes: FhirCodes) -> bytes:
-    """A JSON result as BentoML answered it -> its FHIR Bundle, as bytes."""
+def render(body: bytes, endpoint: str, fmt, ctx: FhirContext, codes: FhirCodes | None) -> bytes:
+    """A JSON result as BentoML answered it -> the same result in ``fmt`` (one line of JSON for
+    the JSON formats), as bytes."""
     result = RESULT_TYPES[endpoint].model_validate_json(body)
-    return json.dumps(build_bundle(result, ctx, codes)).encode()
+    rc = formats.RenderContext(ctx.result_id, fhir=ctx, issued=ctx.issued, codes=codes,
+                               pretty=False)  # fmt: skip
+    return fmt.to_bytes(result, rc)
 
 
 class UidStore:

@@ -22,7 +22,7 @@ from mam.errors import MamError
 from service import errors as E
 from service import integration as I
 from service.auth import KeyCheck, key_from_headers
-from service.metrics import get_metrics
+from service.metrics import get_metrics, scrape_collectors
 
 logger = logging.getLogger("mam.service.access")
 
@@ -163,8 +163,10 @@ class ServiceMiddleware:
         )
 
     async def _handle(self, scope, receive, send, route, path, rid, outcome):
+        fhir_errors = E.wants_fhir_errors(_header(scope, b"accept"))
+
         async def reply(code: str, message: str, headers: dict | None = None):
-            resp = _error_response(path, code, message, rid)
+            resp = _error_response(path, code, message, rid, fhir_errors)
             resp.headers.update(headers or {})
             outcome.update(status=resp.status_code, code=code)
             await resp(scope, receive, send)
@@ -207,13 +209,14 @@ class ServiceMiddleware:
         # Tensor and pose requests pass the admission gate (service/admission.py) in their
         # handler, once their body is in: a slow client must not hold a slot.
         return await self._forward(scope, receive, send, path, rid, outcome, reply, limit_msg,
-                                   transform)  # fmt: skip
+                                   transform, fhir_errors)  # fmt: skip
 
     def _transform(self, scope, endpoint: str, rid: str, outcome: dict):
         """What to do with a successful answer's body before it goes out (None: nothing): the
-        FHIR Bundle of a result when asked for (``service.integration``); a submitted task's id
-        noted for the audit line. Checks the caller's FHIR reference headers now, before any
-        work, raising ``InvalidFhirReferenceError``."""
+        result in the format asked for (``mam.formats``, e.g. a FHIR Bundle; chosen by
+        ``integration.negotiate``); a submitted task's id noted for the audit line. Checks the
+        caller's FHIR reference headers now, before any work, raising
+        ``InvalidFhirReferenceError``."""
         headers = I.headers_of(scope)
         result_id = I.query_of(scope).get("task_id") if endpoint == "screen_get" else rid
         I.context(headers, result_id or rid)  # references checked before the body is read
@@ -228,25 +231,22 @@ class ServiceMiddleware:
                 return body, None
 
             return note_task
-        if endpoint not in I.RESULT_TYPES or not I.wants_fhir(scope):
-            return None
-        outcome["format"] = "fhir"
+        fmt = I.negotiate(scope, endpoint)
+        if fmt is None or fmt.name == "json":
+            return None  # BentoML's JSON answer is the result as it is
+        outcome["format"] = fmt.name
         codes = self.fhir_codes
 
-        def fhir(body: bytes) -> tuple[bytes, str | None]:
+        def render(body: bytes) -> tuple[bytes, str | None]:
             state = scope.get("state", {})
             uids = state.get("dicom_uids") or I.UIDS.get(result_id)
-            ctx = I.context(headers, result_id or rid, uids)
-            if codes is None:
-                from mam.fhir import FhirCodes
+            ctx = I.context(headers, result_id or rid, uids, state.get("content_sha256"))
+            return I.render(body, endpoint, fmt, ctx, codes), fmt.media_type
 
-                return I.to_fhir(body, endpoint, ctx, FhirCodes.from_env()), I.FHIR_JSON
-            return I.to_fhir(body, endpoint, ctx, codes), I.FHIR_JSON
-
-        return fhir
+        return render
 
     async def _forward(self, scope, receive, send, path, rid, outcome, reply, limit_msg,
-                       transform=None):  # fmt: skip
+                       transform=None, fhir_errors: bool = False):  # fmt: skip
         """Pass the request on with the body limit enforced and BentoML's errors enveloped;
         ``transform(body) -> (body, content type or None)`` rewrites a 200 answer."""
 
@@ -294,7 +294,7 @@ class ServiceMiddleware:
             if refused is not None:  # BentoML's answer to the exception limited_receive raised
                 if msg["type"] == "http.response.start" and not started:
                     started = True
-                    resp = _error_response(path, refused.code, refused.message, rid)
+                    resp = _error_response(path, refused.code, refused.message, rid, fhir_errors)
                     outcome.update(status=resp.status_code, code=refused.code)
                     await resp(scope, _no_receive, send)
                 return
@@ -307,8 +307,8 @@ class ServiceMiddleware:
                 )
                 status = msg["status"]
                 outcome.update(status=status, code=code or ("ok" if status < 400 else None))
-                if status >= 400 and code is None:
-                    held = msg  # BentoML's own error: rewrite it once the body is in
+                if status >= 400 and (code is None or fhir_errors):
+                    held = msg  # BentoML's own error, or ours for a FHIR client: rewritten
                     return
                 headers.append((b"x-request-id", rid.encode()))
                 msg = {**msg, "headers": headers}
@@ -325,8 +325,13 @@ class ServiceMiddleware:
                 chunks.append(msg.get("body", b""))
                 if msg.get("more_body"):
                     return
-                code, message = _translate(held["status"], b"".join(chunks), path)
-                resp = _error_response(path, code, message, rid)
+                code = next((v.decode() for k, v in held.get("headers", [])
+                             if k.lower() == E.ERROR_HEADER.encode()), None)  # fmt: skip
+                if code is None:
+                    code, message = _translate(held["status"], b"".join(chunks), path)
+                else:  # the envelope, as an OperationOutcome
+                    message = E.envelope_message(b"".join(chunks))
+                resp = _error_response(path, code, message, rid, fhir_errors)
                 outcome.update(status=resp.status_code, code=code)
                 return await resp(scope, _no_receive, send)
             await send(msg)
@@ -369,6 +374,8 @@ async def _metrics(scope, receive, send):
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = pc.CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
+            for collector in scrape_collectors():  # computed at scrape time (reviews' agreement)
+                registry.register(collector)
             return pc.generate_latest(registry)
         return pc.generate_latest()
 
@@ -376,10 +383,13 @@ async def _metrics(scope, receive, send):
     await Response(body, media_type=pc.CONTENT_TYPE_LATEST)(scope, receive, send)
 
 
-def _error_response(path: str, code: str, message: str, rid: str):
-    """The service's envelope, or on the v2 routes the protocol's error body."""
+def _error_response(path: str, code: str, message: str, rid: str, fhir: bool = False):
+    """The service's envelope, or on the v2 routes the protocol's error body, or for a FHIR
+    client (``fhir``) an OperationOutcome."""
     if path == V2_PREFIX or path.startswith(V2_PREFIX + "/"):
         return E.v2_error_response(code, message)
+    if fhir:
+        return E.fhir_error_response(code, message, rid)
     return E.error_response(code, message, rid)
 
 

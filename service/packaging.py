@@ -167,3 +167,37 @@ def build_bento(weights: str | Path, card: str | Path | None = None,
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         bento = bentoml.bentos.build_bentofile(str(path), build_ctx=str(REPO))
     return model, bento
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m service.packaging WEIGHTS [--card F] [--bentofile F]``: what ``mam build`` runs
+    (``mam`` never imports ``service``). Its last line of output is JSON: the tags, or the error
+    (code, message) for ``mam build`` to report as its own."""
+    import argparse
+    import sys
+
+    from mam.errors import InputError, MamError
+
+    p = argparse.ArgumentParser(prog="python -m service.packaging")
+    p.add_argument("weights", type=Path)
+    p.add_argument("--card", type=Path)
+    p.add_argument("--bentofile", type=Path, default=BENTOFILE)
+    p.add_argument("-v", "--verbose", action="store_true")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
+    try:
+        model, bento = build_bento(a.weights, a.card, a.bentofile)
+    except MamError as e:
+        print(json.dumps({"error": {"code": e.code, "message": str(e),
+                                    "input": isinstance(e, InputError)}}))  # fmt: skip
+        return 2 if isinstance(e, InputError) else 1
+    md = model.info.metadata
+    sys.stdout.flush()
+    print(json.dumps({"model": str(model.tag), "digest": md["digest"],
+                      "demo": bool(md.get("demo")), "bento": str(bento.tag)}))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

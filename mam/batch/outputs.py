@@ -116,9 +116,10 @@ def write_dicom_sr(
     from the file now). Returns how many were written."""
     from datetime import UTC, datetime
 
+    from mam import formats
     from mam.batch.archive import collect
     from mam.batch.fhir import contexts, row_result_id
-    from mam.dicom_sr import read_source, sr_bytes
+    from mam.dicom_sr import read_source
     from mam.errors import MamError
     from mam.schemas import ScreeningResult
 
@@ -133,6 +134,7 @@ def write_dicom_sr(
     finally:
         ledger.close()
     folder = out / SR_DIR
+    sr = formats.get("dicom-sr")
     written = 0
     for r in rows:
         if r["status"] != "done":
@@ -148,6 +150,7 @@ def write_dicom_sr(
         issued = datetime.fromtimestamp(r["finished_at"], UTC) if r["finished_at"] else None
         result = ScreeningResult.model_validate_json(r["result"])
         folder.mkdir(exist_ok=True)
-        write_atomic(folder / f"{result_id}.dcm", sr_bytes(result, result_id, source, issued))
+        data = sr.to_bytes(result, formats.RenderContext(result_id, source=source, issued=issued))
+        write_atomic(folder / f"{result_id}.dcm", data)
         written += 1
     return written

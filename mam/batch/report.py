@@ -9,7 +9,8 @@ clips are also cut into MP4 files with the skeleton drawn (:mod:`mam.batch.revie
 Rules, and why:
 
 * Offline: inline CSS, no scripts, no external fonts; links and pictures are relative, so the
-  folder can be copied or zipped.
+  folder can be copied or zipped. The markup is in Jinja templates (``mam/batch/templates``),
+  autoescaped like the review app's; numbers are shown through ``mam.presentation``.
 * Archive file names often hold patients' names: page, picture and clip file names are hashes
   (of the path and id, or of the job key), never the path or id; every string from the data is
   HTML-escaped.
@@ -21,20 +22,27 @@ Rules, and why:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import html
 import io
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jinja2
+from markupsafe import Markup
+
 from mam import DISCLAIMER
 from mam.files import write_atomic
 from mam.gma import FMS_CLIP_THRESHOLD
 from mam.pose.base import available_backends, default_pose_backend
+from mam.presentation import mmss, probability
+
+__all__ = ["CLIPS_DIR", "INDEX", "REPORTS_DIR", "REVIEW_NOTE", "clip_name", "mmss", "page_stem",
+           "plot_clips", "write_reports"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -48,43 +56,32 @@ REVIEW_NOTE = (
     "clips lifted beginners' assessment accuracy by 11%."
 )
 
-_CSS = """
-body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,Arial,sans-serif;margin:0 auto;
-max-width:1100px;padding:1rem 1.5rem;color:#1a1a1a;line-height:1.4}
-h1{font-size:1.5rem;margin:.5rem 0}h2{font-size:1.15rem;margin:1.5rem 0 .5rem;
-border-bottom:1px solid #ccc}
-.disclaimer{border:3px solid #b35900;background:#fff4e0;padding:.75rem 1rem;font-weight:600;
-margin:.75rem 0}
-table{border-collapse:collapse;margin:.25rem 0}th,td{border:1px solid #ccc;padding:.3rem .5rem;
-text-align:left;vertical-align:top}th{background:#f0f0f0}td.num{text-align:right;
-font-variant-numeric:tabular-nums}
-.risk{color:#fff;background:#b00020;padding:.1rem .5rem;border-radius:3px;font-weight:700}
-.normal{color:#fff;background:#1b6e20;padding:.1rem .5rem;border-radius:3px;font-weight:700}
-.indeterminate{color:#000;background:#f2c94c;padding:.1rem .5rem;border-radius:3px;font-weight:700}
-.failed{color:#fff;background:#555;padding:.1rem .5rem;border-radius:3px;font-weight:700}
-.big{font-size:1.3rem}.muted{color:#555}.note{background:#f5f5f5;padding:.5rem .75rem}
-code,.path{font-family:ui-monospace,Menlo,Consolas,monospace;word-break:break-all}
-img{max-width:100%;height:auto}video{max-width:360px;display:block}
-ul.warn li{color:#7a3e00}
-"""
+_TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 
 # -- small helpers --------------------------------------------------------------------------------
-def _e(value: object) -> str:
-    """HTML-escape anything that comes from data (ids, paths, messages)."""
-    return html.escape(str(value), quote=True)
+def _escape(value: object) -> Markup:
+    """Every value a template prints, HTML-escaped as ``html.escape`` does (Jinja's autoescape
+    is on; this keeps the entities the pages always had); markup the templates made is kept."""
+    if isinstance(value, Markup):
+        return value
+    return Markup(html.escape(str(value), quote=True))
 
 
-def _prob(x: float) -> str:
-    """Three decimals, without printing a tiny probability as if it were zero (HTML-ready)."""
-    return "&lt;0.001" if x < 0.0005 else "&gt;0.999" if x > 0.9995 else f"{x:.3f}"
-
-
-def mmss(seconds: float, up: bool = False) -> str:
-    """``mm:ss`` (``h:mm:ss`` from an hour), rounded down, or up with ``up`` (a clip's end)."""
-    s = math.ceil(seconds - 1e-9) if up else math.floor(seconds + 1e-9)
-    h, rest = divmod(max(0, s), 3600)
-    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60:02d}:{rest % 60:02d}"
+@functools.cache
+def _env() -> jinja2.Environment:
+    """The report's templates (``mam/batch/templates``), autoescaped like the review app's."""
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(_TEMPLATES),
+        autoescape=True,
+        finalize=_escape,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    env.filters.update(prob=probability, mmss=mmss, fmt=format)
+    env.globals.update(DISCLAIMER=DISCLAIMER, REVIEW_NOTE=REVIEW_NOTE, REPORTS_DIR=REPORTS_DIR,
+                       CLIPS_DIR=CLIPS_DIR, FMS_CLIP_THRESHOLD=FMS_CLIP_THRESHOLD)  # fmt: skip
+    return env
 
 
 def _digest(*parts: object) -> str:
@@ -102,19 +99,6 @@ def clip_name(row: dict, start_s: float, end_s: float) -> str:
     file, so duplicates share it and a rerun reuses it."""
     key = row.get("key") or row.get("sha256") or page_stem(row)
     return f"clip-{_digest(key, f'{start_s:.2f}', f'{end_s:.2f}', CLIPS_VERSION)}.mp4"
-
-
-def _html(title: str, body: str) -> bytes:
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        '<meta name="robots" content="noindex">'
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>\n{body}\n</body></html>\n"
-    ).encode()
-
-
-def _disclaimer(text: str = DISCLAIMER) -> str:
-    return f'<p class="disclaimer" role="note">{_e(text)}</p>'
 
 
 # -- one recording --------------------------------------------------------------------------------
@@ -204,168 +188,47 @@ def plot_clips(result, dest: Path) -> None:
     write_atomic(dest, buf.getvalue())
 
 
-def _clip_cell(rec: _Rec, index: int) -> str:
-    clip = rec.clips.get(index)
-    if clip is None:
-        return f'<td class="muted">{_e(rec.clips_note or "not cut")}</td>'
-    if clip.file is None:
-        return f'<td class="muted">could not be cut: {_e(clip.error)}</td>'
-    src = f"{CLIPS_DIR}/{clip.file.name}"
-    return (
-        f'<td><video controls preload="metadata" src="{_e(src)}"></video>'
-        f'<a href="{_e(src)}">open the clip</a></td>'
-    )
-
-
-def _page_done(rec: _Rec, want_clips: bool) -> str:
-    r = rec.result
-    label = r.classification.label
-    th = r.fms_category_thresholds
-    thresholds = ", ".join(f"{_e(k)} &ge; {v:.2f}" for k, v in th.items())
-    n_fms = sum(c.fms_probability > FMS_CLIP_THRESHOLD for c in r.clips)
-    rows = []
-    for rank, c in enumerate(r.top_fms_clips, start=1):
-        rows.append(
-            f"<tr><td class=num>{rank}</td><td>{mmss(c.start_s)}&ndash;{mmss(c.end_s, up=True)}"
-            f'</td><td class="num muted">{c.start_s:.1f}&ndash;{c.end_s:.1f} s</td>'
-            f"<td class=num>{_prob(c.fms_probability)}</td>"
-            f"<td class=num>{c.attention_weight:.3f}</td>"
-            + (_clip_cell(rec, c.index) if want_clips else "")
-            + "</tr>"
-        )
-    clip_head = "<th>Clip with skeleton</th>" if want_clips else ""
-    top_table = (
-        "<table><tr><th>#</th><th>Time (mm:ss)</th><th>Seconds</th><th>P(FMs)</th>"
-        f"<th>Attention weight</th>{clip_head}</tr>" + "".join(rows) + "</table>"
-        if rows
-        else "<p>No clips were assessed.</p>"
-    )
-    if want_clips and rec.clips_note and not rec.clips:
-        top_table += f'<p class="note">Review clips: {_e(rec.clips_note)}</p>'
-    q = r.quality
-    warnings = list(dict.fromkeys([*r.warnings, *q.warnings]))
-    warn = (
-        '<ul class="warn">' + "".join(f"<li>{_e(w)}</li>" for w in warnings) + "</ul>"
-        if warnings
-        else "<p>None.</p>"
-    )
-    m = r.model
-    model_rows = [
-        ("Model", f"{m.name} {m.version}"),
-        ("Runtime", f"{m.runtime} on {m.device} ({m.precision})"),
-        ("Pose", m.pose_backend),
-        ("Infant data (Info branch)", "used" if m.used_info_branch else "not used"),
-        ("Calibration", m.calibration),
-        ("Model digest", (m.digest or "unknown")[:16] + "…"),
-        ("Weights sha256", m.weights_sha256[:16] + "…"),
-        ("Provenance", m.provenance),
-    ]
-    quality_rows = [
-        ("Tracked", f"{q.tracked_fraction:.0%} of {q.frames_total} frames ({q.duration_s:.1f} s)"),
-        ("Interpolated frames", str(q.frames_interpolated)),
-        ("Longest gap", f"{q.longest_gap_s:.2f} s"),
-        ("Mean confidence", f"{q.mean_confidence:.2f}"),
-        ("Clips assessed", str(q.clips_assessed)),
-    ]
-
-    def table(pairs: list[tuple[str, str]]) -> str:
-        body = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in pairs)
-        return f"<table>{body}</table>"
-
-    d = r.domain
-    domain = (
-        f"in domain (score {d.score:.2f}, in domain up to {d.threshold:.2f})" if d.in_domain
-        else "OUT OF DOMAIN" + (f" (score {d.score:.2f} &gt; {d.threshold:.2f})"
-                                if d.score is not None else " (not scored)")
-    )  # fmt: skip
-    why = (
-        '<ul class="warn">' + "".join(f"<li>{_e(x)}</li>" for x in r.classification.reasons)
-        + "</ul><p><b>P(risk) and the FMs frequency below are shown for research only and must "
-        "not be used.</b></p>" if r.classification.reasons else ""
-    )  # fmt: skip
-    return f"""
-<h2>Result</h2>
-<p class="big">Screening result: <span class="{label}">{_e(label.upper())}</span>
-&nbsp; P(risk) = <b>{_prob(r.risk_probability)}</b>
-<span class="muted">(risk at P(risk) &ge; {r.classification.threshold:.3f};
-P(normal) = {_prob(r.normal_probability)})</span></p>
-<p>FMs frequency: <b>{r.fms_frequency:.2f}</b> ({n_fms} of {len(r.clips)} clips with
-P(FMs) &gt; {FMS_CLIP_THRESHOLD}) &rarr; FMs category: <b>{_e(r.fms_category)}</b>
-<span class="muted">({thresholds})</span></p>
-<p>Training domain: {domain}</p>
-{why}
-<h2>P(FMs) per clip over time</h2>
-<img src="{rec.stem}.png" width="900" height="280"
- alt="Per-clip probability of fidgety movements over the recording; top clips highlighted">
-<h2>Top FMs clips for review</h2>
-<p>{_e(REVIEW_NOTE)}</p>
-{top_table}
-<h2>Quality and warnings</h2>
-{table(quality_rows)}
-<h3>Warnings</h3>
-{warn}
-<h2>Model</h2>
-{table(model_rows)}
-"""
-
-
 def _page(rec: _Rec, want_clips: bool) -> bytes:
-    row = rec.row
+    """One recording's page (``templates/page.html``)."""
     disclaimer = getattr(rec.result, "disclaimer", None) or DISCLAIMER
-    head = (
-        '<p><a href="../index.html">&larr; all recordings</a></p>\n'
-        f"{_disclaimer(disclaimer)}\n<h1>Recording {_e(row.get('id', ''))}</h1>\n"
-        f'<p>File: <span class="path">{_e(row.get("path", ""))}</span></p>'
-    )
-    if rec.result is not None:
-        body = _page_done(rec, want_clips)
-    else:
-        body = (
-            '<h2>Result</h2><p class="big"><span class="failed">NOT SCREENED</span></p>'
-            f"<p>Error code: <code>{_e(rec.error_code)}</code></p>"
-            f"<p>{_e(rec.error) or 'No message.'}</p>"
-        )
-    foot = f"\n{_disclaimer(disclaimer)}"
-    return _html(f"MAM screening report: {row.get('id', '')}", head + body + foot)
+    view: dict = {"rec": rec, "want_clips": want_clips, "disclaimer": disclaimer}
+    r = rec.result
+    if r is not None:
+        q, m = r.quality, r.model
+        view |= {
+            "n_fms": sum(c.fms_probability > FMS_CLIP_THRESHOLD for c in r.clips),
+            "warnings": list(dict.fromkeys([*r.warnings, *q.warnings])),
+            "quality_rows": [
+                (
+                    "Tracked",
+                    f"{q.tracked_fraction:.0%} of {q.frames_total} frames ({q.duration_s:.1f} s)",
+                ),
+                ("Interpolated frames", str(q.frames_interpolated)),
+                ("Longest gap", f"{q.longest_gap_s:.2f} s"),
+                ("Mean confidence", f"{q.mean_confidence:.2f}"),
+                ("Clips assessed", str(q.clips_assessed)),
+            ],
+            "model_rows": [
+                ("Model", f"{m.name} {m.version}"),
+                ("Runtime", f"{m.runtime} on {m.device} ({m.precision})"),
+                ("Pose", m.pose_backend),
+                ("Infant data (Info branch)", "used" if m.used_info_branch else "not used"),
+                ("Calibration", m.calibration),
+                ("Model digest", (m.digest or "unknown")[:16] + "…"),
+                ("Weights sha256", m.weights_sha256[:16] + "…"),
+                ("Provenance", m.provenance),
+            ],
+        }
+    return _env().get_template("page.html").render(view).encode()
 
 
 # -- index ----------------------------------------------------------------------------------------
 def _index(recs: list[_Rec]) -> bytes:
+    """The index of all recordings (``templates/index.html``)."""
     done = sum(r.result is not None for r in recs)
     risk = sum(r.result is not None and r.result.classification.label == "risk" for r in recs)
-    rows = []
-    for i, rec in enumerate(recs, start=1):
-        link = f"{REPORTS_DIR}/{rec.stem}.html"
-        ident = f'<a href="{link}">{_e(rec.row.get("id", ""))}</a>'
-        path = f'<span class="path">{_e(rec.row.get("path", ""))}</span>'
-        r = rec.result
-        if r is not None:
-            label = r.classification.label
-            cells = (
-                f'<td><span class="{label}">{_e(label)}</span></td>'
-                f"<td class=num>{_prob(r.risk_probability)}</td>"
-                f"<td class=num>{r.fms_frequency:.2f}</td><td>{_e(r.fms_category)}</td>"
-                f"<td class=num>{r.quality.tracked_fraction:.0%}</td><td></td>"
-            )
-        else:
-            cells = (
-                '<td><span class="failed">failed</span></td><td></td><td></td><td></td><td></td>'
-                f"<td><code>{_e(rec.error_code)}</code><br>{_e(rec.error)}</td>"
-            )
-        rows.append(
-            f"<tr><td class=num>{i}</td><td>{ident}</td><td>{path}</td>{cells}"
-            f'<td><a href="{link}">report</a></td></tr>'
-        )
-    body = (
-        f"{_disclaimer()}\n<h1>MAM screening: {len(recs)} recordings</h1>\n"
-        f"<p>{done} screened ({risk} classified risk), {len(recs) - done} failed or not "
-        "screened. Each report shows per-clip P(FMs), the top FMs clips to review, quality and "
-        "warnings.</p>\n"
-        "<table><tr><th>#</th><th>ID</th><th>Path</th><th>Classification</th><th>P(risk)</th>"
-        "<th>FMs frequency</th><th>FMs category</th><th>Tracked</th><th>Error</th>"
-        "<th>Report</th></tr>\n" + "\n".join(rows) + f"\n</table>\n{_disclaimer()}"
-    )
-    return _html("MAM screening: index", body)
+    view = {"recs": recs, "done": done, "risk": risk}
+    return _env().get_template("index.html").render(view).encode()
 
 
 # -- clips ----------------------------------------------------------------------------------------

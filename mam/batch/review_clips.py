@@ -28,6 +28,7 @@ import av
 import numpy as np
 
 from mam.errors import MamError
+from mam.presentation import mmss_tenths
 from mam.skeleton import BONES, FPS, JOINT_NAMES
 from mam.video import VideoLimits, iter_frames
 
@@ -66,11 +67,6 @@ def clip_frames(
     for frame in iter_frames(video, _LIMITS, max_side=max_side, start_s=start_s, end_s=end_s):
         h, w = frame.shape[:2]
         yield frame[: h - h % 2, : w - w % 2]
-
-
-def _mmss(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s // 60:02d}:{s % 60:02d}.{int(round((seconds - s) * 10)) % 10}"
 
 
 def draw_skeleton(
@@ -149,7 +145,7 @@ def cut_clip(
                     stream.height, stream.width = img.shape[:2]
                 if i < len(joints):
                     draw_skeleton(img, joints[i], seq.confidence[i])
-                _caption(img, _mmss(start_s + i / FPS))
+                _caption(img, mmss_tenths(start_s + i / FPS))
                 frame = av.VideoFrame.from_ndarray(img, format="rgb24")
                 frame.pts, frame.time_base = i, Fraction(1, int(FPS))
                 out.mux(stream.encode(frame))

@@ -2,7 +2,8 @@
 
 The weights go into BentoML's model store as ``NAME:VERSION`` (with their digest and card) and
 ``bentoml build`` makes the bento from ``bentofile.yaml`` with that entry as its served model
-(``service/packaging.py``); ``bentoml serve mam:<tag>`` and ``bentoml containerize mam:<tag>``
+(``service/packaging.py``, run as ``python -m service.packaging`` in a child process: ``mam``
+never imports ``service``); ``bentoml serve mam:<tag>`` and ``bentoml containerize mam:<tag>``
 then serve those weights, with their card, and ``GET /model`` names their digest.
 """
 
@@ -35,16 +36,46 @@ def run(args: argparse.Namespace) -> int:
     for flag, path in (("--card", args.card), ("--bentofile", args.bentofile)):
         if path is not None and not path.is_file():
             raise O.UsageError(f"{flag} {path}: no such file")
-    sys.path.insert(0, str(root))
     from mam.screening import default_weights
-    from service.packaging import BENTOFILE, build_bento
 
     weights = (args.weights or default_weights()).resolve()
-    model, bento = build_bento(weights, args.card, (args.bentofile or BENTOFILE).resolve())
-    md = model.info.metadata
-    print(f"model store: {model.tag} (digest {md['digest']}"
-          + (", DEMO weights" if md.get("demo") else "") + ")")  # fmt: skip
-    print(f"bento: {bento.tag}")
-    print(f"serve: bentoml serve {bento.tag}")
-    print(f"image: bentoml containerize {bento.tag}")
+    out = package(root, weights, args.card, args.bentofile, args.verbose)
+    print(f"model store: {out['model']} (digest {out['digest']}"
+          + (", DEMO weights" if out["demo"] else "") + ")")  # fmt: skip
+    print(f"bento: {out['bento']}")
+    print(f"serve: bentoml serve {out['bento']}")
+    print(f"image: bentoml containerize {out['bento']}")
     return 0
+
+
+def package(root: Path, weights: Path, card: Path | None, bentofile: Path | None,
+            verbose: bool = False) -> dict:  # fmt: skip
+    """Run the service's packaging (``python -m service.packaging``) in a child process, named
+    by module: ``mam`` never imports ``service``. Returns its summary (the tags); its error is
+    raised here as the same ``MamError`` code."""
+    import json
+    import subprocess
+
+    from mam.errors import InputError, MamError
+
+    cmd = [sys.executable, "-m", "service.packaging", str(weights)]
+    cmd += ["--card", str(card.resolve())] if card is not None else []
+    cmd += ["--bentofile", str(bentofile.resolve())] if bentofile is not None else []
+    cmd += ["--verbose"] if verbose else []
+    r = subprocess.run(cmd, cwd=root, stdout=subprocess.PIPE, text=True)
+    lines = r.stdout.splitlines()
+    for line in lines[:-1]:  # whatever BentoML printed on the way
+        print(line)
+    try:
+        out = json.loads(lines[-1]) if lines else {}
+    except ValueError:
+        out = {}
+    if "error" in out:
+        e = out["error"]
+        err = (InputError if e.get("input") else MamError)(str(e.get("message", "")))
+        err.code = str(e.get("code", err.code))
+        raise err
+    if r.returncode != 0 or "bento" not in out:
+        raise MamError(f"the bento could not be built (python -m service.packaging exited "
+                       f"with {r.returncode}; its messages are above)")  # fmt: skip
+    return out

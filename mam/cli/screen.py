@@ -12,7 +12,7 @@ import time
 import uuid
 from pathlib import Path
 
-from mam import DISCLAIMER
+from mam import formats
 from mam.cli import options as O
 from mam.errors import MamError
 
@@ -24,16 +24,16 @@ def register(sub) -> None:
                    help="recording (mp4/mov/avi/mkv..., or a DICOM video object)")  # fmt: skip
     s.add_argument("--pose", type=Path, help="precomputed 3D pose .npy [T, 17, 3] at 25 fps")
     O.add_infant(s)
-    s.add_argument("--format", choices=["text", "json", "fhir", "dicom-sr"], default="text",
-                   help="output format (fhir: an HL7 FHIR R4 transaction Bundle; dicom-sr: a "
-                        "DICOM Comprehensive SR, written to --out)")  # fmt: skip
+    s.add_argument("--format", choices=formats.names(), default="text",
+                   help="output format (" + "; ".join(
+                       f"{f.name}: {f.help}" + (", written to --out" if f.binary else "")
+                       for f in formats.formats()) + ")")  # fmt: skip
     s.add_argument("--out", type=Path, metavar="FILE",
                    help="write the output to FILE (atomically) instead of stdout; required "
-                        "with --format dicom-sr")  # fmt: skip
+                        "with a binary format (" + ", ".join(
+                            f.name for f in formats.formats() if f.binary) + ")")  # fmt: skip
     g = s.add_argument_group("FHIR output (--format fhir)")
-    g.add_argument("--fhir-subject", metavar="Patient/ID",
-                   help="the patient of the result (a FHIR reference; never logged)")  # fmt: skip
-    g.add_argument("--fhir-encounter", metavar="Encounter/ID", help="the encounter, likewise")
+    O.add_fhir_linkage(g)
     g.add_argument("--echo-dicom-uids", action="store_true",
                    help="put a DICOM recording's study and series UIDs in the Bundle; with "
                         "--format dicom-sr, file the SR in the recording's study (its patient "
@@ -56,17 +56,19 @@ def run(args: argparse.Namespace) -> int:
         raise O.UsageError("give exactly one of VIDEO or --pose POSE.npy")
     if args.pose is not None:
         O.reject(args, ["pose_backend"], "not used with --pose (the poses are given)")
-    if args.format != "fhir":
-        O.reject(args, ["fhir_subject", "fhir_encounter"], "only with --format fhir")
-    if args.format not in ("fhir", "dicom-sr"):
-        O.reject(args, ["echo_dicom_uids"], "only with --format fhir or --format dicom-sr")
-    if args.format == "dicom-sr" and args.out is None:
-        raise O.UsageError("--format dicom-sr writes a binary DICOM file: give --out FILE.dcm")
+    fmt = formats.get(args.format)
+    if "fhir" not in fmt.uses:
+        O.reject(args, O.FHIR_LINKAGE, "only with " + _using("fhir"))
+    if "dicom_source" not in fmt.uses:
+        O.reject(args, ["echo_dicom_uids"], "only with " + _using("dicom_source"))
+    if fmt.binary and args.out is None:
+        raise O.UsageError(f"--format {fmt.name} writes a binary file ({fmt.media_type}): "
+                           "give --out FILE")  # fmt: skip
     if args.out is not None:
         _check_out(args.out)  # before any work
-    fhir = _fhir_context(args) if args.format == "fhir" else None  # references checked first
+    fhir = _fhir_context(args) if "fhir" in fmt.uses else None  # references checked first
     source = None
-    if args.format == "dicom-sr" and args.echo_dicom_uids and args.video is not None:
+    if fhir is None and args.echo_dicom_uids and args.video is not None:
         from mam.dicom_sr import read_source
 
         source = read_source(args.video)  # checked before any screening
@@ -90,24 +92,19 @@ def run(args: argparse.Namespace) -> int:
         _audit(audit, args, result_id, e.code, t0)
         raise
     _audit(audit, args, result_id, "ok", t0)
-    if args.format == "dicom-sr":
-        from mam.dicom_sr import sr_bytes
-
-        _write(args.out, sr_bytes(result, result_id, source))
-        return 0
-    if fhir is not None:
-        import json
-
-        from mam.fhir import FhirCodes, build_bundle
-
-        output = json.dumps(build_bundle(result, fhir, FhirCodes.from_env()), indent=2)
-    else:
-        output = result.model_dump_json(indent=2) if args.format == "json" else text(result)
-    if args.out is None:
+    output = fmt.render(result, formats.RenderContext(result_id, fhir=fhir, source=source))
+    if isinstance(output, bytes):
+        _write(args.out, output)
+    elif args.out is None:
         print(output)
     else:
         _write(args.out, (output + "\n").encode())
     return 0
+
+
+def _using(need: str) -> str:
+    """``--format fhir or --format dicom-sr``: the formats that read an input."""
+    return " or ".join(f"--format {f.name}" for f in formats.formats() if need in f.uses)
 
 
 def _check_out(path: Path) -> None:
@@ -184,44 +181,19 @@ def _fhir_context(args: argparse.Namespace):
     uids = read_uids(args.video) if args.echo_dicom_uids and args.video is not None else None
     return FhirContext(
         result_id=str(uuid.uuid4()),
-        subject=args.fhir_subject,
-        encounter=args.fhir_encounter,
+        **O.fhir_linkage(args),
+        content_sha256=_content_sha256(args),
         study_instance_uid=getattr(uids, "study_instance_uid", None),
         series_instance_uid=getattr(uids, "series_instance_uid", None),
     )
 
 
-def _p(x: float) -> str:
-    """Three decimals, without printing a tiny probability as if it were zero."""
-    return "<0.001" if x < 0.0005 else ">0.999" if x > 0.9995 else f"{x:.3f}"
+def _content_sha256(args: argparse.Namespace) -> str | None:
+    """SHA-256 of the screened file: the FHIR Provenance's input entity (never its path)."""
+    from mam.model.weights import sha256_of
 
-
-def text(r) -> str:
-    """The result as a clinician reads it: the answer, whether its numbers may be used, why."""
-    c, d = r.classification, r.domain
-    unusable = "" if r.probabilities_usable else "   [not to be used: see the warning]"
-    if c.label == "indeterminate":
-        head = "Classification:    INDETERMINATE (the model cannot speak for this recording)"
-    else:
-        head = (f"Classification:    {c.label.upper()} (P(risk) = {_p(r.risk_probability)}, "
-                f"threshold {c.threshold:.2f})")  # fmt: skip
-    score = "not scored" if d.score is None else f"score {d.score:.2f}, threshold {d.threshold:.2f}"
-    lines = [
-        head,
-        f"P(risk):           {_p(r.risk_probability)} (model alone: {c.model_label}){unusable}",
-        f"FMs frequency:     {r.fms_frequency:.2f} of {len(r.clips)} clips ({r.fms_category})"
-        + unusable,
-        f"Training domain:   {'in domain' if d.in_domain else 'OUT OF DOMAIN'} ({score})",
-        f"Tracking quality:  {r.quality.tracked_fraction:.0%} of {r.quality.duration_s:.0f} s "
-        f"tracked, longest gap {r.quality.longest_gap_s:.1f} s",
-        "Top FMs clips:     "
-        + ", ".join(
-            f"{c.start_s:.1f}-{c.end_s:.1f} s (P={c.fms_probability:.2f})" for c in r.top_fms_clips
-        ),
-        f"Model:             {r.model.name} {r.model.version}, digest {r.model.digest[:12]} "
-        f"({r.model.provenance}); "
-        f"{r.model.runtime}/{r.model.device}; pose {r.model.pose_backend}",
-    ]
-    lines += [f"Warning:           {w}" for w in r.warnings]
-    lines.append(DISCLAIMER)
-    return "\n".join(lines)
+    path = args.pose if args.pose is not None else args.video
+    try:
+        return sha256_of(path) if path is not None else None
+    except OSError:
+        return None  # a missing file fails with its own error when it is screened

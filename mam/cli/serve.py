@@ -17,6 +17,8 @@ from pathlib import Path
 from mam.cli import options as O
 from mam.screening import default_weights
 
+SERVICE_LAUNCHER = "service.launch"  # bentoml serve with the service's patches
+SERVICE = "service.app:Screening"
 DEMO_BANNER = (
     "mam serve: serving the DEMO weights {name} {version} (digest {digest}), trained on "
     "SIMULATED infants: NOT FOR CLINICAL USE. Serve a site's weights with --weights or "
@@ -39,18 +41,16 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.hash_key is not None:
+        from mam.audit import key_digest
+
+        others = args.given - {"hash_key", "verbose"}
+        O.reject(args, sorted(others), "--hash-key only prints a digest; nothing is served")
+        print(key_digest(args.hash_key))
+        return 0
     root = Path(__file__).resolve().parents[2]
     if not (root / "service" / "app.py").is_file():
         raise O.UsageError("the service/ folder is not beside mam/ (run from a checkout)")
-    sys.path.insert(0, str(root))
-    from service.process import REPO, private_task_store, serve_command
-    from service.settings import hash_key
-
-    if args.hash_key is not None:
-        others = args.given - {"hash_key", "verbose"}
-        O.reject(args, sorted(others), "--hash-key only prints a digest; nothing is served")
-        print(hash_key(args.hash_key))
-        return 0
     env = dict(os.environ)
     env["MAM_GRPC_PORT"] = str(args.grpc_port)
     if "host" in args.given:  # gRPC listens where REST does, unless MAM_GRPC_HOST says otherwise
@@ -62,14 +62,23 @@ def run(args: argparse.Namespace) -> int:
         env["MAM_AUTH_DISABLED"] = "1"
         print("mam serve: API-key authentication is OFF (--no-auth); local use only",
               file=sys.stderr)  # fmt: skip
-    env.setdefault("BENTOML_RESULT_STORE", private_task_store())
+    # In the worker's memory: nothing of a task is written to disk (service.bentoml_compat).
+    env.setdefault("BENTOML_RESULT_STORE", ":memory:")
     announce_model(Path(env.get("MAM_WEIGHTS") or default_weights()))
-    cmd = serve_command(args.port, args.host)
+    cmd = serve_command(args.port, args.host, root)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.chdir(REPO)
+    os.chdir(root)  # `python -m` finds service/ in the working folder
     os.execvpe(cmd[0], cmd, env)  # never returns: this process is now the server
     return 0  # pragma: no cover
+
+
+def serve_command(port: int, host: str, root: Path) -> list[str]:
+    """``bentoml serve`` of the service through its launcher, named by module: ``mam`` never
+    imports ``service`` (the service depends on ``mam``, not the other way round). The same
+    command as ``service.process.serve_command``."""
+    return [sys.executable, "-m", SERVICE_LAUNCHER, "serve", SERVICE, "--port", str(port),
+            "--host", host, "--working-dir", str(root)]  # fmt: skip
 
 
 def announce_model(weights: Path) -> None:

@@ -70,8 +70,10 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from mam import DISCLAIMER, __version__
-from mam.batch.report import REVIEW_NOTE, mmss
+from mam.batch.report import REVIEW_NOTE
 from mam.gma import FMS_CATEGORIES, GROUP_OF, GROUPS
+from mam.presentation import mmss
+from mam.presentation import probability as _prob
 from mam.review import pose as P
 from mam.review import study as S
 from mam.review.agreement import agreement_row, assessors_agreement, summarise, summarise_assessors
@@ -1027,12 +1029,6 @@ def _locked(e: Locked) -> Response:
     return _json_error(403, "signed_off", f"this recording was signed off by {e.by}: your review "
                        "is locked; a senior can amend the final verdict with a reason",
                        by=e.by, at=e.at)  # fmt: skip
-
-
-def _prob(x) -> str:
-    if x is None:
-        return ""
-    return "<0.001" if x < 0.0005 else ">0.999" if x > 0.9995 else f"{x:.3f}"
 
 
 def _duration(result) -> float:
