@@ -39,6 +39,7 @@ from mam.pose.blazepose.landmarks import NUM_POSE, LandmarkBatch
 from mam.pose.blazepose.roi import roi_from_alignment_points
 from mam.pose.blazepose.smoothing import smooth_sequence
 from mam.pose.mapping import NUM_LANDMARKS, landmarks_to_sequence
+from mam.pose.stride import Strided, upsample
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +160,10 @@ class OnnxPoseBackend(PoseBackendBase):
         cache: folder of the converted networks (default ``MAM_POSE_CACHE``).
     """
 
+    # Pose every Nth frame only (mam.pose.stride, set per recording by mam.pose.from_video under
+    # MAM_POSE_STRIDE): an opt-in speed candidate, 1 (every frame) by default.
+    frame_stride: int = 1
+
     name = NAME
     # NOTE: a recording's pose through this backend is defined as posed in parts of 30 s, each
     # tracked from a warm-up before its start (mam.pose.from_video): the parts can then run in
@@ -235,6 +240,9 @@ class OnnxPoseBackend(PoseBackendBase):
         self, frames: Iterable[np.ndarray], progress: Callable[[int], None] | None = None
     ) -> PoseSequence:
         """Track the person through ``frames`` (RGB uint8 ``[H, W, 3]``, 25 fps, in order)."""
+        strided = None
+        if self.frame_stride > 1:  # opt-in (mam.pose.stride): the default never comes here
+            frames = strided = Strided(frames, self.frame_stride)
         source = _Prefetch(frames, self.prefetch) if self.prefetch else None
         stream = iter(source) if source is not None else iter(frames)
         image: list[np.ndarray] = []  # [33, 4] normalised x, y, z, visibility
@@ -259,6 +267,10 @@ class OnnxPoseBackend(PoseBackendBase):
         finally:
             if source is not None:
                 source.close()
+        if strided is not None and image:  # raw landmarks back to every frame, then smoothed
+            n, s = strided.seen, self.frame_stride
+            image = list(upsample(np.stack(image), s, n))
+            world = list(upsample(np.stack(world), s, n))
         return self._to_sequence(image, world, size, time.perf_counter() - start)
 
     def _detect_roi(self, frame: np.ndarray, size: tuple[int, int]) -> np.ndarray | None:
