@@ -344,3 +344,110 @@ def _only_part(response: httpx.Response) -> bytes:
     assert len(parts) == 1
     body = parts[0].split(b"\r\n\r\n", 1)[1]
     return body[:-2] if body.endswith(b"\r\n") else body
+
+
+def _instances(base: str) -> list[str]:
+    return httpx.get(f"{base}/instances", timeout=10).json()
+
+
+def test_mam_dicom_store_files_a_batchs_srs_in_the_pacs_once(poses, orthanc, tmp_path, capsys):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for name in ("a.npy", "b.npy"):
+        shutil.copy(poses, src / name)
+    assert main(["batch", str(src), "--out", str(out), "--workers", "1", "-q", "--dicom-sr"]) == 0
+    srs = sorted((out / "sr").glob("*.dcm"))
+    assert len(srs) == 2
+    sops = {hd.sr.srread(f).SOPInstanceUID for f in srs}
+    assert len(sops) == 2
+    before = len(_instances(orthanc))
+    base = f"{orthanc}/dicom-web"
+    capsys.readouterr()
+    assert main(["dicom", "store", str(out / "sr"), "--base-url", base, "--format", "json"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first == {"files": 2, "stored": 2, "already_stored": 0}
+    for sop in sops:  # read back through the PACS
+        found = httpx.post(f"{orthanc}/tools/find", timeout=10, json={
+            "Level": "Instance", "Query": {"SOPInstanceUID": sop}}).json()  # fmt: skip
+        assert len(found) == 1
+    assert len(_instances(orthanc)) == before + 2
+    # Again, from the batch's OUT folder: the same instances, no duplicates.
+    assert main(["dicom", "store", str(out), "--base-url", base]) == 0
+    assert "of 2 file(s)" in capsys.readouterr().out
+    assert len(_instances(orthanc)) == before + 2
+
+
+def test_mam_dicom_store_refuses_plain_http_off_loopback_and_files_that_are_not_dicom(
+    orthanc, tmp_path, capsys
+):
+    sr = tmp_path / "result.dcm"
+    sr.write_bytes(b"not a DICOM file at all")
+    argv = ["dicom", "store", str(sr), "--base-url"]
+    assert main(argv + ["http://pacs.example/dicom-web"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error [insecure_dicomweb_url]") and "fix:" in err
+    assert main(argv + [f"{orthanc}/dicom-web"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error [stow_refused]") and str(sr) in err and "fix:" in err
+    assert "Traceback" not in err
+    token = tmp_path / "token"
+    token.write_text("")
+    assert main(argv + [f"{orthanc}/dicom-web", "--token-file", str(token)]) == 2
+    assert capsys.readouterr().err.startswith("error [invalid_dicomweb_auth]")
+
+
+def test_stow_retries_outages_with_back_off_and_then_gives_up(results, tmp_path):
+    from mam.dicom_stow import (
+        InvalidDicomwebAuthError,
+        StowClient,
+        StowRefusedError,
+        StowUnavailableError,
+        auth_headers,
+    )
+
+    sr = tmp_path / "r.dcm"
+    sr.write_bytes(sr_bytes(results["risk"], "result-6"))
+    sop = read(sr.read_bytes()).SOPInstanceUID
+    seen = []
+
+    def pacs(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if len(seen) < 3:
+            return httpx.Response(503)
+        stored = {"00081199": {"vr": "SQ", "Value": [
+            {"00081155": {"vr": "UI", "Value": [sop]}}]}}  # fmt: skip
+        return httpx.Response(200, json=stored)
+
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    with StowClient("https://pacs.example/dicom-web", token_file=token, backoff_s=0.01,
+                    transport=httpx.MockTransport(pacs)) as client:  # fmt: skip
+        (done,) = client.store_all([sr])
+    assert done.status == "stored" and done.sop_instance_uid == sop and len(seen) == 3
+    assert seen[0].url.path == "/dicom-web/studies"
+    assert seen[0].headers["authorization"] == "Bearer s3cret"
+    assert 'type="application/dicom"' in seen[0].headers["content-type"]
+    assert sr.read_bytes() in seen[0].content
+    # A PACS that refuses a duplicate SOP instance (0111H): already stored; any other reason
+    # is a refusal naming the file.
+    for reason, outcome in ((0x0111, "already stored"), (0xA700, None)):
+        failed = {"00081198": {"vr": "SQ", "Value": [{
+            "00081155": {"vr": "UI", "Value": [sop]},
+            "00081197": {"vr": "US", "Value": [reason]}}]}}  # fmt: skip
+        refusing = httpx.MockTransport(lambda request, f=failed: httpx.Response(409, json=f))
+        with StowClient("https://pacs.example/dicom-web", transport=refusing) as client:
+            if outcome:
+                assert client.store(sr).status == outcome
+            else:
+                with pytest.raises(StowRefusedError, match="A700H") as e:
+                    client.store(sr)
+                assert str(sr) in str(e.value)
+    pair = tmp_path / "basic"
+    pair.write_text("mam:pw\n")
+    assert auth_headers(basic_auth_file=pair) == {"Authorization": "Basic bWFtOnB3"}
+    with pytest.raises(InvalidDicomwebAuthError):
+        auth_headers(token_file=token, basic_auth_file=pair)
+    down = httpx.MockTransport(lambda request: httpx.Response(502))
+    with StowClient("https://pacs.example/dicom-web", attempts=2, backoff_s=0.01,
+                    transport=down) as client, pytest.raises(StowUnavailableError):  # fmt: skip
+        client.store(sr)

@@ -31,12 +31,24 @@ import logging
 import sys
 
 from mam import __version__
-from mam.cli import batch, build, calibrate, dataset, fhir, review, screen, serve, synth, train
+from mam.cli import (
+    batch,
+    build,
+    calibrate,
+    dataset,
+    dicom,
+    fhir,
+    review,
+    screen,
+    serve,
+    synth,
+    train,
+)
 from mam.cli.errors import hint
 from mam.cli.options import CommandParser, UsageError, given
 from mam.errors import InputError, MamError
 
-COMMANDS = (screen, synth, dataset, train, calibrate, batch, serve, build, review, fhir)
+COMMANDS = (screen, synth, dataset, train, calibrate, batch, serve, build, review, fhir, dicom)
 
 
 def build_parser() -> argparse.ArgumentParser:

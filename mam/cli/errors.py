@@ -68,6 +68,17 @@ HINTS: dict[str, str] = {
     "fhir_outbox_error": "check the disk and that --outbox / MAM_FHIR_OUTBOX is writable; move "
     "a damaged file aside",
     "fhir_outbox_entry_not_found": "give a result id that mam fhir outbox status lists",
+    "invalid_dicomweb_url": "give --base-url https://HOST/PATH (the DICOMweb root, before "
+    "/studies), or set MAM_DICOMWEB_BASE_URL",
+    "insecure_dicomweb_url": "use the PACS's https:// URL (plain http:// only on loopback)",
+    "invalid_dicomweb_auth": "give --token-file F (a bearer token) or --basic-auth-file F "
+    "(user:password), a readable non-empty file, not both",
+    "dicomweb_unauthorized": "check the token or user:password file with the PACS administrator",
+    "nothing_to_store": "give an SR .dcm file, or the --out folder of mam batch --dicom-sr",
+    "stow_refused": "store only SRs written by mam (mam screen --format dicom-sr, mam batch "
+    "--dicom-sr); the PACS log gives its reason",
+    "stow_unavailable": "check the PACS is up and reachable, then run mam dicom store again "
+    "(storing twice is harmless)",
     "invalid_input": "see the message",
     "mam_error": "see the message; run again with -v for the log",
 }
