@@ -67,7 +67,7 @@ from mam.fhir.codes import FhirCodes
 from mam.schemas import InstancesResult, ScreeningResult
 
 __all__ = ["FhirContext", "InvalidFhirIdentifierError", "InvalidFhirReferenceError",
-           "as_correction", "build_bundle", "result_id_for"]  # fmt: skip
+           "as_correction", "build_bundle", "result_id_for", "signed_off_bundle"]  # fmt: skip
 
 _ID = r"[A-Za-z0-9\-.]{1,64}"  # FHIR id
 _INTERPRETATION = {
@@ -553,3 +553,113 @@ def as_correction(bundle: dict) -> dict:
             resource["activity"] = {"coding": [{"system": C.DATA_OPERATION, "code": "UPDATE",
                                                 "display": "revise"}]}  # fmt: skip
     return out
+
+
+PARTICIPATION_TYPE = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
+SIGN_OFF_STATUSES = ("final", "amended")
+
+
+def _verdict_concept(codes: FhirCodes, value: str) -> dict:
+    """A verdict value as a concept: the project's code where it has one, else its words."""
+    if value in C.CONCEPTS:
+        return codes.concept(value)
+    return {"text": value.replace("_", " ")}
+
+
+def signed_off_bundle(
+    result: ScreeningResult | InstancesResult | None,
+    ctx: FhirContext,
+    codes: FhirCodes | None,
+    verdict: dict,
+    assessor: str,
+    status: str = "final",
+    reason: str | None = None,
+    signed_at: datetime | None = None,
+    preliminary: dict | None = None,
+) -> dict:
+    """The transaction Bundle of an assessor's sign-off (``final``) or amendment (``amended``)
+    of the result ``ctx.result_id``: the result's Bundle as first sent (``preliminary`` when the
+    caller has it, which keeps its subject, order and accession; else built from ``result``)
+    with its DiagnosticReport a conditional update (``PUT DiagnosticReport?identifier=...``)
+    carrying ``status``, the assessor as ``resultsInterpreter`` (a Practitioner by display
+    name only: the EHR's own practitioner ids are not known here) and the conclusion of the
+    signed-off ``verdict`` (``category``, ``group``); plus a Provenance with the assessor as
+    ``verifier`` (activity verify, or revise for an amendment), created once per sign-off event
+    (``ifNoneExist`` on a tag of the result, the status, verdict, assessor and ``signed_at``).
+
+    The AI's own resources keep their conditional creates, so the Device, Observations and
+    the model's Provenance are not duplicated. The Bundle's identifier is the result id with
+    the event (``<id>-final`` or ``<id>-amended-<key>``): an outbox keeps each event apart
+    from the result's first push."""
+    if status not in SIGN_OFF_STATUSES:
+        raise ValueError(f"status must be one of {SIGN_OFF_STATUSES}")
+    if not assessor or not str(assessor).strip():
+        raise ValueError("the assessor's name is required")
+    codes = codes or FhirCodes()
+    if preliminary is not None:
+        bundle = copy.deepcopy(preliminary)
+    elif result is not None:
+        bundle = build_bundle(result, ctx, codes)
+    else:
+        raise ValueError("give the result or the Bundle first sent for it")
+    when = _instant(signed_at)
+    entries = bundle["entry"]
+    report_entry = next(e for e in entries if e["resource"]["resourceType"] == "DiagnosticReport")
+    report = report_entry["resource"]
+    ident = report["identifier"][0]
+    report_entry["request"] = {
+        "method": "PUT",
+        "url": f"DiagnosticReport?identifier={ident['system']}|{ident['value']}",
+    }
+    category, group = verdict.get("category"), verdict.get("group")
+    words = [f"FMs {str(category).replace('_', ' ')}"] if category else []
+    if group:
+        words.append(C.CONCEPTS.get(group, group))
+    head = "Amended by" if status == "amended" else "Signed off by"
+    conclusion = f"{head} a GMA assessor: {'; '.join(words) or 'no verdict'}."
+    if status == "amended" and reason:
+        conclusion += f" Reason for the amendment: {reason.strip()}."
+    interpreter = {"type": "Practitioner", "display": str(assessor).strip()}
+    report.update({
+        "status": status,
+        "issued": when,
+        "resultsInterpreter": [interpreter],
+        "conclusion": conclusion,
+        "conclusionCode": [_verdict_concept(codes, v) for v in (group, category) if v],
+    })  # fmt: skip
+    activity = (
+        {"system": C.DATA_OPERATION, "code": "UPDATE", "display": "revise"}
+        if status == "amended"
+        else {"system": PARTICIPATION_TYPE, "code": "VRF", "display": "verifier"}
+    )
+    key = hashlib.sha256(json.dumps(
+        [status, category, group, str(assessor).strip(), reason or "", when], sort_keys=True
+    ).encode()).hexdigest()[:16]  # fmt: skip
+    tag = {"system": codes.systems.result_id, "code": f"{ctx.result_id}-{status}-{key}"}
+    provenance = {
+        "resourceType": "Provenance",
+        "meta": {"tag": [tag]},
+        "target": [{"reference": report_entry["fullUrl"]}],
+        "occurredDateTime": when,
+        "recorded": when,
+        "activity": {"coding": [activity]},
+        "agent": [{
+            "type": {"coding": [{"system": C.PARTICIPANT_TYPE, "code": "verifier",
+                                 "display": "Verifier"}]},
+            "who": interpreter,
+        }],
+    }  # fmt: skip
+    if status == "amended" and reason:
+        provenance["reason"] = [{"text": reason.strip()}]
+    part = f"{status}-{key}"
+    entries.append({
+        "fullUrl": "urn:uuid:" + str(uuid.uuid5(uuid.UUID(C.FULL_URL_NAMESPACE),
+                                                f"{ctx.result_id}/{part}")),
+        "resource": provenance,
+        "request": {"method": "POST", "url": "Provenance",
+                    "ifNoneExist": f"_tag={tag['system']}|{tag['code']}"},
+    })  # fmt: skip
+    event = "final" if status == "final" else f"amended-{key}"
+    bundle["identifier"] = {**bundle["identifier"], "value": f"{ctx.result_id}-{event}"}
+    bundle["timestamp"] = when
+    return bundle

@@ -329,8 +329,31 @@ class ReviewApp:
         # The login page carries the stylesheet inline (nothing else is served before login);
         # it is the package's own file, so it is marked safe rather than HTML-escaped.
         self.css = Markup((HERE / "static" / "review.css").read_text())
+        self.fhir_outbox = self.fhir_worker = self.fhir_client = None
+        if config.fhir_base_url:
+            from mam.fhir import FhirCodes
+            from mam.fhir.outbox import FhirClient, Outbox, check_url, make_auth
 
-    def close(self) -> None:
+            url = check_url(config.fhir_base_url, "MAM_FHIR_BASE_URL")
+            self.fhir_client = FhirClient(url, make_auth(**config.fhir_auth))
+            self.fhir_codes = FhirCodes.from_env()
+            self.fhir_outbox = Outbox(config.fhir_outbox)
+
+    def start(self) -> None:
+        """Start delivering the FHIR outbox (when push is configured)."""
+        from mam.fhir.outbox import OutboxWorker
+
+        if self.fhir_outbox is not None and self.fhir_worker is None:
+            self.fhir_worker = OutboxWorker(self.fhir_outbox, self.fhir_client).start()
+
+    def close(self, drain_s: float = 10.0) -> None:
+        if self.fhir_worker is not None:  # drained, not dropped: what is left stays queued
+            self.fhir_worker.drain(drain_s)
+            self.fhir_worker = None
+        if self.fhir_outbox is not None:
+            self.fhir_client.close()
+            self.fhir_outbox.close()
+            self.fhir_outbox = None
         self.poses.close()
         self.store.close()
 
@@ -778,7 +801,7 @@ class ReviewApp:
                 raise ReviewInputError("the FMs intervals come from a review of this recording")
             ivs = reviews[owner]["intervals"] if src else []
             amend = form.get("action") == "amend"
-            await run_in_threadpool(
+            final = await run_in_threadpool(
                 self.store.sign_off, rec.rid, senior, form.get("category"),
                 form.get("group"), form.get("note") or None,
                 [(i["start_s"], i["end_s"]) for i in ivs],
@@ -789,7 +812,59 @@ class ReviewApp:
         except Locked as e:
             return self._form_error(request, rec, 403, f"Already signed off by {e.by}: a "
                                     "change is an amendment with a reason.")  # fmt: skip
+        if self.fhir_outbox is not None:
+            reason = (form.get("reason") or "").strip() if amend else None
+            await run_in_threadpool(self.push_sign_off, rec, senior, final, reason)
         return RedirectResponse(f"{_root(request)}/r/{rec.rid}#signoff", 303)
+
+    def push_sign_off(self, rec: Recording, senior: str, final: dict,
+                      reason: str | None) -> str | None:  # fmt: skip
+        """Queue the signed-off verdict for the EHR: the result's DiagnosticReport ``final``
+        (``amended`` with a ``reason``) with ``senior`` as its interpreter and verifier. The
+        sign-off stands whatever happens here; the outbox delivers (and re-delivers) it.
+        Returns the outbox's answer (None: nothing queued)."""
+        from mam.batch.fhir import row_result_id
+        from mam.errors import MamError
+        from mam.fhir import FhirContext
+        from mam.fhir.bundle import signed_off_bundle
+
+        if rec.key is None or rec.status != "done":
+            return None
+        verdict = {k: (final["fields"].get(k) or {}).get("value") for k in ("category", "group")}
+        try:
+            result_id = row_result_id(rec.key, rec.path, rec.id)
+            sha = rec.sha256 if re.fullmatch(r"[0-9a-f]{64}", rec.sha256 or "") else None
+            ctx = FhirContext(result_id=result_id, content_sha256=sha)
+            bundle = signed_off_bundle(
+                None if (first := self._first_bundle(result_id)) else rec.result(), ctx,
+                self.fhir_codes, verdict, senior, "amended" if reason else "final", reason,
+                preliminary=first,
+            )  # fmt: skip
+            outcome = self.fhir_outbox.enqueue(bundle)
+        except (MamError, OSError, ValueError) as e:  # never the identifiers: the error class
+            logger.warning("FHIR sign-off not queued (%s)", type(e).__name__)
+            return None
+        if self.fhir_worker is not None:
+            self.fhir_worker.wake()
+        logger.info("FHIR sign-off %s", outcome)
+        return outcome
+
+    def _first_bundle(self, result_id: str) -> dict | None:
+        """The result's Bundle in the batch's ``results.fhir.ndjson`` (with the subject, order
+        and accession the manifest gave), else None."""
+        from mam.batch.fhir import RESULTS_FHIR
+
+        path = self.config.out_dir / RESULTS_FHIR
+        if not path.is_file():
+            return None
+        needle = json.dumps(result_id)
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if needle in line:
+                    bundle = json.loads(line)
+                    if (bundle.get("identifier") or {}).get("value") == result_id:
+                        return bundle
+        return None
 
     async def set_outcome(self, request: Request) -> Response:
         """Follow-up outcome of a recording (senior or admin): CP at 2 years and its source."""
@@ -1102,6 +1177,7 @@ def create_app(config: ReviewConfig) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
+        review.start()
         yield
         review.close()
 

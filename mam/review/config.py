@@ -29,6 +29,26 @@ def blind_setting() -> bool:
     return (os.environ.get("MAM_REVIEW_BLIND") or "").strip().lower() in ("1", "true", "yes")
 
 
+def _env(name: str) -> str | None:
+    return (os.environ.get(name) or "").strip() or None
+
+
+# make_auth option -> the service's environment variable (the same MAM_FHIR_* settings).
+FHIR_AUTH_ENV = {
+    "token": "MAM_FHIR_TOKEN",
+    "token_file": "MAM_FHIR_TOKEN_FILE",
+    "client_id": "MAM_FHIR_CLIENT_ID",
+    "token_url": "MAM_FHIR_TOKEN_URL",
+    "client_secret_file": "MAM_FHIR_CLIENT_SECRET_FILE",
+    "private_key_file": "MAM_FHIR_PRIVATE_KEY_FILE",
+}
+
+
+def fhir_auth_from_env() -> dict:
+    """The FHIR push credentials the service would use, as ``make_auth`` options."""
+    return {k: v for k, name in FHIR_AUTH_ENV.items() if (v := _env(name)) is not None}
+
+
 @dataclass
 class ReviewConfig:
     """Args:
@@ -45,6 +65,13 @@ class ReviewConfig:
     exports_dir: where the export button writes; None: ``DIR/review_exports``.
     blind: blind review for everyone: the model's result is shown to a user only once they
         have marked their own review of the recording done (or it is signed off).
+    fhir_base_url: where a sign-off or amendment is pushed as a ``final`` / ``amended``
+        DiagnosticReport (through the durable outbox); None: no push. Default: the service's
+        ``MAM_FHIR_BASE_URL``.
+    fhir_outbox: the outbox file; None: the service's (``MAM_FHIR_OUTBOX``, else beside the
+        audit file).
+    fhir_auth: options of ``mam.fhir.outbox.make_auth`` (default: the service's
+        ``MAM_FHIR_TOKEN``, ``MAM_FHIR_TOKEN_FILE``, ``MAM_FHIR_CLIENT_ID``, ...).
     """
 
     out_dir: Path
@@ -56,6 +83,11 @@ class ReviewConfig:
     session_ttl_s: float = 12 * 3600.0
     exports_dir: Path | None = None
     blind: bool = False
+    fhir_base_url: str | None = field(default_factory=lambda: _env("MAM_FHIR_BASE_URL"))
+    fhir_outbox: Path | None = field(
+        default_factory=lambda: Path(p) if (p := _env("MAM_FHIR_OUTBOX")) else None
+    )
+    fhir_auth: dict = field(default_factory=lambda: fhir_auth_from_env())
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
