@@ -29,7 +29,6 @@ Figures, never assertions; ``--json`` writes them with one row per recording (no
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
 import os
@@ -38,6 +37,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
@@ -64,20 +64,6 @@ CANDIDATES = {
     "stride3": Candidate("pose every 3rd frame, interpolated", {ENV_POSE_STRIDE: "3"}),
     "decode640": Candidate("decode at most 640 px", options={"max_side": 640}),
 }
-
-
-@contextlib.contextmanager
-def environment(env: dict[str, str]):
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def recordings(folder: Path | None, demo: bool, limit: int | None) -> list[tuple[Path, str]]:
@@ -172,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                      "seconds": round(info.duration_s, 1)}  # fmt: skip
         order = ("reference", "candidate") if i % 2 == 0 else ("candidate", "reference")
         for who in order:
-            with environment(envs[who]):
+            with mock.patch.dict(os.environ, envs[who]):
                 t = time.perf_counter()
                 r = screeners[who].screen_video(path)
                 row[f"{who}_s"] = time.perf_counter() - t

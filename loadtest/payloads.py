@@ -18,6 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+# The load tests refuse targets other than this machine unless told otherwise.
+from mam.remote import is_loopback  # noqa: F401 - re-exported for the locustfile and sweep
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_VIDEO = ROOT / "demo" / "infant_demo.mp4"
 INFANT = {  # plausible, fixed: the info branch runs on every request, as in clinical use
@@ -129,18 +132,3 @@ def load_payloads(max_bags: int = 8, max_instances: int | None = None) -> Payloa
     if npz.is_file():
         return real_bags(npz, max_bags, max_instances)
     return simulated_bags(max_bags, max_instances)
-
-
-def is_loopback(url_or_host: str) -> bool:
-    """True for ``localhost`` and literal loopback addresses only: names are not resolved, since
-    a name can point anywhere. The load tests refuse other targets unless told otherwise."""
-    import ipaddress
-    from urllib.parse import urlsplit
-
-    host = urlsplit(url_or_host if "//" in url_or_host else "//" + url_or_host).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mam.errors import InputError, MamError
+from mam.remote import read_secret, require_https
 
 log = logging.getLogger(__name__)
 
@@ -84,24 +85,12 @@ class Stored:
 
 def check_base_url(url: str | None) -> str:
     """``url`` without its trailing slash if it is https, or http on loopback."""
-    from mam.fhir.outbox import InsecureFhirUrlError, InvalidFhirUrlError, check_url
-
-    try:
-        return check_url(url or "", "DICOMweb base URL")
-    except InsecureFhirUrlError as e:
-        raise InsecureDicomwebUrlError(str(e)) from None
-    except InvalidFhirUrlError as e:
-        raise InvalidDicomwebUrlError(str(e)) from None
+    return require_https(url or "", "DICOMweb base URL", InvalidDicomwebUrlError,
+                         InsecureDicomwebUrlError)  # fmt: skip
 
 
 def _secret(path: Path, what: str) -> str:
-    try:
-        value = Path(path).read_text().strip()
-    except OSError:
-        raise InvalidDicomwebAuthError(f"cannot read the {what} file {path}") from None
-    if not value:
-        raise InvalidDicomwebAuthError(f"the {what} file {path} is empty")
-    return value
+    return read_secret(path, what, InvalidDicomwebAuthError)
 
 
 def auth_headers(token_file: Path | None = None, basic_auth_file: Path | None = None) -> dict:

@@ -281,10 +281,22 @@ class Screener:
         progress: Callable[[int, int], None] | None = None,
         cancelled: Callable[[], bool] | threading.Event | None = None,
     ) -> ScreeningResult:
-        """Screen one recording. ``progress(done, total)`` is called per frame (from the pose
-        threads). ``cancelled`` (a function or an event) is checked per frame; once true, the
-        screening stops with :class:`ScreeningCancelled`: a service stops a recording whose
-        client has gone or whose time is up, and frees its threads for the next."""
+        """Screen one recording: :meth:`pose_video`, then :meth:`screen_pose`."""
+        seq, timings = self.pose_video(path, progress, cancelled)
+        return self.screen_pose(seq, infant, timings=timings)
+
+    def pose_video(
+        self,
+        path: str | Path,
+        progress: Callable[[int, int], None] | None = None,
+        cancelled: Callable[[], bool] | threading.Event | None = None,
+    ) -> tuple[PoseSequence, dict[str, float]]:
+        """A recording's pose as screening estimates it (in parts, on the parts executor), and
+        the stage timings; for callers that keep the pose (``mam batch``). ``progress(done,
+        total)`` is called per frame (from the pose threads). ``cancelled`` (a function or an
+        event) is checked per frame; once true, posing stops with :class:`ScreeningCancelled`:
+        a service stops a recording whose client has gone or whose time is up, and frees its
+        threads for the next."""
         o = self.options
         is_set = getattr(cancelled, "is_set", cancelled)
 
@@ -300,7 +312,7 @@ class Screener:
             executor=self._parts_pool, part_backend=self.part_estimator,
             part_frames=backend_class(o.pose_backend).part_frames,
         )  # fmt: skip
-        return self.screen_pose(seq, infant, timings=timings)
+        return seq, timings
 
     def screen_pose_file(self, path: str | Path, infant: InfantData | None = None):
         return self.screen_pose(load_pose_file(path), infant)

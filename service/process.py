@@ -1,23 +1,22 @@
-"""Start ``bentoml serve`` for the service as a child process: one place for the command that
-``mam serve``, the tests, the benchmarks and the load tests use."""
+"""Start ``bentoml serve`` for the service as a child process, for the tests, the benchmarks and
+the load tests, with the command ``mam serve`` execs (``mam.cli.serve.serve_command``)."""
 
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+from mam.cli.serve import serve_command as _serve_command
+
 REPO = Path(__file__).resolve().parent.parent
-SERVICE = "service.app:Screening"
 
 
 def serve_command(port: int, host: str = "127.0.0.1") -> list[str]:
     """``bentoml serve`` through ``service.launch`` (one metrics folder per instance)."""
-    return [sys.executable, "-m", "service.launch", "serve", SERVICE, "--port", str(port),
-            "--host", host, "--working-dir", str(REPO)]  # fmt: skip
+    return _serve_command(port, host, REPO)
 
 
 def private_task_store() -> str:

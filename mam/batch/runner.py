@@ -36,7 +36,6 @@ import concurrent.futures as cf
 import contextlib
 import ctypes
 import errno
-import functools
 import hashlib
 import logging
 import multiprocessing
@@ -75,22 +74,6 @@ AUDIT_FILE = "audit.jsonl"
 _SCREENER = None
 
 
-@functools.cache
-def _keeping_screener():
-    """``mam.screening.Screener`` that remembers the last pose it screened (imported lazily:
-    the pipeline loads only in the processes that screen)."""
-    from mam.screening import Screener
-
-    class KeepingScreener(Screener):
-        posed = None
-
-        def screen_pose(self, seq, infant=None, timings=None):
-            self.posed = seq
-            return super().screen_pose(seq, infant, timings=timings)
-
-    return KeepingScreener
-
-
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
@@ -127,10 +110,10 @@ def _init_worker(
     if threads:
         os.environ.setdefault("MAM_RUNTIME_THREADS", str(threads))
     from mam.pose.base import default_pose_backend
-    from mam.screening import ScreeningOptions
+    from mam.screening import Screener, ScreeningOptions
 
     options = ScreeningOptions(pose_backend=pose_backend or default_pose_backend())
-    _SCREENER = _keeping_screener()(weights, options)
+    _SCREENER = Screener(weights, options)
 
 
 def _screen_keeping(file: str, infant, keep: Path):
@@ -146,16 +129,12 @@ def _screen_keeping(file: str, infant, keep: Path):
             logger.warning("batch: a kept pose could not be read; estimating it again")
         else:
             return _SCREENER.screen_pose(seq, infant)
-    _SCREENER.posed = None
+    seq, timings = _SCREENER.pose_video(file)
     try:
-        return _SCREENER.screen_video(file, infant)
-    finally:
-        if _SCREENER.posed is not None:
-            try:
-                write_pose_cache(_SCREENER.posed, keep)
-            except OSError as e:
-                logger.warning("batch: a pose could not be kept (%s)", type(e).__name__)
-            _SCREENER.posed = None
+        write_pose_cache(seq, keep)
+    except OSError as e:
+        logger.warning("batch: a pose could not be kept (%s)", type(e).__name__)
+    return _SCREENER.screen_pose(seq, infant, timings=timings)
 
 
 def _screen_one(

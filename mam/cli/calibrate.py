@@ -73,17 +73,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         target, value = "youden", None
     old_version, small_before = meta.version, list(meta.provenance.get("small_data", []))
+    # The weights recalibrated from, named before recalibration changes their digest.
+    source = {"name": meta.name, "version": old_version, "weights_sha256": load_meta(weights)[2],
+              "digest": meta.digest}  # fmt: skip
     meta = recalibrate(model, meta, records, kind, target=target, value=value,
                        accept_small_data=args.accept_small_data)  # fmt: skip
     meta.version = args.version or calibrated_version(old_version)
-    meta.provenance.setdefault("recalibrated_from", []).append(
-        {
-            "name": meta.name,
-            "version": old_version,
-            "weights_sha256": load_meta(weights)[2],
-            "digest": load_meta(weights)[0].digest,
-        }
-    )
+    meta.provenance.setdefault("recalibrated_from", []).append(source)
     op = OperatingPoint.from_dict(meta.provenance["calibration"]["operating_point"][kind])
     for warning in meta.provenance.get("small_data", []):
         if warning not in small_before:

@@ -23,10 +23,6 @@ from pathlib import Path
 from mam.cli import options as O
 
 
-def _env_path(name: str) -> Path | None:
-    return Path(os.environ[name]) if os.environ.get(name) else None
-
-
 def register(sub) -> None:
     s = sub.add_parser("dicom", help="store DICOM SRs to a PACS over DICOMweb STOW-RS",
                        description="store results' DICOM Structured Reports to a PACS over "
@@ -44,12 +40,12 @@ def register(sub) -> None:
     a.add_argument(
         "--token-file",
         type=Path,
-        default=_env_path("MAM_DICOMWEB_TOKEN_FILE"),
+        default=O.env_path("MAM_DICOMWEB_TOKEN_FILE"),
         metavar="FILE",
         help="a bearer token (default MAM_DICOMWEB_TOKEN_FILE)",
     )
     a.add_argument("--basic-auth-file", type=Path, metavar="FILE",
-                   default=_env_path("MAM_DICOMWEB_BASIC_AUTH_FILE"),
+                   default=O.env_path("MAM_DICOMWEB_BASIC_AUTH_FILE"),
                    help="user:password on one line, for HTTP basic auth "
                         "(default MAM_DICOMWEB_BASIC_AUTH_FILE)")  # fmt: skip
     p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",

@@ -31,10 +31,6 @@ from pathlib import Path
 from mam.cli import options as O
 
 
-def _env_path(name: str) -> Path | None:
-    return Path(os.environ[name]) if os.environ.get(name) else None
-
-
 def register(sub) -> None:
     s = sub.add_parser("fhir", help="push FHIR Bundles to a FHIR server through a durable outbox",
                        description="push results' FHIR Bundles to a site's FHIR server through "
@@ -57,7 +53,7 @@ def register(sub) -> None:
     _add_outbox(p)
     a = p.add_argument_group("authorization (a static token, or OAuth2 client credentials as in "
                              "SMART Backend Services)")  # fmt: skip
-    a.add_argument("--token-file", type=Path, default=_env_path("MAM_FHIR_TOKEN_FILE"),
+    a.add_argument("--token-file", type=Path, default=O.env_path("MAM_FHIR_TOKEN_FILE"),
                    metavar="FILE", help="a bearer token, read at every request "
                    "(default MAM_FHIR_TOKEN_FILE)")  # fmt: skip
     a.add_argument(
@@ -72,11 +68,11 @@ def register(sub) -> None:
         help="OAuth2 token endpoint (default MAM_FHIR_TOKEN_URL)",
     )
     a.add_argument("--client-secret-file", type=Path, metavar="FILE",
-                   default=_env_path("MAM_FHIR_CLIENT_SECRET_FILE"),
+                   default=O.env_path("MAM_FHIR_CLIENT_SECRET_FILE"),
                    help="client secret, sent as client_secret_basic "
                         "(default MAM_FHIR_CLIENT_SECRET_FILE)")  # fmt: skip
     a.add_argument("--private-key", type=Path, metavar="PEM",
-                   default=_env_path("MAM_FHIR_PRIVATE_KEY_FILE"),
+                   default=O.env_path("MAM_FHIR_PRIVATE_KEY_FILE"),
                    help="RSA or EC private key for private_key_jwt (RS384/ES384; needs "
                         "pyjwt[crypto]) (default MAM_FHIR_PRIVATE_KEY_FILE)")  # fmt: skip
     a.add_argument("--key-id", help="the key's kid in the client's JWKS")

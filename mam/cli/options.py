@@ -224,3 +224,9 @@ def env_int(name: str, default: int) -> int:
         return int(os.environ.get(name, default))
     except ValueError:
         return default
+
+
+def env_path(name: str) -> Path | None:
+    """A path from the environment variable ``name``, None when unset or empty (an option's
+    default that a mounted secret's location can give)."""
+    return Path(os.environ[name]) if os.environ.get(name) else None

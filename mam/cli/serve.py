@@ -75,8 +75,8 @@ def run(args: argparse.Namespace) -> int:
 
 def serve_command(port: int, host: str, root: Path) -> list[str]:
     """``bentoml serve`` of the service through its launcher, named by module: ``mam`` never
-    imports ``service`` (the service depends on ``mam``, not the other way round). The same
-    command as ``service.process.serve_command``."""
+    imports ``service`` (the service depends on ``mam``, not the other way round);
+    ``service.process.serve_command`` is this command."""
     return [sys.executable, "-m", SERVICE_LAUNCHER, "serve", SERVICE, "--port", str(port),
             "--host", host, "--working-dir", str(root)]  # fmt: skip
 

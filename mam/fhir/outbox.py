@@ -35,7 +35,6 @@ secret is logged; log lines carry counts, outcomes, HTTP statuses and error clas
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import logging
 import os
@@ -47,9 +46,9 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from mam.errors import DependencyMissingError, InputError, MamError
+from mam.remote import read_secret, require_https
 
 logger = logging.getLogger(__name__)
 
@@ -122,35 +121,13 @@ class OutboxEntryNotFoundError(InputError):
 
 
 # -- URLs and credentials ----------------------------------------------------------------------
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_url(url: str, what: str = "FHIR base URL") -> str:
     """``url`` if it is https, or http on loopback; else ``InsecureFhirUrlError``."""
-    parts = urlsplit(url or "")
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidFhirUrlError(f"the {what} must be an absolute https:// URL")
-    if parts.scheme == "http" and not _is_loopback(parts.hostname):
-        raise InsecureFhirUrlError(
-            f"the {what} is plain http:// to a host other than loopback: use https://"
-        )
-    return url.rstrip("/")
+    return require_https(url, what, InvalidFhirUrlError, InsecureFhirUrlError)
 
 
 def _read_secret(path: str | Path, what: str) -> str:
-    try:
-        value = Path(path).read_text().strip()
-    except OSError:
-        raise InvalidFhirAuthError(f"cannot read the {what} file {path}") from None
-    if not value:
-        raise InvalidFhirAuthError(f"the {what} file {path} is empty")
-    return value
+    return read_secret(path, what, InvalidFhirAuthError)
 
 
 class StaticToken:

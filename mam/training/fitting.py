@@ -216,14 +216,21 @@ def fit_domain(
     return DomainModel(kinds, representation)
 
 
-def domain_record(domain: DomainModel, held: Scores, held_recs: Sequence[TrainRecord]) -> dict:
-    """What the domain check does on the held-out infants: their number and the share flagged,
-    per kind (the thresholds aim at about 1-2%)."""
+def heldout_flags(domain: DomainModel, held: Scores, held_recs: Sequence[TrainRecord]):
+    """Per held-out infant, whether the domain check flags it (bool array): computed once, for
+    the domain record and the held-out results."""
+    return np.array(
+        [not domain.check(kind_of(r.source), held.embeddings[i], held.motion[i]).in_domain
+         for i, r in enumerate(held_recs)], bool,
+    )  # fmt: skip
+
+
+def domain_record(domain: DomainModel, held_recs: Sequence[TrainRecord], flags) -> dict:
+    """What the domain check does on the held-out infants (``flags``: ``heldout_flags``): their
+    number and the share flagged, per kind (the thresholds aim at about 1-2%)."""
     flagged: dict[str, list[bool]] = {}
-    for i, r in enumerate(held_recs):
-        kind = kind_of(r.source)
-        v = domain.check(kind, held.embeddings[i], held.motion[i])
-        flagged.setdefault(kind, []).append(not v.in_domain)
+    for r, f in zip(held_recs, flags):
+        flagged.setdefault(kind_of(r.source), []).append(bool(f))
     return {
         "method": domain.method,
         "heldout": {k: len(v) for k, v in flagged.items()},
@@ -304,7 +311,8 @@ def fit(
     s_train = score_records(model, meta, train_recs)
     s = score_records(model, meta, cal_recs) if cal_recs else s_train
     meta.domain = fit_domain(s_train, train_recs, s, cal_recs, cfg.representation)
-    meta.provenance["domain"] = domain_record(meta.domain, s, cal_recs)
+    flags = heldout_flags(meta.domain, s, cal_recs)
+    meta.provenance["domain"] = domain_record(meta.domain, cal_recs, flags)
     meta.provenance["domain"]["coverage"] = domain_coverage(
         [kind_of(r.source) for r in train_recs], [kind_of(r.source) for r in cal_recs]
     )
@@ -334,36 +342,36 @@ def fit(
         "risk_infants": int((~normal).sum()),
         "by_kind": {k: v.infants for k, v in meta.calibration_by_kind.items()},
     }
-    meta.provenance["heldout_results"] = heldout_results(meta, s, cal_recs)
+    meta.provenance["heldout_results"] = heldout_results(meta, s, cal_recs, flags)
     logger.info("calibrated on %d held-out infants", int(held.sum()))
     return model, meta
 
 
-def heldout_results(meta: ModelMeta, held: Scores, held_recs: Sequence[TrainRecord]) -> dict:
+def calibrated_risk(cal, z_bag: np.ndarray, z_info: np.ndarray) -> np.ndarray:
+    """P(risk) of a kind's calibration (``KindCalibration``) as screening computes it: with the
+    Info branch where an infant has data (``z_info`` finite), without it elsewhere."""
+    has = np.isfinite(z_info)
+    return 1 - np.where(
+        has,
+        cal.calibration.apply(z_bag, np.where(has, z_info, 0.0)),
+        cal.calibration_without_info.apply(z_bag),
+    )
+
+
+def heldout_results(meta: ModelMeta, held: Scores, held_recs: Sequence[TrainRecord], flags) -> dict:
     """Per kind, what the finished weights answer for the held-out infants: the share out of
     domain, and the share called risk among those in domain (each infant's calibrated P(risk)
     against its kind's threshold, with the Info branch where it has infant data). These are the
     validation-time expectations a deployment's drift alerts compare live rates with; the risk
-    share is that of the held-out population (often enriched with infants at risk)."""
+    share is that of the held-out population (often enriched with infants at risk). ``flags``:
+    ``heldout_flags``."""
     kinds = np.array([kind_of(r.source) for r in held_recs])
     out = {}
     for kind in sorted(set(kinds.tolist())):
         idx = np.flatnonzero(kinds == kind)
         cal = meta.calibrated(kind)
-        zb, zi = held.z_bag[idx], held.z_info[idx]
-        has = np.isfinite(zi)
-        p_risk = 1 - np.where(
-            has,
-            cal.calibration.apply(zb, np.where(has, zi, 0.0)),
-            cal.calibration_without_info.apply(zb),
-        )
-        flagged = np.array(
-            [
-                meta.domain is None
-                or not meta.domain.check(kind, held.embeddings[i], held.motion[i]).in_domain
-                for i in idx
-            ]
-        )
+        p_risk = calibrated_risk(cal, held.z_bag[idx], held.z_info[idx])
+        flagged = np.asarray(flags, bool)[idx]
         inside = ~flagged
         out[kind] = {
             "recordings": int(len(idx)),
@@ -416,12 +424,7 @@ def recalibrate(
             )
     s = score_records(model, meta, records)
     cal = fit_calibration(s.z_bag, s.z_info, normal, f"platt ({kind})")
-    has = np.isfinite(s.z_info)
-    p_risk = 1 - np.where(
-        has,
-        cal.calibration.apply(s.z_bag, np.where(has, s.z_info, 0.0)),
-        cal.calibration_without_info.apply(s.z_bag),
-    )
+    p_risk = calibrated_risk(cal, s.z_bag, s.z_info)
     op = operating_point(
         p_risk, ~normal, target, value,
         bootstrap=BOOTSTRAP if bootstrap is None else bootstrap, seed=seed,
@@ -434,7 +437,7 @@ def recalibrate(
     calib.setdefault("operating_point", {})[kind] = {
         **op.to_dict(),
         "method": f"platt on {len(records)} recordings the weights never trained on",
-        "recordings_with_infant_data": int(has.sum()),
+        "recordings_with_infant_data": int(np.isfinite(s.z_info).sum()),
         "recalibrated_from_version": meta.version,
     }
     digests = prov.setdefault("data_digests", {})
