@@ -63,7 +63,8 @@ def main() -> None:
     )
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch threads {torch.get_num_threads()}, runtime {screener.runtime}/{screener.device}, "
+        f"torch threads {torch.get_num_threads()}, "
+        f"runtime {screener.runtime.backend}/{screener.runtime.device}, "
         f"pose {args.pose_backend}"
     )
     print(f"{'stage':<10}{'s per video-minute':>20}{'share':>8}")

@@ -57,9 +57,6 @@ from pathlib import Path
 
 from mam import __version__
 
-ENV_FILE = "MAM_AUDIT_FILE"
-ENV_MAX_MB = "MAM_AUDIT_MAX_MB"
-ENV_BACKUPS = "MAM_AUDIT_BACKUPS"
 OFF = "off"
 STDOUT = "-"
 FIELDS = (
@@ -130,10 +127,16 @@ class AuditLog:
     @classmethod
     def from_env(cls, default: str | os.PathLike = STDOUT) -> AuditLog:
         """``MAM_AUDIT_FILE`` (else ``default``), ``MAM_AUDIT_MAX_MB``, ``MAM_AUDIT_BACKUPS``."""
-        target = os.environ.get(ENV_FILE) or str(default)
-        max_mb = float(os.environ.get(ENV_MAX_MB) or 100)
-        backups = int(os.environ.get(ENV_BACKUPS) or 10)
-        return cls(target, int(max_mb * 2**20), backups)
+        from mam.settings import current
+
+        return cls.from_settings(current(), default)
+
+    @classmethod
+    def from_settings(cls, settings, default: str | os.PathLike = STDOUT) -> AuditLog:
+        """From ``mam.settings.MamSettings`` (or the service's): its audit file, else
+        ``default`` (each command has its own), rotated at its size, keeping its backups."""
+        target = settings.audit_file or str(default)
+        return cls(target, int(settings.audit_max_mb * 2**20), settings.audit_backups)
 
     def record(self, event: str, **fields) -> dict:
         """Write one line; returns it as a dict. Unknown fields are refused (``ValueError``),

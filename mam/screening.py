@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -70,7 +69,9 @@ _EPS = 1e-6  # as mam.model.network: P(normal) is clipped before taking log-odds
 
 def default_weights() -> Path:
     """``MAM_WEIGHTS`` if set, else the shipped demo weights (``mam.shipped``)."""
-    return Path(os.environ.get("MAM_WEIGHTS", DEFAULT_WEIGHTS))
+    from mam.settings import current
+
+    return current().weights or DEFAULT_WEIGHTS
 
 
 @dataclass
@@ -91,11 +92,14 @@ class ScreeningOptions:
     abstain: bool = True
     # Parts of a recording (the backend's part_frames, mam.pose.base.PoseBackendBase) posed at
     # once, each in its own thread with its own backend; the joints are the same whatever the
-    # number. None: one per CPU thread (MAM_RUNTIME_THREADS, else the usable CPUs), each part's
-    # network on one thread, where the backend says parts are worth it (parts_in_parallel: on
-    # ONNX Runtime's CPU route); 1 elsewhere.
+    # number. None: one per CPU thread (``threads``, else MAM_RUNTIME_THREADS, else the usable
+    # CPUs), each part's network on one thread, where the backend says parts are worth it
+    # (parts_in_parallel: on ONNX Runtime's CPU route); 1 elsewhere.
     parallel_parts: int | None = None
     min_tracked_for_result: float = MIN_TRACKED_FOR_RESULT
+    # CPU threads of the clip network's and the pose networks' ONNX Runtime sessions (a batch
+    # worker's share of the CPUs); None: MAM_RUNTIME_THREADS, else the usable CPUs.
+    threads: int | None = None
 
 
 @dataclass
@@ -188,20 +192,20 @@ class Screener:
         self.weights_path = Path(weights) if weights else default_weights()
         self.meta, _, self.weights_sha256 = load_meta(self.weights_path)
         self.model_digest: str = self.meta.digest  # computed once: every result carries it
-        self.engine = runtime or create_runtime(
-            self.weights_path, o.runtime, device=o.device, precision=o.precision
+        # What runs the networks; its ``backend``, ``device`` and ``precision`` name it in results.
+        self.runtime: InferenceRuntime = runtime or create_runtime(
+            self.weights_path, o.runtime, device=o.device, precision=o.precision, threads=o.threads
         )
-        e = self.engine
-        self.runtime, self.device, self.precision = e.backend, e.device, e.precision
+        self.threads = default_threads(o.threads)
         self._pose = threading.local()  # one pose backend per thread: they keep per-video state
         logger.info(
             "model %s %s (digest %s) on %s (%s, %s)",
             self.meta.name,
             self.meta.version,
             self.model_digest[:12],
-            self.runtime,
-            self.device,
-            self.precision,
+            self.runtime.backend,
+            self.runtime.device,
+            self.runtime.precision,
         )
 
     # -- model ------------------------------------------------------------------------------------
@@ -209,7 +213,7 @@ class Screener:
         self, tensors: np.ndarray, infant: InfantData | None = None, kind: str | None = None
     ) -> ClipScores:
         """Instances ``[N, 240, 3, 17, 17]`` (already smoothed and normalised) -> scores."""
-        embeddings, logits = self.engine.clip(tensors)
+        embeddings, logits = self.runtime.clip(tensors)
         return self.score_logits(logits, infant, embeddings, kind)
 
     def score_logits(
@@ -221,11 +225,11 @@ class Screener:
         instances, the overall calibration). Split from the clip network so that a service
         can run that network elsewhere (batched across requests) and finish here."""
         meta = self.meta
-        bag, attention = self.engine.bag(np.asarray(logits, np.float32)[None])
+        bag, attention = self.runtime.bag(np.asarray(logits, np.float32)[None])
         info_logits = None
         if infant is not None and infant.complete:
             z = (np.asarray(infant.vector()) - meta.info_mean) / meta.info_std
-            info_logits = self.engine.info(np.asarray(z, np.float32)[None])
+            info_logits = self.runtime.info(np.asarray(z, np.float32)[None])
         p_normal = fuse_normal_probability(bag, info_logits, meta, kind)
         return ClipScores(
             fms_probability=softmax(logits)[:, 1].astype(float),
@@ -241,6 +245,8 @@ class Screener:
         """This thread's pose backend, made on first use and kept: making one can cost seconds
         (graphs, ONNX sessions, weight hashes, first-use conversion) and would otherwise be
         paid per recording. Backends reset their state at every ``estimate``."""
+        if self.options.threads and backend_class(self.options.pose_backend).takes_threads:
+            return self._thread_backend(threads=self.threads)
         return self._thread_backend()
 
     def _thread_backend(self, **kwargs) -> PoseBackend:
@@ -255,14 +261,14 @@ class Screener:
         if self.options.parallel_parts is not None:
             return max(1, self.options.parallel_parts)
         parallel = backend_class(self.options.pose_backend).parts_in_parallel()
-        return default_threads() if parallel else 1
+        return self.threads if parallel else 1
 
     def part_estimator(self) -> PoseBackend:
         """A pose-part thread's backend (kept like ``pose_estimator``'s), its network on its
         share of the CPU threads when the backend takes a thread count."""
         if not backend_class(self.options.pose_backend).takes_threads:
             return self._thread_backend()
-        return self._thread_backend(threads=max(1, default_threads() // self.parallel_parts))
+        return self._thread_backend(threads=max(1, self.threads // self.parallel_parts))
 
     @cached_property
     def _parts_pool(self):
@@ -465,9 +471,9 @@ class Screener:
             "recorded_digest": meta.recorded_digest,
             "weights_sha256": self.weights_sha256,
             "demo": is_demo(self.weights_path, meta),
-            "runtime": self.runtime,
-            "device": self.device,
-            "precision": self.precision,
+            "runtime": self.runtime.backend,
+            "device": self.runtime.device,
+            "precision": self.runtime.precision,
             "representation": meta.representation,
             "provenance": {k: v for k, v in meta.provenance.items() if k != "data_digests"},
         }
@@ -483,9 +489,9 @@ class Screener:
             digest=self.model_digest,
             weights_sha256=self.weights_sha256,
             provenance=meta.provenance.get("summary", "unknown"),
-            runtime=self.runtime,
-            device=self.device,
-            precision=self.precision,
+            runtime=self.runtime.backend,
+            device=self.runtime.device,
+            precision=self.runtime.precision,
             pose_backend=pose_backend,
             used_info_branch=used_info,
             calibration=(cal.calibration if used_info else cal.calibration_without_info).method,

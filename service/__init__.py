@@ -8,4 +8,5 @@ BentoML services; ``bentoml serve service.app:Screening`` (or ``mam serve``) sta
 import os
 
 # Health-data service: no usage analytics leave the process (BentoML sends them by default).
+# BentoML's own variable, written for it: not a setting of ours (mam.settings).
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")

@@ -58,21 +58,21 @@ class ClipModel:
     """The clip network (the FLOPs of MAM) on :mod:`mam.runtime`, batched across requests."""
 
     def __init__(self) -> None:
-        self.engine = create_runtime(S.weights, S.runtime, device=S.device, precision=S.precision)
+        self.runtime = create_runtime(S.weights, S.runtime, device=S.device, precision=S.precision)
         # Warm-up: the first ONNX Runtime / TensorRT call allocates; readiness waits for it.
-        self.engine.clip(np.zeros((1, CLIP_FRAMES, 3, 17, 17), np.float32))
+        self.runtime.clip(np.zeros((1, CLIP_FRAMES, 3, 17, 17), np.float32))
         self.metrics = get_metrics()
         meta, _, _ = load_meta(S.weights)
         self.metrics.model_info.labels(
             name=meta.name,
             version=meta.version,
             digest=meta.digest or "unknown",
-            backend=self.engine.backend,
-            precision=self.engine.precision,
-            device=self.engine.device,
+            backend=self.runtime.backend,
+            precision=self.runtime.precision,
+            device=self.runtime.device,
         ).set(1)
         self.ready = True
-        logger.info("clip network ready: %s", self.engine.describe())
+        logger.info("clip network ready: %s", self.runtime.describe())
 
     def __is_ready__(self) -> bool:
         return self.ready
@@ -90,7 +90,7 @@ class ClipModel:
         (so that callers can split their wait into queue and compute without a second
         channel); then the clip embeddings, which the domain check needs."""
         t = time.perf_counter()
-        features, logits = self.engine.clip(expand_differences(relative))
+        features, logits = self.runtime.clip(expand_differences(relative))
         dt = time.perf_counter() - t
         self.metrics.batch_rows.observe(len(relative))
         self.metrics.compute_seconds.observe(dt)
@@ -102,7 +102,7 @@ class ClipModel:
 
     @bentoml.api
     def describe(self) -> RuntimeInfo:
-        e = self.engine
+        e = self.runtime
         return RuntimeInfo(
             backend=e.backend, device=e.device, precision=e.precision, details=e.describe()
         )

@@ -347,6 +347,7 @@ def install_private_prometheus_dir() -> str:
 
     ensure_prometheus_dir._mam_dir = path
     serving.ensure_prometheus_dir = ensure_prometheus_dir
+    # prometheus_client's own variable, written for it and its readers: not a mam.settings one.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
     return path
 

@@ -251,8 +251,8 @@ class DataPlane:
         except aiohttp.ClientConnectionError:
             return  # ClipModel is gone (shutting down): _one_call runs the network here
         info = info if isinstance(info, RuntimeInfo) else RuntimeInfo(**info)
-        s = self.screener
-        s.runtime, s.device, s.precision = info.backend, info.device, info.precision
+        r = self.runtime  # the screener's: results name what ran the clip network
+        r.backend, r.device, r.precision = info.backend, info.device, info.precision
         self._described = True
 
     async def clip_outputs(self, instances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -247,6 +247,7 @@ class Metrics:
         import prometheus_client as pc  # deferred: see the module docstring
 
         def gauge(name: str, doc: str, labels=(), mode: str = "livesum") -> Any:
+            # prometheus_client's own variable (set by BentoML), not a mam.settings one.
             kw = {"multiprocess_mode": mode} if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else {}
             return pc.Gauge(PREFIX + name, doc, labels, **kw)
 

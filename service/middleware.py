@@ -371,6 +371,7 @@ async def _metrics(scope, receive, send):
     from starlette.responses import Response
 
     def render() -> bytes:
+        # prometheus_client's own variable (set by BentoML), not a mam.settings one.
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = pc.CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)

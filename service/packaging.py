@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from mam.errors import InputError, ModelLoadError
+from mam.settings import current
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def served_weights(configured: Path) -> Path:
     packaged = packaged_weights()
     if packaged is None:
         return configured
-    if os.environ.get("MAM_WEIGHTS"):
+    if current().weights is not None:
         logger.warning("MAM_WEIGHTS overrides the weights this bento was built with")
         return configured
     return packaged

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -33,19 +32,19 @@ def register(sub) -> None:
                          "--dicom-sr OUT, or its sr/ folder)")  # fmt: skip
     O.add_verbose(p)
     p.add_argument("input", type=Path, metavar="FILE.dcm|DIR")
-    p.add_argument("--base-url", default=os.environ.get("MAM_DICOMWEB_BASE_URL"), metavar="URL",
+    p.add_argument("--base-url", default=O.setting("dicomweb_base_url"), metavar="URL",
                    help="the PACS's DICOMweb root, the part before /studies (https; http only "
                         "on loopback) (default MAM_DICOMWEB_BASE_URL)")  # fmt: skip
     a = p.add_argument_group("authorization (from files, never on the command line)")
     a.add_argument(
         "--token-file",
         type=Path,
-        default=O.env_path("MAM_DICOMWEB_TOKEN_FILE"),
+        default=O.setting("dicomweb_token_file"),
         metavar="FILE",
         help="a bearer token (default MAM_DICOMWEB_TOKEN_FILE)",
     )
     a.add_argument("--basic-auth-file", type=Path, metavar="FILE",
-                   default=O.env_path("MAM_DICOMWEB_BASIC_AUTH_FILE"),
+                   default=O.setting("dicomweb_basic_auth_file"),
                    help="user:password on one line, for HTTP basic auth "
                         "(default MAM_DICOMWEB_BASIC_AUTH_FILE)")  # fmt: skip
     p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",

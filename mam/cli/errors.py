@@ -54,7 +54,8 @@ HINTS: dict[str, str] = {
     "dicom_without_video": "give a DICOM video object (MPEG-2, H.264 or HEVC encapsulated)",
     "invalid_fhir_reference": "give Patient/ID or SYSTEM|VALUE (SYSTEM an absolute URI) for "
     "patient or order, and Encounter/ID",
-    "invalid_fhir_config": "fix MAM_FHIR_CODES_FILE / MAM_FHIR_UNIT (see mam/fhir/codes.py)",
+    "invalid_fhir_config": "fix MAM_FHIR_CODES_FILE / MAM_FHIR_UNIT / MAM_FHIR_RESOLVE_REFERENCES "
+    "(client or server; see mam/fhir/codes.py and mam/fhir/outbox.py)",
     "invalid_fhir_url": "give --base-url https://HOST/PATH (the FHIR server's base), or set "
     "MAM_FHIR_BASE_URL",
     "insecure_fhir_url": "use the server's https:// URL (plain http:// only on loopback: "
@@ -79,6 +80,8 @@ HINTS: dict[str, str] = {
     "--dicom-sr); the PACS log gives its reason",
     "stow_unavailable": "check the PACS is up and reachable, then run mam dicom store again "
     "(storing twice is harmless)",
+    "invalid_setting": "fix or unset the MAM_* variable named (its type: mam/settings.py)",
+    "invalid_api_key_hashes": "list SHA-256 digests, not keys: mam serve --hash-key KEY prints one",
     "invalid_input": "see the message",
     "mam_error": "see the message; run again with -v for the log",
 }

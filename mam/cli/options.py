@@ -4,7 +4,6 @@ would ignore (an option given and silently dropped is a wrong result waiting to 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -64,7 +63,6 @@ def add_weights(p: argparse.ArgumentParser) -> None:
 def add_pose_backend(p: argparse.ArgumentParser) -> None:
     """--pose-backend: the registered names, MAM_POSE_BACKEND as default."""
     from mam.pose import available_backends  # registers the backends, imports none of them
-    from mam.screening import default_pose_backend
 
     def registered(name: str) -> str:  # argparse also runs it on the default (the env value)
         if name not in available_backends():
@@ -75,10 +73,10 @@ def add_pose_backend(p: argparse.ArgumentParser) -> None:
         return name
 
     names = "{" + ",".join(available_backends()) + "}"
-    p.add_argument("--pose-backend", type=registered, metavar=names,
-                   default=default_pose_backend(),
+    default = setting("pose_backend")
+    p.add_argument("--pose-backend", type=registered, metavar=names, default=default,
                    help="pose estimator (default MAM_POSE_BACKEND or "
-                        f"{default_pose_backend()}); recorded in every result")  # fmt: skip
+                        f"{default}); recorded in every result")  # fmt: skip
 
 
 def add_infant(p: argparse.ArgumentParser) -> None:
@@ -219,14 +217,16 @@ def reject(args: argparse.Namespace, dests, because: str) -> None:
         raise UsageError(f"{names}: {because}")
 
 
-def env_int(name: str, default: int) -> int:
+def setting(name: str):
+    """The setting ``name`` of ``mam.settings`` (its ``MAM_*`` variable) as an option's default.
+    Parsers are built before a command's error handling starts, so a malformed variable is
+    reported here as any typed error is, and the CLI exits 2 (as argparse does for options)."""
+    from mam.settings import InvalidSettingError, current
+
     try:
-        return int(os.environ.get(name, default))
-    except ValueError:
-        return default
+        return getattr(current(), name)
+    except InvalidSettingError as e:
+        from mam.cli.errors import hint
 
-
-def env_path(name: str) -> Path | None:
-    """A path from the environment variable ``name``, None when unset or empty (an option's
-    default that a mounted secret's location can give)."""
-    return Path(os.environ[name]) if os.environ.get(name) else None
+        print(f"error [{e.code}]: {e}\nfix: {hint(e.code)}", file=sys.stderr)
+        raise SystemExit(2) from None

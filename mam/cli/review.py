@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import os
-import re
 import sys
 from pathlib import Path
 
 from mam.cli import options as O
 
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 SERVE_OPTIONS = ("port", "host")
 
 
@@ -38,12 +35,11 @@ def register(sub) -> None:
                         "manifest's folder); without it recordings cannot be played")  # fmt: skip
     s.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
-    s.add_argument("--db", metavar="URL", default=os.environ.get("MAM_REVIEW_DB"),
+    s.add_argument("--db", metavar="URL", default=O.setting("review_db"),
                    help="review database URL, e.g. postgresql+psycopg://user@host/db "
                         "(default MAM_REVIEW_DB or DIR/review.sqlite)")  # fmt: skip
     s.add_argument("--users", type=Path, metavar="FILE",
-                   default=Path(os.environ["MAM_REVIEW_USERS"])
-                   if os.environ.get("MAM_REVIEW_USERS") else None,
+                   default=O.setting("review_users"),
                    help="reviewers' user list "
                         "(default MAM_REVIEW_USERS or DIR/review_users)")  # fmt: skip
     s.add_argument("--export", type=Path, metavar="OUT",
@@ -72,12 +68,11 @@ def register(sub) -> None:
 
 def service_key_hashes() -> frozenset[str]:
     """The service's accepted key digests (``MAM_API_KEY_HASHES``, ``MAM_API_KEY_HASHES_FILE``),
-    which may also log in to the review app."""
-    raw = [x.strip().lower() for x in os.environ.get("MAM_API_KEY_HASHES", "").split(",")]
-    f = os.environ.get("MAM_API_KEY_HASHES_FILE")
-    if f and Path(f).is_file():
-        raw += [x.strip().lower() for x in Path(f).read_text().splitlines()]
-    return frozenset(h for h in raw if _HEX64.match(h))
+    which may also log in to the review app: parsed as the service parses them, so a malformed
+    entry is an ``InvalidKeyHashesError`` here too."""
+    from mam.settings import current
+
+    return current().key_hashes()
 
 
 def _password() -> str:
@@ -91,12 +86,14 @@ def _password() -> str:
 
 def run(args: argparse.Namespace) -> int:
     from mam.review.auth import UsersFileError, add_user, parse_roles, read_users_roles
-    from mam.review.config import ReviewConfig, blind_setting, secure_cookie_setting
+    from mam.review.config import ReviewConfig
+    from mam.settings import current
 
+    env = current()  # MAM_REVIEW_SECURE_COOKIE, MAM_REVIEW_BLIND (--db, --users: defaults)
     config = ReviewConfig(out_dir=args.dir, archive_root=args.archive, db_url=args.db,
                           users_file=args.users, key_hashes=service_key_hashes(),
-                          secure_cookie=secure_cookie_setting(),
-                          blind=args.blind or blind_setting())  # fmt: skip
+                          secure_cookie=env.review_secure_cookie,
+                          blind=args.blind or env.review_blind)  # fmt: skip
     if args.add_user is not None:
         O.reject(args, ["archive", "port", "host", "db", "export"],
                  "--add-user only writes the users file")  # fmt: skip

@@ -128,10 +128,12 @@ def _write(path: Path, data: bytes) -> None:
 def _audit_log():
     """The audit trail when ``MAM_AUDIT_FILE`` names a file (stdout carries the result here, so
     ``-`` writes none, as does ``off`` or no setting)."""
-    from mam.audit import ENV_FILE, OFF, STDOUT, AuditLog
+    from mam.audit import OFF, STDOUT, AuditLog
+    from mam.settings import current
 
-    target = os.environ.get(ENV_FILE, "")
-    return AuditLog.from_env() if target and target.lower() not in (OFF, STDOUT) else None
+    s = current()
+    target = s.audit_file or ""
+    return AuditLog.from_settings(s) if target and target.lower() not in (OFF, STDOUT) else None
 
 
 def _audit(audit, args: argparse.Namespace, result_id: str, outcome: str, t0: float) -> None:

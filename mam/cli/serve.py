@@ -31,7 +31,7 @@ def register(sub) -> None:
     O.add_verbose(s)
     s.add_argument("--port", type=int, default=3000, help="REST port (default 3000)")
     s.add_argument("--host", default="127.0.0.1", help="REST bind address (default loopback)")
-    s.add_argument("--grpc-port", type=int, default=O.env_int("MAM_GRPC_PORT", 8001),
+    s.add_argument("--grpc-port", type=int, default=O.setting("grpc_port"),
                    help="KServe v2 gRPC port (default MAM_GRPC_PORT or 8001; 0: off)")  # fmt: skip
     O.add_weights(s)
     O.add_pose_backend(s)
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     root = Path(__file__).resolve().parents[2]
     if not (root / "service" / "app.py").is_file():
         raise O.UsageError("the service/ folder is not beside mam/ (run from a checkout)")
-    env = dict(os.environ)
+    env = dict(os.environ)  # copied for the service (a child process), the options written in
     env["MAM_GRPC_PORT"] = str(args.grpc_port)
     if "host" in args.given:  # gRPC listens where REST does, unless MAM_GRPC_HOST says otherwise
         env.setdefault("MAM_GRPC_HOST", args.host)

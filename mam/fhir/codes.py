@@ -176,8 +176,6 @@ CONCEPTS: dict[str, str] = {
     "precision": "Numeric precision",
 }
 Unit = Literal["%", "1"]
-ENV_CODES_FILE = "MAM_FHIR_CODES_FILE"
-ENV_UNIT = "MAM_FHIR_UNIT"
 
 
 class InvalidFhirConfigError(InputError):
@@ -304,4 +302,7 @@ class FhirCodes:
     @classmethod
     def from_env(cls) -> FhirCodes:
         """``MAM_FHIR_CODES_FILE`` and ``MAM_FHIR_UNIT`` (the CLI and batch runs read them)."""
-        return cls.load(os.environ.get(ENV_CODES_FILE) or None, os.environ.get(ENV_UNIT) or None)
+        from mam.settings import current
+
+        s = current()
+        return cls.load(s.fhir_codes_file, s.fhir_unit)

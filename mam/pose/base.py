@@ -7,7 +7,6 @@ filling and the quality report are shared by all backends (``mam.pose.quality``)
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,6 @@ import numpy as np
 from mam.skeleton import FPS, NUM_JOINTS
 
 ENV_POSE_CACHE = "MAM_POSE_CACHE"
-ENV_POSE_BACKEND = "MAM_POSE_BACKEND"
 DEFAULT_POSE_BACKEND = "onnx"
 """BlazePose in ONNX (``mam.pose.blazepose``): the mediapipe wheel's own networks, about 3x the
 frames/s of the mediapipe package on CPU, with the same screening results (README)."""
@@ -26,7 +24,9 @@ frames/s of the mediapipe package on CPU, with the same screening results (READM
 
 def default_pose_backend() -> str:
     """``MAM_POSE_BACKEND`` if set, else ``DEFAULT_POSE_BACKEND``."""
-    return os.environ.get(ENV_POSE_BACKEND) or DEFAULT_POSE_BACKEND
+    from mam.settings import current
+
+    return current().pose_backend
 
 
 # Where a backend runs its networks, by configuration (the service and the CLI create backends
@@ -36,9 +36,12 @@ ENV_POSE_DEVICE = "MAM_POSE_DEVICE"
 
 
 def pose_runtime_env() -> tuple[str | None, str | None]:
-    """``(MAM_POSE_RUNTIME, MAM_POSE_DEVICE)`` as set, None where unset or empty: the one place
-    they are read (each backend checks them against what it can run, ``resolve_runtime``)."""
-    return os.environ.get(ENV_POSE_RUNTIME) or None, os.environ.get(ENV_POSE_DEVICE) or None
+    """``(MAM_POSE_RUNTIME, MAM_POSE_DEVICE)`` as set (``mam.settings``), None where unset: the
+    one place backends get them (each checks them against what it can run, ``resolve_runtime``)."""
+    from mam.settings import current
+
+    s = current()
+    return s.pose_runtime, s.pose_device
 
 
 @dataclass
@@ -228,5 +231,6 @@ def ort_pose_network(
 def pose_cache_dir() -> Path:
     """``MAM_POSE_CACHE`` or ``~/.cache/mam/pose``: pose networks converted or exported on this
     machine (never in the repository), shared by the backends that need them."""
-    env = os.environ.get(ENV_POSE_CACHE)
-    return Path(env) if env else Path.home() / ".cache" / "mam" / "pose"
+    from mam.settings import current
+
+    return current().pose_cache or Path.home() / ".cache" / "mam" / "pose"

@@ -8,23 +8,18 @@ reads nothing of it but the unset variable.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
 
 import numpy as np
-
-from mam.errors import InputError
 
 ENV_POSE_STRIDE = "MAM_POSE_STRIDE"
 
 
 def pose_stride() -> int:
     """``MAM_POSE_STRIDE`` as a whole number >= 1; 1 (every frame posed) where unset."""
-    raw = os.environ.get(ENV_POSE_STRIDE, "").strip()
-    try:
-        return max(1, int(raw)) if raw else 1
-    except ValueError:
-        raise InputError(f"{ENV_POSE_STRIDE} must be a whole number >= 1, got {raw!r}") from None
+    from mam.settings import current
+
+    return current().pose_stride  # a malformed value: InvalidSettingError, an InputError
 
 
 class Strided:

@@ -1,52 +1,15 @@
-"""Settings of the review app: given by ``mam review`` or, in the screening service, read from
-``MAM_REVIEW_*`` environment variables."""
+"""Settings of the review app: given by ``mam review`` or, in the screening service, from the
+``MAM_REVIEW_*`` variables (``mam.settings``, where both read them)."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mam.review.auth import USERS_FILE
+from mam.settings import current
 
 EXPORTS_DIR = "review_exports"
-
-
-def secure_cookie_setting() -> bool | None:
-    """``MAM_REVIEW_SECURE_COOKIE``: 1/true/yes: always ``Secure``; 0/false/no: never; unset
-    (or anything else): ``Secure`` when the request came over https. Read by ``mam review`` and
-    the service alike."""
-    raw = (os.environ.get("MAM_REVIEW_SECURE_COOKIE") or "").strip().lower()
-    if raw in ("1", "true", "yes"):
-        return True
-    if raw in ("0", "false", "no"):
-        return False
-    return None
-
-
-def blind_setting() -> bool:
-    """``MAM_REVIEW_BLIND``: 1/true/yes: blind review for the whole deployment."""
-    return (os.environ.get("MAM_REVIEW_BLIND") or "").strip().lower() in ("1", "true", "yes")
-
-
-def _env(name: str) -> str | None:
-    return (os.environ.get(name) or "").strip() or None
-
-
-# make_auth option -> the service's environment variable (the same MAM_FHIR_* settings).
-FHIR_AUTH_ENV = {
-    "token": "MAM_FHIR_TOKEN",
-    "token_file": "MAM_FHIR_TOKEN_FILE",
-    "client_id": "MAM_FHIR_CLIENT_ID",
-    "token_url": "MAM_FHIR_TOKEN_URL",
-    "client_secret_file": "MAM_FHIR_CLIENT_SECRET_FILE",
-    "private_key_file": "MAM_FHIR_PRIVATE_KEY_FILE",
-}
-
-
-def fhir_auth_from_env() -> dict:
-    """The FHIR push credentials the service would use, as ``make_auth`` options."""
-    return {k: v for k, name in FHIR_AUTH_ENV.items() if (v := _env(name)) is not None}
 
 
 @dataclass
@@ -83,11 +46,9 @@ class ReviewConfig:
     session_ttl_s: float = 12 * 3600.0
     exports_dir: Path | None = None
     blind: bool = False
-    fhir_base_url: str | None = field(default_factory=lambda: _env("MAM_FHIR_BASE_URL"))
-    fhir_outbox: Path | None = field(
-        default_factory=lambda: Path(p) if (p := _env("MAM_FHIR_OUTBOX")) else None
-    )
-    fhir_auth: dict = field(default_factory=lambda: fhir_auth_from_env())
+    fhir_base_url: str | None = field(default_factory=lambda: current().fhir_base_url)
+    fhir_outbox: Path | None = field(default_factory=lambda: current().fhir_outbox)
+    fhir_auth: dict = field(default_factory=lambda: current().fhir_auth())
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
@@ -107,17 +68,9 @@ class ReviewConfig:
         """``MAM_REVIEW_DIR`` (required, else None: no review app), ``MAM_REVIEW_ARCHIVE``,
         ``MAM_REVIEW_DB``, ``MAM_REVIEW_USERS``, ``MAM_REVIEW_SECURE_COOKIE`` (1/0),
         ``MAM_REVIEW_BLIND`` (1: blind review)."""
-        out = os.environ.get("MAM_REVIEW_DIR")
-        if not out:
+        s = current()
+        if s.review_dir is None:
             return None
-        return cls(
-            out_dir=Path(out),
-            archive_root=Path(os.environ["MAM_REVIEW_ARCHIVE"])
-            if os.environ.get("MAM_REVIEW_ARCHIVE") else None,
-            db_url=os.environ.get("MAM_REVIEW_DB") or None,
-            users_file=Path(os.environ["MAM_REVIEW_USERS"])
-            if os.environ.get("MAM_REVIEW_USERS") else None,
-            key_hashes=key_hashes,
-            secure_cookie=secure_cookie_setting(),
-            blind=blind_setting(),
-        )  # fmt: skip
+        return cls(out_dir=s.review_dir, archive_root=s.review_archive, db_url=s.review_db,
+                   users_file=s.review_users, key_hashes=key_hashes,
+                   secure_cookie=s.review_secure_cookie, blind=s.review_blind)  # fmt: skip

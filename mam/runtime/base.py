@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -39,6 +38,7 @@ import numpy as np
 from mam.errors import ModelLoadError
 from mam.model.weights import load_meta, sha256_of
 from mam.runtime.sessions import RuntimeUnavailable, default_threads
+from mam.settings import current
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ def create_runtime(
         threads: CPU threads for ONNX Runtime.
     """
     weights = Path(weights).with_suffix(".json")
-    requested = (backend or os.environ.get(ENV_BACKEND) or "auto").strip().lower()
+    requested = (backend or current().runtime or "auto").strip().lower()
     chain = _chain(requested, weights)
     reasons: list[str] = []
     for name in chain:

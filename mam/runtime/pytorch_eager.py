@@ -6,16 +6,15 @@ graph serves every call)."""
 from __future__ import annotations
 
 import logging
-import os
 from functools import partial
 from pathlib import Path
 
 from mam.runtime.base import InferenceRuntime, register_backend
 from mam.runtime.networks import TorchNetwork
 from mam.runtime.sessions import RuntimeUnavailable
+from mam.settings import current
 
 logger = logging.getLogger(__name__)
-ENV_COMPILE = "MAM_TORCH_COMPILE"
 
 
 @register_backend("pytorch")
@@ -45,7 +44,7 @@ class PyTorchBackend(InferenceRuntime):
         self.model = model.to(device=device, dtype=dtype).eval()
         self.device, self.precision = device, precision
         clips = self.model.forward_clips
-        self.compiled = device == "cuda" and os.environ.get(ENV_COMPILE) == "1"
+        self.compiled = device == "cuda" and current().torch_compile
         if self.compiled:
             clips = torch.compile(self.model.forward_clips, mode="reduce-overhead")
         net = partial(TorchNetwork, device=device, dtype=precision)

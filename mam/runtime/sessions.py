@@ -46,7 +46,10 @@ def cpu_count() -> int:
 
 
 def default_threads(threads: int | None = None) -> int:
-    return threads or int(os.environ.get(ENV_THREADS, 0)) or cpu_count()
+    """``threads``, else ``MAM_RUNTIME_THREADS``, else the usable CPUs."""
+    from mam.settings import current
+
+    return threads or current().runtime_threads or cpu_count()
 
 
 def import_onnxruntime():

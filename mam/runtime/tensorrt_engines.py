@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import subprocess
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from mam.files import write_atomic
 from mam.model.weights import sha256_of
 from mam.runtime.base import DEFAULT_MAX_BATCH, Precision
 from mam.runtime.sessions import RuntimeUnavailable
+from mam.settings import current
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +39,7 @@ def import_tensorrt():
 
 def engine_cache_dir() -> Path:
     """``MAM_ENGINE_CACHE`` or ``~/.cache/mam/engines``: engines are built where they run."""
-    env = os.environ.get(ENV_ENGINE_CACHE)
-    return Path(env) if env else Path.home() / ".cache" / "mam" / "engines"
+    return current().engine_cache or Path.home() / ".cache" / "mam" / "engines"
 
 
 def engine_cache_key(

@@ -59,7 +59,9 @@ assert set(INFANT_BONES_M) == set(BONES)
 
 def default_data_path() -> str:
     """``$MAM_DEMO_POSES``, else the copy shipped with the package (``mam.shipped``)."""
-    return os.environ.get("MAM_DEMO_POSES") or str(demo_poses())
+    from mam.settings import current
+
+    return str(current().demo_poses or demo_poses())
 
 
 def load_clips(npz_path: str | os.PathLike) -> tuple[np.ndarray, dict[str, np.ndarray]]:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import time
 import zipfile
@@ -58,6 +57,7 @@ from mam.pose.base import (
 )
 from mam.runtime.networks import Network
 from mam.runtime.onnx_export import cached_onnx
+from mam.settings import current
 from mam.shipped import models_dir
 from mam.skeleton import FPS, NUM_JOINTS
 
@@ -65,7 +65,6 @@ logger = logging.getLogger(__name__)
 
 NAME = "hrnet-videopose3d"
 ENV_HRNET_WEIGHTS = "MAM_HRNET_WEIGHTS"
-ENV_LIFTER_WEIGHTS = "MAM_LIFTER_WEIGHTS"
 DEFAULT_LIFTER = models_dir() / "lifter_infant.pt"
 INPUT_H, INPUT_W = 256, 192  # HRNet-W32 256x192 (mam.pose.paper.hrnet.INPUT_SIZE, without torch)
 STRIDE = 4
@@ -262,7 +261,8 @@ class HRNetVideoPose3DBackend(PoseBackendBase):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0.0 <= min_confidence <= 1.0:
             raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence}")
-        hrnet = hrnet_weights or os.environ.get(ENV_HRNET_WEIGHTS)
+        env = current()
+        hrnet = hrnet_weights or env.hrnet_weights
         if not hrnet:
             raise SiteWeightsRequiredError(
                 f"the '{NAME}' pose backend needs HRNet weights fine-tuned on the site's own "
@@ -271,7 +271,7 @@ class HRNetVideoPose3DBackend(PoseBackendBase):
                 "(official pose_hrnet key layout), or use the 'mediapipe' backend"
             )
         self.hrnet_path = Path(hrnet)
-        lifter = lifter_weights or os.environ.get(ENV_LIFTER_WEIGHTS) or DEFAULT_LIFTER
+        lifter = lifter_weights or env.lifter_weights or DEFAULT_LIFTER
         self.lifter_path = Path(lifter)
         for what, p in (("HRNet", self.hrnet_path), ("lifter", self.lifter_path)):
             if not p.is_file():
