@@ -14,8 +14,9 @@
   into the Bundle. The result id is the request id (``x-request-id``) of a synchronous call and
   the task id of a task, so a result fetched twice is the same FHIR result.
 * ``Pushes`` sends the Bundle of each result with a subject to ``MAM_FHIR_BASE_URL`` in the
-  background (``mam.fhir.push``: retries, counted in ``mam_fhir_push_total``), after the result
-  is answered or stored: a failing FHIR server never loses a result.
+  background (the durable outbox, ``mam.fhir.outbox``: retries, counted in
+  ``mam_fhir_push_total``), after the result is answered or stored: a failing FHIR server
+  never loses a result.
 
 Echoed UIDs of tasks are kept in memory only (``UidStore``, bounded), for ``/screen/get``.
 """

@@ -1,7 +1,9 @@
 """A small FHIR R4 server on loopback for tests: stores resources in memory and runs transaction
 Bundles as a FHIR server does (all or nothing; conditional create with ``ifNoneExist``;
-conditional update ``PUT Type?search``; ``urn:uuid`` fullUrls rewritten to the ids it assigns),
-with searches by ``identifier=system|value`` and ``_tag=system|code``. It can require bearer
+conditional update ``PUT Type?search``; ``urn:uuid`` fullUrls rewritten to the ids it assigns;
+conditional references stored as written, as many servers do), with searches by
+``identifier=system|value`` and ``_tag=system|code``, in transactions and as ``GET Type?...`` or
+``POST Type/_search``. It can require bearer
 tokens, which it issues itself at ``/token`` (OAuth2 client credentials, client_secret_basic),
 answer given statuses instead (an outage, a rejection) and be stopped and started again on the
 same port with its data (a restart of the server).
@@ -38,6 +40,7 @@ class FhirTestServer:
         self.transactions = 0  # transactions that were run (committed)
         self.requests = 0  # every POST to the base
         self.token_requests = 0
+        self.searches = 0
         self.statuses: list[int] = []  # answered in turn instead of running the transaction
         self.client = (client_id, client_secret)
         self.public_key = public_key  # for private_key_jwt (SMART Backend Services)
@@ -56,7 +59,20 @@ class FhirTestServer:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802 - http.server's name
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                status, answer = server.handle(self.path, dict(self.headers), body)
+                if self.path.endswith("/_search"):  # a search by POST: a form in the body
+                    path = f"{self.path.removesuffix('/_search')}?{body.decode()}"
+                    status, answer = server.get(path, dict(self.headers))
+                else:
+                    status, answer = server.handle(self.path, dict(self.headers), body)
+                data = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/fhir+json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):  # noqa: N802 - http.server's name
+                status, answer = server.get(self.path, dict(self.headers))
                 data = json.dumps(answer).encode()
                 self.send_response(status)
                 self.send_header("content-type", "application/fhir+json")
@@ -92,6 +108,33 @@ class FhirTestServer:
 
     def find(self, kind: str, query: str) -> list[dict]:
         return [self.store[kind][i] for i in self._search(kind, query)]
+
+    def add(self, resource: dict) -> str:
+        """Store ``resource`` as it is (e.g. a Patient registered by the EHR); its new id."""
+        with self._lock:
+            rid = f"{next(self._ids)}"
+            self.store.setdefault(resource["resourceType"], {})[rid] = {**resource, "id": rid}
+            return rid
+
+    def get(self, path: str, headers: dict) -> tuple[int, dict]:
+        """A search, ``GET /fhir/Type?identifier=...`` (``_count`` ignored)."""
+        url = urlsplit(path)
+        kind = url.path.removeprefix("/fhir/")
+        query = "&".join(f"{k}={v}" for k, v in parse_qsl(url.query) if k != "_count")
+        headers = {k.lower(): v for k, v in headers.items()}
+        with self._lock:
+            self.searches += 1
+            if self.require_token:
+                auth = headers.get("authorization", "")
+                if not auth.startswith("Bearer ") or auth[7:] not in self.tokens:
+                    return 401, _outcome("login", "no valid bearer token")
+            if self.statuses:
+                status = self.statuses.pop(0)
+                return status, _outcome("transient" if status >= 500 else "invalid", "told to")
+            found = self.find(kind, query)
+        return 200, {"resourceType": "Bundle", "type": "searchset", "total": len(found),
+                     "entry": [{"resource": r, "search": {"mode": "match"}}
+                               for r in found]}  # fmt: skip
 
     # -- requests --------------------------------------------------------------------------------
     def handle(self, path: str, headers: dict, body: bytes) -> tuple[int, dict]:

@@ -1,5 +1,6 @@
 // A FHIR R4 server on loopback for the tests (tests/fhir_server.py, MedplumServer): Medplum's
-// FhirRouter (transactions, conditional create and update, search) over its in-memory repository.
+// FhirRouter (transactions, conditional create and update, search by GET or POST) over its
+// in-memory repository.
 // Run from the folder where its npm packages are installed: node server.mjs PORT
 import http from 'node:http';
 import { FhirRouter, MemoryRepository } from '@medplum/fhir-router';
@@ -21,8 +22,11 @@ const server = http.createServer((req, res) => {
     const u = new URL(req.url, 'http://127.0.0.1');
     const pathname = u.pathname.replace(/^\/fhir/, '') || '/';
     const query = Object.fromEntries(u.searchParams.entries());
-    const body = chunks.length ? JSON.parse(Buffer.concat(chunks).toString()) : undefined;
     try {
+      const text = chunks.length ? Buffer.concat(chunks).toString() : '';
+      // A search by POST (Type/_search) carries its parameters as a form, as FHIR allows.
+      const form = (req.headers['content-type'] || '').startsWith('application/x-www-form-urlencoded');
+      const body = !text ? undefined : form ? Object.fromEntries(new URLSearchParams(text)) : JSON.parse(text);
       const [outcome, resource] = await router.handleRequest(
         { method: req.method, url: pathname + u.search, pathname: '', params: {}, query, body, headers: req.headers,
           config: { transactions: true } }, repo);

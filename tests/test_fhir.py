@@ -1,12 +1,14 @@
 """FHIR R4 output (mam.fhir): every kind of result becomes a Bundle that fhir.resources' R4B
-models accept, carrying the AI-transparency labels, and reads back to the same numbers; the push
-client records its transaction on a local server and retries, gives up or stops as it should."""
+models accept, carrying the AI-transparency labels, and reads back to the same numbers; the
+outbox's client posts its transaction to a local server, and the outbox retries, gives up or
+stops as it should."""
 
 from __future__ import annotations
 
 import http.server
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -25,7 +27,7 @@ from mam.fhir import (  # noqa: E402
     parse_bundle,
 )
 from mam.fhir import codes as C  # noqa: E402
-from mam.fhir.push import FhirPusher  # noqa: E402
+from mam.fhir.outbox import FhirClient, Outbox, StaticToken  # noqa: E402
 from mam.pose.precomputed import validate_pose_array  # noqa: E402
 from mam.schemas import InfantData, InstancesResult, ScreeningResult  # noqa: E402
 from mam.screening import Screener, softmax  # noqa: E402
@@ -52,7 +54,7 @@ def made(screener):
         out["screening", with_infant] = screener.screen_pose(seq, inf)
         s = screener.score_instances(tensors, inf)
         fields = screener.summarize(s, "instances", None, screener.instance_gates(tensors))
-        _, logits = screener.engine.clip(tensors)
+        _, logits = screener.runtime.clip(tensors)
         out["instances", with_infant] = InstancesResult(
             **fields,
             fms_probability=[round(float(p), 4) for p in softmax(logits)[:, 1]],
@@ -216,6 +218,29 @@ def test_instances_round_trip(made):
     assert [c.fms_probability for c in back.clips] == r.fms_probability
     assert all(c.start_s is None for c in back.clips)  # tensors carry no times
     assert back.risk_probability == r.risk_probability
+
+
+def test_a_bundle_under_a_site_canonical_base_reads_back_the_same(made):
+    """A site that publishes the definitions on its own server writes every local URL under its
+    base (``canonical_base``): the read-back finds that base in the Bundle, or is given it."""
+    from mam.fhir.parse import canonical_base_of
+
+    r = as_kind(made["screening", True], "risk")
+    site = FhirCodes(canonical_base="https://fhir.site.example/mam", unit="1")
+    b = build_bundle(r, CTX, site)
+    assert C.GMA_SYSTEM not in json.dumps(b)  # nothing under the default base
+    assert canonical_base_of(b) == "https://fhir.site.example/mam"
+    want = parse_bundle(build_bundle(r, CTX, FhirCodes(unit="1")))
+    fields = ("result_id", "label", "threshold", "risk_probability", "fms_frequency",
+              "fms_category", "clips", "used_info_branch", "weights_sha256",
+              "pose_backend")  # fmt: skip
+    assert all(getattr(want, f) is not None for f in fields)
+    for back in (parse_bundle(b), parse_bundle(b, site)):
+        assert {f: getattr(back, f) for f in fields} == {f: getattr(want, f) for f in fields}
+    assert any(c.start_s is not None for c in parse_bundle(b).clips)  # the clip extension too
+    # Read under another base, the local codes are not this Bundle's: nothing is found.
+    other = parse_bundle(b, FhirCodes())
+    assert (other.result_id, other.label, other.risk_probability) == (None, None, None)
 
 
 def test_unusable_numbers_say_why_they_are_absent(made):
@@ -382,46 +407,49 @@ def fhir_server():
 def test_push_posts_the_transaction_with_the_token(made, fhir_server, tmp_path):
     token = tmp_path / "token"
     token.write_text("s3cret-token\n")
-    outcomes = []
-    pusher = FhirPusher(fhir_server.url, token_file=token, on_outcome=outcomes.append)
+    client = FhirClient(fhir_server.url, StaticToken(token_file=token))
     bundle = build_bundle(as_kind(made["screening", True], "risk"), CTX)
     try:
-        r = pusher.push(bundle)
+        a = client.send(bundle)
         token.write_text("rotated-token")  # a rotated secret is picked up at the next push
-        pusher.push(bundle)
+        client.send(bundle)
     finally:
-        pusher.close()
-    assert (r.outcome, r.attempts, r.status) == ("ok", 1, 200)
+        client.close()
+    assert (a.status, a.error) == (200, None)
     first, second = fhir_server.received
     assert first["path"] == "/fhir" and first["body"] == bundle
     assert first["headers"]["Content-Type"] == "application/fhir+json"
     assert first["headers"]["Authorization"] == "Bearer s3cret-token"
     assert second["headers"]["Authorization"] == "Bearer rotated-token"
-    assert [o.outcome for o in outcomes] == ["ok", "ok"]
 
 
 @pytest.mark.parametrize(
     "statuses, outcome, attempts",
     [
         ([503, 502, 200], "ok", 3),  # retried until it goes through
-        ([503], "failed", 3),  # gave up after every attempt
-        ([400], "rejected", 1),  # a final answer: not retried
+        ([503], "given_up", 3),  # gave up after every attempt
+        ([400], "given_up", 1),  # a final answer: not retried
         ([429, 201], "ok", 2),
     ],
 )
 def test_push_retries_what_can_pass_and_stops_at_what_cannot(made, fhir_server, statuses, outcome,
-                                                             attempts):  # fmt: skip
+                                                             attempts, tmp_path):  # fmt: skip
     fhir_server.statuses = list(statuses)
-    retries = []
-    pusher = FhirPusher(
-        fhir_server.url, attempts=3, backoff_s=0.01, on_retry=lambda: retries.append(1)
-    )
+    box = Outbox(tmp_path / "o.sqlite", max_attempts=3, backoff_s=0.001, max_backoff_s=0.001)
+    box.enqueue(build_bundle(made["screening", False], CTX))
+    client = FhirClient(fhir_server.url)
+    seen = []
     try:
-        r = pusher.push(build_bundle(made["screening", False], CTX))
+        for _ in range(5):
+            box.deliver(client, on_delivery=seen.append)
+            time.sleep(0.01)
     finally:
-        pusher.close()
-    assert (r.outcome, r.attempts) == (outcome, attempts)
-    assert len(fhir_server.received) == attempts and len(retries) == attempts - 1
+        client.close()
+    assert (seen[-1].outcome, seen[-1].attempts) == (outcome, attempts)
+    assert [d.outcome for d in seen[:-1]] == ["retry"] * (attempts - 1)
+    assert len(fhir_server.received) == attempts
+    if statuses == [400]:
+        assert seen[-1].reason == "rejected"
 
 
 def test_push_to_nobody_fails_without_raising(made):
@@ -430,13 +458,12 @@ def test_push_to_nobody_fails_without_raising(made):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
-    done = []
-    pusher = FhirPusher(f"http://127.0.0.1:{port}/fhir", attempts=2, backoff_s=0.01)
+    client = FhirClient(f"http://127.0.0.1:{port}/fhir", timeout_s=5)
     try:
-        pusher.submit(build_bundle(made["screening", False], CTX), done.append).result(timeout=30)
+        a = client.send(build_bundle(made["screening", False], CTX))
     finally:
-        pusher.close()
-    assert done[0].outcome == "failed" and done[0].status is None
+        client.close()
+    assert a.status is None and a.error == "ConnectError"
 
 
 def test_probabilities_survive_the_percent_unit_exactly():

@@ -2,7 +2,9 @@
 loopback (tests.fhir_server: transactions, conditional create and update, OAuth2): a re-push
 creates nothing new, a correction updates in place, an outage across a restart of the sender
 loses nothing, given-up entries are kept and re-triable, tokens are refreshed on a 401, plain
-http to another host is refused, and no patient reference reaches a log line."""
+http to another host is refused, and no patient reference reaches a log line. Conditional
+patient and order references are resolved by the outbox against a real server (Medplum's), and
+entries of one result are delivered in the order queued."""
 
 from __future__ import annotations
 
@@ -463,3 +465,238 @@ def test_the_service_push_survives_a_restart_during_an_outage(result, server, tm
         (e, {k: kw[k] for k in ("route", "result_id", "outcome")}) for e, kw in lines
     ]
     assert metrics.fhir_push_pending.n == 0
+
+
+# -- conditional references resolved by the sender ----------------------------------------------
+MRN_SYSTEM = "https://hospital.example/mrn"
+
+
+def _patient(server, value: str) -> str:
+    """Register a Patient with the MRN ``value`` on the Medplum server; its id."""
+    import httpx
+
+    body = {"resourceType": "Patient", "identifier": [{"system": MRN_SYSTEM, "value": value}]}
+    r = httpx.post(f"{server.url}/Patient", json=body,
+                   headers={"content-type": "application/fhir+json"}, timeout=30)  # fmt: skip
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def _by_mrn(result, rid: str, value: str) -> dict:
+    return build_bundle(result, FhirContext(rid, patient_identifier=f"{MRN_SYSTEM}|{value}"))
+
+
+def _subjects(server, rid: str) -> set[str]:
+    """The subjects of the report and Observations of the result ``rid`` on the server."""
+    out = set()
+    for kind in ("DiagnosticReport", "Observation"):
+        for r in server.search(kind):
+            if any(i["value"].startswith(rid) for i in r.get("identifier", [])):
+                out.add(r["subject"]["reference"])
+    return out
+
+
+def test_a_real_fhir_server_gets_the_patient_resolved_by_identifier(result, medplum_folder,
+                                                                     tmp_path):  # fmt: skip
+    """Medplum stores a conditional reference in a transaction as written (as many EHR
+    endpoints do); the outbox resolves it first: one match is linked by id, none waits for the
+    patient to be registered, two are given up as ambiguous."""
+    from tests.test_fhir_linkage import medplum_validate
+
+    server = MedplumServer(medplum_folder, free_port()).start()
+    try:
+        client = FhirClient(server.url)
+        assert client.resolve == "client"  # the default
+        box = Outbox(tmp_path / "o.sqlite", backoff_s=0.05, max_backoff_s=0.1)
+        pid = _patient(server, "mrn-4711-a")
+        b = _by_mrn(result, "cond-1", "mrn-4711-a")
+        box.enqueue(b)
+        assert box.deliver(client)["ok"] == 1
+        assert _subjects(server, "cond-1") == {f"Patient/{pid}"}
+        (report,) = server.search("DiagnosticReport", f"subject=Patient/{pid}")
+        assert report["identifier"][0]["value"] == "cond-1"
+        # What was sent is still a valid Bundle (an independent validator), linked by id.
+        sent, stop = client.resolved(b)
+        assert stop is None and f"Patient?identifier={MRN_SYSTEM}" in json.dumps(b)
+        assert "Patient?identifier" not in json.dumps(sent) and f"Patient/{pid}" in json.dumps(sent)
+        errors = medplum_validate([sent, *[e["resource"] for e in sent["entry"]]])
+        assert errors == [[]] * len(errors), [e for e in errors if e]
+
+        # Not registered yet: the entry waits (as queued) and is delivered once the patient is.
+        box.enqueue(_by_mrn(result, "cond-2", "mrn-4711-b"))
+        assert box.deliver(client) == {"ok": 0, "retry": 1, "given_up": 0}
+        (waiting,) = box.entries("pending")
+        assert waiting["last_error"] == "no Patient with that identifier yet"
+        (kept,) = box._db.execute("SELECT bundle FROM entries WHERE state='pending'").fetchone()
+        assert "Patient?identifier=" in kept  # the stored entry stays as queued
+        assert not _subjects(server, "cond-2")
+        pid_b = _patient(server, "mrn-4711-b")
+        time.sleep(0.2)
+        assert box.deliver(client)["ok"] == 1
+        assert _subjects(server, "cond-2") == {f"Patient/{pid_b}"}
+
+        # Two patients with one MRN: given up at once, with the reason.
+        _patient(server, "mrn-4711-c")
+        _patient(server, "mrn-4711-c")
+        box.enqueue(_by_mrn(result, "cond-3", "mrn-4711-c"))
+        assert box.deliver(client) == {"ok": 0, "retry": 0, "given_up": 1}
+        (gone,) = box.entries("given_up")
+        assert gone["reason"] == "ambiguous"
+        assert gone["last_error"] == "more than one Patient with that identifier (ambiguous)"
+        assert not _subjects(server, "cond-3")
+
+        # Mode server: sent as written, and this server keeps the reference unresolved.
+        as_written = FhirClient(server.url, resolve="server")
+        other = Outbox(tmp_path / "other.sqlite")
+        other.enqueue(_by_mrn(result, "cond-4", "mrn-4711-a"))
+        assert other.deliver(as_written)["ok"] == 1
+        assert _subjects(server, "cond-4") == {f"Patient?identifier={MRN_SYSTEM}|mrn-4711-a"}
+    finally:
+        server.stop()
+
+
+def test_the_resolution_mode_is_a_setting(monkeypatch):
+    from mam.fhir.codes import InvalidFhirConfigError
+    from mam.settings import InvalidSettingError
+
+    url = "https://ehr.example/fhir"
+    monkeypatch.setenv("MAM_FHIR_RESOLVE_REFERENCES", "server")
+    assert FhirClient(url).resolve == "server"
+    assert FhirClient(url, resolve="client").resolve == "client"  # given beats the environment
+    monkeypatch.setenv("MAM_FHIR_RESOLVE_REFERENCES", "maybe")
+    with pytest.raises(InvalidSettingError, match="MAM_FHIR_RESOLVE_REFERENCES"):
+        FhirClient(url)  # refused where settings are read
+    monkeypatch.delenv("MAM_FHIR_RESOLVE_REFERENCES")
+    with pytest.raises(InvalidFhirConfigError):
+        FhirClient(url, resolve="maybe")
+    assert FhirClient(url).resolve == "client"
+
+
+def test_a_search_that_fails_is_retried_and_a_token_is_sent_with_it(result, tmp_path):
+    server = FhirTestServer(client_id="mam", client_secret="s3cret")
+    try:
+        secret = tmp_path / "secret"
+        secret.write_text("s3cret")
+        client = FhirClient(server.url, ClientCredentials(server.token_url, "mam",
+                                                          client_secret_file=secret))  # fmt: skip
+        mrn = [{"system": MRN_SYSTEM, "value": "mrn-4711-d"}]
+        pid = server.add({"resourceType": "Patient", "identifier": mrn})
+        box = Outbox(tmp_path / "o.sqlite", backoff_s=0.01, max_backoff_s=0.01)
+        box.enqueue(_by_mrn(result, "cond-5", "mrn-4711-d"))
+        server.statuses = [503]  # the search meets the outage
+        assert box.deliver(client)["retry"] == 1 and server.transactions == 0
+        time.sleep(0.05)
+        assert box.deliver(client)["ok"] == 1 and server.searches == 2
+        (report,) = server.store["DiagnosticReport"].values()
+        assert report["subject"] == {"reference": f"Patient/{pid}"}
+    finally:
+        server.stop()
+
+
+# -- per-result order ---------------------------------------------------------------------------
+def _signed(result, rid: str, status: str) -> dict:
+    from mam.fhir.bundle import signed_off_bundle
+
+    verdict = {"category": "sporadic", "group": "risk"} if status == "amended" else {
+        "category": "intermittent", "group": "normal"}  # fmt: skip
+    return signed_off_bundle(result, FhirContext(rid, subject=PATIENT), None, verdict, "alice",
+                             status, "second look" if status == "amended" else None)  # fmt: skip
+
+
+def test_entries_of_a_result_are_delivered_in_the_order_queued(result, server, tmp_path,
+                                                               capsys):  # fmt: skip
+    """A sign-off whose delivery failed is not overtaken by the amendment queued after it: the
+    server ends with the amendment. A given-up earlier entry blocks nothing."""
+    box = Outbox(tmp_path / "o.sqlite", backoff_s=0.2, max_backoff_s=0.2)
+    client = FhirClient(server.url)
+    assert box.enqueue(_signed(result, "ord-1", "final")) == "queued"
+    assert box.enqueue(_signed(result, "ord-1", "amended")) == "queued"
+    server.statuses = [503]  # the server is down for the first try
+    assert box.deliver(client) == {"ok": 0, "retry": 1, "given_up": 0}
+    final, amended = box.entries()
+    assert (final["attempts"], amended["attempts"]) == (1, 0)  # the amendment was not sent
+    assert amended["waits_for_earlier"] and not final["waits_for_earlier"]
+    assert main(["fhir", "outbox", "--outbox", str(box.path), "status"]) == 0
+    shown = capsys.readouterr().out
+    assert "ord-1-final  pending, next try" in shown
+    assert "pending, after an earlier entry of its result" in shown
+    assert box.next_due() == box._db.execute("SELECT next_at FROM entries WHERE "
+                                             "result_id='ord-1-final'").fetchone()[0]  # fmt: skip
+    time.sleep(0.35)  # the server is back
+    assert box.deliver(client)["ok"] == 2
+    (report,) = server.store["DiagnosticReport"].values()
+    assert report["status"] == "amended"
+    # Another result: its sign-off is rejected (given up); its amendment still goes.
+    box.enqueue(_signed(result, "ord-2", "final"))
+    box.enqueue(_signed(result, "ord-2", "amended"))
+    server.statuses = [422]
+    assert box.deliver(client) == {"ok": 1, "retry": 0, "given_up": 1}
+    assert [e["result_id"] for e in box.entries("given_up")] == ["ord-2-final"]
+    reports = [r for r in server.store["DiagnosticReport"].values()
+               if r["identifier"][0]["value"] == "ord-2"]  # fmt: skip
+    assert [r["status"] for r in reports] == ["amended"]
+
+
+def test_an_outbox_file_from_before_the_order_is_upgraded(result, server, tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript("""CREATE TABLE entries (result_id TEXT PRIMARY KEY, digest TEXT NOT NULL,
+        bundle TEXT, correction INTEGER NOT NULL DEFAULT 0, state TEXT NOT NULL, reason TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, next_at REAL NOT NULL,
+        lease_until REAL NOT NULL DEFAULT 0, last_status INTEGER, last_error TEXT,
+        delivered_at REAL);""")
+    for i, status in enumerate(("final", "amended")):
+        b = _signed(result, "old-1", status)
+        db.execute("INSERT INTO entries (result_id, digest, bundle, state, created_at, next_at) "
+                   "VALUES (?, 'x', ?, 'pending', ?, ?)",
+                   (b["identifier"]["value"], json.dumps(b), i, i))  # fmt: skip
+    db.commit()
+    db.close()
+    box = Outbox(path)
+    assert [e["waits_for_earlier"] for e in box.entries()] == [False, True]
+    assert box.deliver(FhirClient(server.url))["ok"] == 2
+    (report,) = server.store["DiagnosticReport"].values()
+    assert report["status"] == "amended"
+
+
+def test_an_enqueue_wakes_the_worker_of_the_same_file(result, server, tmp_path):
+    """What the review app mounted in the service relies on: it queues through its own
+    ``Outbox`` on the service's file, and the service's worker sends at once (not at its poll)."""
+    path = tmp_path / "o.sqlite"
+    worker = OutboxWorker(Outbox(path), FhirClient(server.url), poll_s=60).start()
+    try:
+        time.sleep(0.2)  # the worker's first pass is over: it now sleeps for its poll
+        other = Outbox(path)
+        other.enqueue(bundle(result, "woken"))
+        deadline = time.time() + 10
+        while server.count("DiagnosticReport") < 1 and time.time() < deadline:
+            time.sleep(0.05)
+        assert server.count("DiagnosticReport") == 1
+    finally:
+        worker.stop()
+
+
+def test_the_order_is_resolved_as_the_patient_is(result, server, tmp_path):
+    """``basedOn`` the ServiceRequest by identifier: linked by id once the order is on the
+    server; until then the entry waits, saying which kind it waits for."""
+    order = "https://hospital.example/orders|ORD-77"
+    ctx = FhirContext("cond-6", patient_identifier=f"{MRN_SYSTEM}|mrn-4711-e",
+                      order_identifier=order)  # fmt: skip
+    pid = server.add({"resourceType": "Patient",
+                      "identifier": [{"system": MRN_SYSTEM, "value": "mrn-4711-e"}]})  # fmt: skip
+    box = Outbox(tmp_path / "o.sqlite", backoff_s=0.01, max_backoff_s=0.01)
+    box.enqueue(build_bundle(result, ctx))
+    client = FhirClient(server.url)
+    assert box.deliver(client)["retry"] == 1
+    assert box.entries()[0]["last_error"] == "no ServiceRequest with that identifier yet"
+    system, value = order.split("|")
+    sid = server.add({"resourceType": "ServiceRequest",
+                      "identifier": [{"system": system, "value": value}]})  # fmt: skip
+    time.sleep(0.05)
+    assert box.deliver(client)["ok"] == 1
+    for kind in ("DiagnosticReport", "Observation"):
+        for r in server.store[kind].values():
+            assert r["subject"] == {"reference": f"Patient/{pid}"}
+            assert r["basedOn"] == [{"reference": f"ServiceRequest/{sid}"}]

@@ -1,7 +1,8 @@
 """A senior's sign-off in the review app reaches the EHR: through the durable FHIR outbox, the
 result's DiagnosticReport on a FHIR server (``tests.fhir_server``, on loopback) becomes ``final``
 with the assessor as its interpreter and a verifier Provenance; an amendment makes it
-``amended`` with a second one. The Bundles validate with fhir.resources' R4B models."""
+``amended`` with a second one. ``mam review`` sends with its own worker; mounted in the service,
+the service's worker sends. The Bundles validate with fhir.resources' R4B models."""
 
 from __future__ import annotations
 
@@ -69,6 +70,8 @@ def test_sign_off_and_amendment_reach_the_fhir_server(batch, tmp_path, caplog):
     rid = page_stem({"path": rec.path, "id": rec.id})
     result_id = row_result_id(rec.key, rec.path, rec.id)
     server = FhirTestServer()
+    system, mrn = MRN.split("|")  # the EHR knows the patient: the outbox links the report by id
+    pid = server.add({"resourceType": "Patient", "identifier": [{"system": system, "value": mrn}]})
     box = tmp_path / "outbox.sqlite"
     # The batch's own Bundle for the result (its manifest gave the patient by MRN) reached the
     # EHR first (preliminary); the sign-off keeps its subject.
@@ -82,7 +85,9 @@ def test_sign_off_and_amendment_reach_the_fhir_server(batch, tmp_path, caplog):
     caplog.set_level(logging.DEBUG)
     try:
         cfg = H.config(b, fhir_base_url=server.url, fhir_outbox=box, fhir_auth={})
-        with TestClient(create_app(cfg), base_url="http://testserver") as a:
+        app = create_app(cfg)
+        with TestClient(app, base_url="http://testserver") as a:
+            assert app.state.review.fhir_worker is not None  # mam review: its own worker
             csrf = H.login(a, "alice")
             r = _sign(a, rid, csrf, category="intermittent", group="normal")
             assert r.status_code == 303, r.text
@@ -111,7 +116,7 @@ def test_sign_off_and_amendment_reach_the_fhir_server(batch, tmp_path, caplog):
             report = server.store["DiagnosticReport"][report_id]
             codes = {c["code"] for cc in report["conclusionCode"] for c in cc.get("coding", [])}
             assert {"risk", "sporadic"} <= codes and "normal" not in codes
-            assert report["subject"] == {"reference": f"Patient?identifier={MRN}"}
+            assert report["subject"] == {"reference": f"Patient/{pid}"}
             provs = [p for p in server.store["Provenance"].values()
                      if p["agent"][0]["type"]["coding"][0]["code"] == "verifier"]  # fmt: skip
             assert len(provs) == 2
@@ -157,3 +162,75 @@ def test_signed_off_bundles_are_valid_and_idempotent(batch):
     assert statuses == ["final", "amended"]
     with pytest.raises(ValueError):
         signed_off_bundle(rec.result(), ctx, codes, verdict, "alice", "preliminary")
+
+
+SERVICE_SCRIPT = r"""
+import json, re, time, warnings
+warnings.simplefilter("ignore")
+from starlette.testclient import TestClient
+import service.app as app
+from mam.fhir.outbox import Outbox
+
+out = {}
+with TestClient(app.Screening.to_asgi()) as c:
+    review = app._review[1]["mounted"].state.review
+    out["review_worker"] = review.fhir_worker is not None
+    page = c.get("/review/login")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+    c.post("/review/login", data={"name": "alice", "password": PASSWORD, "csrf_token": token},
+           follow_redirects=False)
+    csrf = re.search(r'name="csrf-token" content="([^"]+)"', c.get("/review/").text).group(1)
+    r = c.post(f"/review/r/{RID}/signoff", data={"csrf_token": csrf, "category": "absent",
+               "group": "risk"}, headers={"accept": "text/html"}, follow_redirects=False)
+    out["signoff"] = r.status_code
+    t0, box = time.time(), Outbox(OUTBOX)
+    while box.counts()["delivered"] < 1 and time.time() - t0 < 25:
+        time.sleep(0.05)
+    out["delivered"], out["seconds"] = box.counts()["delivered"], time.time() - t0
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_the_review_app_in_the_service_has_its_sign_offs_sent_by_the_service(batch, tmp_path):
+    """Mounted in the service, the review app runs no worker of its own (no lifespan reaches
+    it): its sign-offs go into the service's outbox file, and the service's worker sends them
+    at once (woken by the enqueue, well before its 30 s poll)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from service.settings import hash_key
+    from tests.service_helpers import API_KEY, service_env
+
+    out = tmp_path / "out"
+    shutil.copytree(batch.out, out)
+    b = H.Batch(batch.archive, out, batch.truth, dict(batch.rids))
+    H.config(b)  # the users file
+    rec = next(r for r in Catalog(out, batch.archive).all() if r.status == "done")
+    rid = page_stem({"path": rec.path, "id": rec.id})
+    result_id = row_result_id(rec.key, rec.path, rec.id)
+    server = FhirTestServer()
+    box = tmp_path / "outbox.sqlite"
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ) | service_env(hash_key(API_KEY)) | {
+        "MAM_REVIEW_DIR": str(out), "MAM_REVIEW_ARCHIVE": str(batch.archive),
+        "MAM_FHIR_BASE_URL": server.url, "MAM_FHIR_OUTBOX": str(box),
+        "BENTOML_HOME": str(tmp_path / "home"), "TMPDIR": str(tmp_path),
+        "PYTHONPATH": str(repo),
+    }  # fmt: skip
+    code = (f"PASSWORD = {H.PASSWORDS['alice']!r}\nRID = {rid!r}\nOUTBOX = {str(box)!r}\n"
+            + SERVICE_SCRIPT)  # fmt: skip
+    try:
+        r = subprocess.run([sys.executable, "-c", code], env=env, cwd=repo, capture_output=True,
+                           text=True, timeout=300)  # fmt: skip
+        line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
+        assert line is not None, r.stderr[-3000:]
+        got = json.loads(line[len("RESULT ") :])
+        assert got["review_worker"] is False and got["signoff"] == 303
+        assert got["delivered"] == 1 and got["seconds"] < 10, got
+        (report,) = server.store["DiagnosticReport"].values()
+        assert report["status"] == "final" and report["identifier"][0]["value"] == result_id
+        assert report["resultsInterpreter"] == [{"type": "Practitioner", "display": "alice"}]
+    finally:
+        server.stop()

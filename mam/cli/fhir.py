@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -47,32 +46,32 @@ def register(sub) -> None:
     p.add_argument("input", type=Path, nargs="?", metavar="FILE.ndjson|DIR",
                    help="one Bundle per line, or a folder of *.ndjson files (a mam batch --out "
                         "folder); without it, only what the outbox holds is sent")  # fmt: skip
-    p.add_argument("--base-url", default=os.environ.get("MAM_FHIR_BASE_URL"), metavar="URL",
+    p.add_argument("--base-url", default=O.setting("fhir_base_url"), metavar="URL",
                    help="the FHIR server's base (https; http only on loopback) "
                         "(default MAM_FHIR_BASE_URL)")  # fmt: skip
     _add_outbox(p)
     a = p.add_argument_group("authorization (a static token, or OAuth2 client credentials as in "
                              "SMART Backend Services)")  # fmt: skip
-    a.add_argument("--token-file", type=Path, default=O.env_path("MAM_FHIR_TOKEN_FILE"),
+    a.add_argument("--token-file", type=Path, default=O.setting("fhir_token_file"),
                    metavar="FILE", help="a bearer token, read at every request "
                    "(default MAM_FHIR_TOKEN_FILE)")  # fmt: skip
     a.add_argument(
         "--client-id",
-        default=os.environ.get("MAM_FHIR_CLIENT_ID"),
+        default=O.setting("fhir_client_id"),
         help="OAuth2 client id (default MAM_FHIR_CLIENT_ID)",
     )
     a.add_argument(
         "--token-url",
-        default=os.environ.get("MAM_FHIR_TOKEN_URL"),
+        default=O.setting("fhir_token_url"),
         metavar="URL",
         help="OAuth2 token endpoint (default MAM_FHIR_TOKEN_URL)",
     )
     a.add_argument("--client-secret-file", type=Path, metavar="FILE",
-                   default=O.env_path("MAM_FHIR_CLIENT_SECRET_FILE"),
+                   default=O.setting("fhir_client_secret_file"),
                    help="client secret, sent as client_secret_basic "
                         "(default MAM_FHIR_CLIENT_SECRET_FILE)")  # fmt: skip
     a.add_argument("--private-key", type=Path, metavar="PEM",
-                   default=O.env_path("MAM_FHIR_PRIVATE_KEY_FILE"),
+                   default=O.setting("fhir_private_key_file"),
                    help="RSA or EC private key for private_key_jwt (RS384/ES384; needs "
                         "pyjwt[crypto]) (default MAM_FHIR_PRIVATE_KEY_FILE)")  # fmt: skip
     a.add_argument("--key-id", help="the key's kid in the client's JWKS")
@@ -223,7 +222,8 @@ def run_outbox(args: argparse.Namespace) -> int:
             for e in waiting:
                 when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["next_at"]))
                 what = (f"given up ({e['reason']})" if e["state"] == "given_up"
-                        else f"pending, next try {when} UTC")  # fmt: skip
+                        else "pending, after an earlier entry of its result"
+                        if e["waits_for_earlier"] else f"pending, next try {when} UTC")  # fmt: skip
                 lines.append(f"  {e['result_id']}  {what}; {e['attempts']} attempt(s), last "
                              f"status {e['last_status'] or e['last_error'] or '-'}"
                              f"{', a correction' if e['correction'] else ''}")  # fmt: skip

@@ -2,7 +2,8 @@
 
 ``codes`` (the local code system, site codes, units), ``bundle`` (a result -> a transaction
 Bundle: Device, Observations, DiagnosticReport, Provenance), ``parse`` (the numbers back),
-``push`` (POST to a site's FHIR server with retries), ``definitions`` (the CodeSystem,
+``outbox`` (the one way to a site's FHIR server: a durable outbox, retries, conditional
+references resolved, OAuth2), ``definitions`` (the CodeSystem,
 StructureDefinition and NamingSystems behind the local URLs), ``outcome`` (an error as an
 OperationOutcome). The service answers FHIR for ``Accept: application/fhir+json`` or
 ``?format=fhir`` (errors then as an OperationOutcome); ``mam screen --format fhir`` prints a

@@ -21,8 +21,9 @@ Transparency on FHIR guide (``hl7.fhir.uv.aitransparency#1.0.0-ballot``, FHIR 4.
 * Every Observation and the report: ``effectiveDateTime`` when the infant was recorded
   (``FhirContext.recorded_at``) if the caller knows it, else the screening time (``issued``);
   ``basedOn`` the order (``ServiceRequest?identifier=...``, or a logical reference by the
-  accession number); the subject by id or as ``Patient?identifier=SYSTEM|VALUE``, which the
-  server resolves in the transaction. The accession number is also a report identifier (ACSN).
+  accession number); the subject by id or as ``Patient?identifier=SYSTEM|VALUE``, a conditional
+  reference the outbox resolves to ``Patient/<id>`` when it delivers (``mam.fhir.outbox``), or
+  leaves for a server that resolves it. The accession number is also a report identifier (ACSN).
 * ``Provenance`` (AI Provenance profile): the Device as author (role Artificial-Intelligence),
   reason AIAST, targets every AI-asserted resource; ``occurredDateTime`` the screening; the
   screened file as a source entity by its SHA-256 (never a path).
@@ -129,7 +130,7 @@ class FhirContext:
         study_instance_uid, series_instance_uid: DICOM UIDs, only when the caller asked for
             them to be echoed.
         patient_identifier: ``SYSTEM|VALUE`` (an MRN): the subject as the conditional reference
-            ``Patient?identifier=SYSTEM|VALUE``, resolved by the server; not with ``subject``.
+            ``Patient?identifier=SYSTEM|VALUE``, resolved at delivery; not with ``subject``.
         order_identifier: ``SYSTEM|VALUE`` of the ServiceRequest (the order) the result
             answers: ``basedOn`` ``ServiceRequest?identifier=SYSTEM|VALUE``.
         accession_number: the accession number: a DiagnosticReport identifier of type ACSN

@@ -19,8 +19,28 @@ next one on the same file.
   process runs out and the entry is sent again. That is safe because every resource is created
   conditionally on its identifier (a transaction that arrived although its answer was lost creates
   nothing new).
+* Entries of the same result (the same DiagnosticReport identifier, ``result_key``: a result's
+  first Bundle, its sign-off, its amendments) are delivered in the order they were queued: an
+  entry is due only when no earlier entry of its result is still pending (waiting for a retry
+  or being sent), so a retried sign-off (``final``) never lands after a later amendment
+  (``amended``) and turns the EHR back. An earlier entry that was *given up* blocks nothing (the
+  later ones go on); retrying it (``retry``) puts it back in its place, before any later entry
+  of its result still pending, but it cannot undo one already delivered.
 * A delivered entry keeps its digest, not its Bundle: the file holds patient references only
   while it has to.
+
+Conditional references (``Patient?identifier=SYSTEM|VALUE`` as the subject, ``ServiceRequest?
+identifier=...`` as ``basedOn``) are resolved by the sender (``FhirClient``, mode ``client``,
+the default), since many servers, EHR endpoints among them, store them as written instead of
+resolving them in a transaction: before each delivery every one is searched for on the same
+server (``Type?identifier=SYSTEM|VALUE``, as ``POST Type/_search``, which keeps the identifier
+out of URLs and their logs). Exactly one match: the reference is rewritten to
+``Type/<id>`` in the request (the queued entry stays as it was, so the next try searches again).
+No match: the entry waits and is retried with back-off (``no Patient with that identifier yet``:
+the patient may not be registered yet) until it is given up as any failing entry. More than
+one: given up at once (reason ``ambiguous``), as a transaction the server resolved would be
+refused. A site whose server resolves conditional references itself sets the mode ``server``
+(``MAM_FHIR_RESOLVE_REFERENCES=server``): the Bundle is sent as written.
 
 ``FhirClient`` POSTs a transaction to the base URL: ``https`` is required except on loopback
 (``InsecureFhirUrlError``); the Authorization is a static bearer token (``StaticToken``, a token
@@ -39,13 +59,16 @@ import json
 import logging
 import os
 import random
+import re
 import sqlite3
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode
 
 from mam.errors import DependencyMissingError, InputError, MamError
 from mam.remote import read_secret, require_https
@@ -53,11 +76,15 @@ from mam.remote import read_secret, require_https
 logger = logging.getLogger(__name__)
 
 FHIR_JSON = "application/fhir+json"
+FORM = "application/x-www-form-urlencoded"
 OUTBOX = "fhir-outbox.sqlite"
-ENV_OUTBOX = "MAM_FHIR_OUTBOX"
 RETRY_STATUS = frozenset({401, 403, 408, 425, 429, 500, 502, 503, 504})
 STATES = ("pending", "delivered", "given_up")
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+ENV_RESOLVE = "MAM_FHIR_RESOLVE_REFERENCES"
+RESOLVE_MODES = ("client", "server")
+# A conditional reference: a resource type, then a search (``Patient?identifier=SYSTEM|VALUE``).
+CONDITIONAL_REFERENCE = re.compile(r"^([A-Z][A-Za-z]{1,63})\?(\S+)$")
 
 __all__ = [
     "ClientCredentials",
@@ -75,7 +102,9 @@ __all__ = [
     "StaticToken",
     "default_outbox_path",
     "make_auth",
+    "resolve_mode",
     "result_id_of",
+    "result_key_of",
 ]
 
 
@@ -284,20 +313,68 @@ def make_auth(
 # -- the HTTP client ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Answer:
-    status: int | None  # None: no answer (connection, timeout, token endpoint)
+    status: int | None  # None: no answer (connection, timeout, token endpoint, no match yet)
     retry_after: float | None = None
-    error: str | None = None  # an error class name or code, never a message
+    error: str | None = None  # an error class name or code, or a fixed text: never data
+    give_up: str | None = None  # a reason to give the entry up at once ("ambiguous")
+
+
+def resolve_mode(value: str | None = None) -> str:
+    """How conditional references are resolved: ``client`` (by the outbox, before sending; the
+    default) or ``server`` (sent as written). ``value``, else ``MAM_FHIR_RESOLVE_REFERENCES``."""
+    from mam.fhir.codes import InvalidFhirConfigError
+
+    if value is None:
+        from mam.settings import current
+
+        value = current().fhir_resolve_references
+    mode = (value or "client").strip().lower()
+    if mode not in RESOLVE_MODES:
+        raise InvalidFhirConfigError(f"{ENV_RESOLVE} must be one of {', '.join(RESOLVE_MODES)}")
+    return mode
+
+
+def conditional_references(bundle: dict) -> list[str]:
+    """Every distinct conditional reference (``Type?search``) in the Bundle's resources."""
+    found: dict[str, None] = {}
+
+    def walk(x) -> None:
+        if isinstance(x, dict):
+            for k, v in x.items():
+                if k == "reference" and isinstance(v, str) and CONDITIONAL_REFERENCE.match(v):
+                    found[v] = None
+                else:
+                    walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    walk([e.get("resource") for e in bundle.get("entry") or ()])
+    return list(found)
+
+
+def _rewritten(value, refs: dict[str, str]):
+    if isinstance(value, dict):
+        return {k: (refs.get(v, v) if k == "reference" and isinstance(v, str)
+                    else _rewritten(v, refs)) for k, v in value.items()}  # fmt: skip
+    if isinstance(value, list):
+        return [_rewritten(v, refs) for v in value]
+    return value
 
 
 class FhirClient:
     """POSTs transaction Bundles to ``base_url`` (checked by ``check_url``) with ``auth``
-    (``StaticToken``, ``ClientCredentials`` or None); a 401 refreshes the token once."""
+    (``StaticToken``, ``ClientCredentials`` or None); a 401 refreshes the token once.
+    ``resolve``: ``client`` resolves conditional references before sending (see the module
+    docstring), ``server`` sends them as written; None: ``resolve_mode()``."""
 
-    def __init__(self, base_url: str, auth=None, timeout_s: float = 30.0, transport=None) -> None:
+    def __init__(self, base_url: str, auth=None, timeout_s: float = 30.0, transport=None,
+                 resolve: str | None = None) -> None:  # fmt: skip
         import httpx
 
-        self.base_url = check_url(base_url)
+        self.base_url = check_url(base_url).rstrip("/")
         self.auth, self.timeout_s = auth, timeout_s
+        self.resolve = resolve_mode(resolve)
         self.http = httpx.Client(timeout=timeout_s, transport=transport)
 
     def check_auth(self) -> None:
@@ -305,29 +382,82 @@ class FhirClient:
         if self.auth is not None:
             self.auth.header(self.http)
 
+    def _request(self, method: str, url: str, timeout: float, **kw):
+        """One request with the Authorization; a 401 refreshes the token and tries once more."""
+        headers = {"Accept": FHIR_JSON, **kw.pop("headers", {})}
+        for refreshed in (False, True):
+            if self.auth is not None:
+                headers["Authorization"] = self.auth.header(self.http)
+            r = self.http.request(method, url, headers=headers, timeout=timeout, **kw)
+            if r.status_code != 401 or self.auth is None or refreshed:
+                return r
+            self.auth.invalidate()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _answer(r) -> Answer:
+        after = r.headers.get("retry-after", "").strip()
+        return Answer(r.status_code, float(after) if after.isdigit() else None)
+
+    def resolved(self, bundle: dict, timeout_s: float | None = None) -> tuple[dict, Answer | None]:
+        """``bundle`` with each conditional reference replaced by the ``Type/<id>`` of its one
+        match on the server (a copy; the same Bundle when it has none), or the ``Answer`` that
+        stops the delivery: no match yet (retried), more than one (given up), the search failed
+        (as a failed POST would be). Raises what ``send`` catches."""
+        refs = conditional_references(bundle)
+        if not refs:
+            return bundle, None
+        timeout = min(self.timeout_s, timeout_s) if timeout_s else self.timeout_s
+        found: dict[str, str] = {}
+        for ref in refs:
+            kind, query = CONDITIONAL_REFERENCE.match(ref).groups()
+            params = [*parse_qsl(query, keep_blank_values=True), ("_count", "2")]
+            # POST _search (FHIR's other form of a search, which servers must support too):
+            # the identifier travels in the body, never in a URL that proxies and logs keep.
+            r = self._request("POST", f"{self.base_url}/{kind}/_search", timeout,
+                              content=urlencode(params).encode(),
+                              headers={"Content-Type": FORM})  # fmt: skip
+            if r.status_code != 200:
+                return bundle, self._answer(r)
+            by = "with that identifier" if query.startswith("identifier=") else "matching it"
+            try:
+                body = r.json()
+                matches = [e["resource"] for e in body.get("entry") or ()
+                           if (e.get("search") or {}).get("mode", "match") == "match"]  # fmt: skip
+                total = body.get("total") or len(matches)
+                ids = {m["id"] for m in matches if m.get("resourceType") == kind}
+            except (ValueError, KeyError, TypeError, AttributeError):
+                return bundle, Answer(None, error=f"the search for the {kind} is no FHIR Bundle")
+            if not matches:
+                return bundle, Answer(None, error=f"no {kind} {by} yet")
+            if total > 1 or len(matches) > 1:
+                return bundle, Answer(None, error=f"more than one {kind} {by} (ambiguous)",
+                                      give_up="ambiguous")  # fmt: skip
+            if len(ids) != 1 or not isinstance(rid := ids.pop(), str):
+                return bundle, Answer(None, error=f"the search for the {kind} gave no id")
+            found[ref] = f"{kind}/{rid}"
+        return {**bundle, "entry": _rewritten(bundle["entry"], found)}, None
+
     def send(self, bundle: dict, timeout_s: float | None = None) -> Answer:
-        """One transaction; never raises for the network's, the server's or the token's
-        failures (they are the ``Answer``)."""
+        """One transaction (its conditional references resolved first in mode ``client``);
+        never raises for the network's, the server's or the token's failures (they are the
+        ``Answer``)."""
         import httpx
 
-        body = json.dumps(bundle, separators=(",", ":")).encode()
         timeout = min(self.timeout_s, timeout_s) if timeout_s else self.timeout_s
-        for refreshed in (False, True):
-            headers = {"Content-Type": FHIR_JSON, "Accept": FHIR_JSON}
-            try:
-                if self.auth is not None:
-                    headers["Authorization"] = self.auth.header(self.http)
-                r = self.http.post(self.base_url, content=body, headers=headers, timeout=timeout)
-            except MamError as e:
-                return Answer(None, error=e.code)
-            except (httpx.HTTPError, OSError) as e:
-                return Answer(None, error=type(e).__name__)
-            if r.status_code == 401 and self.auth is not None and not refreshed:
-                self.auth.invalidate()
-                continue
-            after = r.headers.get("retry-after", "").strip()
-            return Answer(r.status_code, float(after) if after.isdigit() else None)
-        raise AssertionError("unreachable")  # pragma: no cover
+        try:
+            if self.resolve == "client":
+                bundle, stop = self.resolved(bundle, timeout)
+                if stop is not None:
+                    return stop
+            body = json.dumps(bundle, separators=(",", ":")).encode()
+            r = self._request("POST", self.base_url, timeout, content=body,
+                              headers={"Content-Type": FHIR_JSON})  # fmt: skip
+        except MamError as e:
+            return Answer(None, error=e.code)
+        except (httpx.HTTPError, OSError) as e:
+            return Answer(None, error=type(e).__name__)
+        return self._answer(r)
 
     def close(self) -> None:
         self.http.close()
@@ -337,12 +467,9 @@ class FhirClient:
 def default_outbox_path() -> Path:
     """``MAM_FHIR_OUTBOX``; else beside the audit file (``MAM_AUDIT_FILE``) when that is a
     file; else ``fhir-outbox.sqlite`` in the current folder."""
-    if os.environ.get(ENV_OUTBOX):
-        return Path(os.environ[ENV_OUTBOX])
-    audit = os.environ.get("MAM_AUDIT_FILE", "")
-    if audit and audit not in ("-", "off"):
-        return Path(audit).parent / OUTBOX
-    return Path(OUTBOX)
+    from mam.settings import current
+
+    return current().fhir_outbox_path()
 
 
 def result_id_of(bundle: dict) -> str:
@@ -355,6 +482,18 @@ def result_id_of(bundle: dict) -> str:
     if not isinstance(value, str) or not value:
         raise InvalidFhirBundleError("the Bundle has no identifier (the result id)")
     return value
+
+
+def result_key_of(bundle: dict) -> str:
+    """What entries of the same result share, delivered in the order queued: the identifier of
+    the Bundle's DiagnosticReport (``SYSTEM|VALUE``; the same in a result's first Bundle, its
+    sign-off and amendments), else the Bundle's result id."""
+    for e in bundle.get("entry") or ():
+        res = e.get("resource") or {}
+        if res.get("resourceType") == "DiagnosticReport" and res.get("identifier"):
+            i = res["identifier"][0]
+            return f"{i.get('system', '')}|{i.get('value', '')}"
+    return result_id_of(bundle)
 
 
 def digest_of(bundle: dict) -> str:
@@ -373,7 +512,8 @@ class Delivery:
     outcome: str  # "ok", "retry" (failed, tried again later) or "given_up"
     attempts: int
     status: int | None
-    reason: str | None = None  # of a give-up: "rejected" (a final 4xx) or "expired"
+    reason: str | None = None  # of a give-up: "rejected" (a final 4xx), "ambiguous" (a
+    # conditional reference with more than one match) or "expired"
 
 
 _SCHEMA = """
@@ -390,10 +530,34 @@ CREATE TABLE IF NOT EXISTS entries (
     lease_until REAL NOT NULL DEFAULT 0,
     last_status INTEGER,
     last_error TEXT,
-    delivered_at REAL
+    delivered_at REAL,
+    result_key TEXT,
+    seq INTEGER
 );
 CREATE INDEX IF NOT EXISTS entries_due ON entries (state, next_at);
 """
+# Files written before entries were ordered per result gain the columns (old rows: queue order).
+_ADDED = {"result_key": "TEXT", "seq": "INTEGER"}
+_INDEX = "CREATE INDEX IF NOT EXISTS entries_key ON entries (result_key, seq)"
+# Due: pending, its wait over, not leased, and no earlier entry of its result still pending.
+_FIRST_OF_KEY = ("NOT EXISTS (SELECT 1 FROM entries p WHERE p.state='pending' AND "
+                 "p.result_key=entries.result_key AND p.seq<entries.seq)")  # fmt: skip
+
+# In-process workers by outbox file: an enqueue wakes each, whichever Outbox object it came
+# through (the review app mounted in the service queues sign-offs the service's worker sends).
+_WORKERS: dict[str, weakref.WeakSet] = {}
+_WORKERS_LOCK = threading.Lock()
+
+
+def _file_key(path: Path) -> str:
+    return os.path.realpath(path)
+
+
+def _wake_workers(path: Path) -> None:
+    with _WORKERS_LOCK:
+        workers = list(_WORKERS.get(_file_key(path), ()))
+    for w in workers:
+        w.wake()
 
 
 class Outbox:
@@ -427,9 +591,33 @@ class Outbox:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            self._migrate()
         except (sqlite3.Error, OSError) as e:
             raise OutboxError(f"cannot open the FHIR outbox {self.path} ({type(e).__name__}: "
                               f"{e})") from None  # fmt: skip
+
+    def _migrate(self) -> None:
+        def missing() -> set[str]:
+            return set(_ADDED) - {r[1] for r in self._db.execute("PRAGMA table_info(entries)")}
+
+        if missing():
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for name in sorted(missing()):  # read again: another process may have done it
+                    self._db.execute(f"ALTER TABLE entries ADD COLUMN {name} {_ADDED[name]}")
+                self._db.execute("UPDATE entries SET seq=rowid WHERE seq IS NULL")
+                rows = self._db.execute(
+                    "SELECT result_id, bundle FROM entries WHERE "
+                    "result_key IS NULL AND bundle IS NOT NULL"
+                ).fetchall()
+                for rid, text in rows:
+                    self._db.execute("UPDATE entries SET result_key=? WHERE result_id=?",
+                                     (result_key_of(json.loads(text)), rid))  # fmt: skip
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        self._db.execute(_INDEX)
 
     @contextlib.contextmanager
     def _tx(self):
@@ -467,20 +655,26 @@ class Outbox:
             raise InvalidFhirBundleError("the Bundle's identifier is not the result id given")
         now = time.time() if now is None else now
         digest, text = digest_of(bundle), json.dumps(bundle, separators=(",", ":"))
+        key = result_key_of(bundle)
         with self._tx() as db:
             row = db.execute("SELECT digest FROM entries WHERE result_id=?", (rid,)).fetchone()
+            if row is not None and row[0] == digest:
+                return "duplicate"
+            seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM entries").fetchone()[0]
             if row is None:
                 db.execute("INSERT INTO entries (result_id, digest, bundle, state, created_at, "
-                           "next_at) VALUES (?, ?, ?, 'pending', ?, ?)",
-                           (rid, digest, text, now, now))  # fmt: skip
-                return "queued"
-            if row[0] == digest:
-                return "duplicate"
-            db.execute("UPDATE entries SET digest=?, bundle=?, correction=1, state='pending', "
-                       "reason=NULL, attempts=0, created_at=?, next_at=?, lease_until=0, "
-                       "last_status=NULL, last_error=NULL, delivered_at=NULL WHERE result_id=?",
-                       (digest, text, now, now, rid))  # fmt: skip
-            return "correction"
+                           "next_at, result_key, seq) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?)",
+                           (rid, digest, text, now, now, key, seq))  # fmt: skip
+                outcome = "queued"
+            else:  # a correction is queued now: it goes after what its result already has
+                db.execute("UPDATE entries SET digest=?, bundle=?, correction=1, "
+                           "state='pending', reason=NULL, attempts=0, created_at=?, next_at=?, "
+                           "lease_until=0, last_status=NULL, last_error=NULL, "
+                           "delivered_at=NULL, result_key=?, seq=? WHERE result_id=?",
+                           (digest, text, now, now, key, seq, rid))  # fmt: skip
+                outcome = "correction"
+        _wake_workers(self.path)
+        return outcome
 
     def retry(self, result_id: str | None = None, now: float | None = None) -> int:
         """Make a given-up entry (or, without an id, every one) pending again, due now, with a
@@ -494,7 +688,10 @@ class Outbox:
             args: tuple = (now, now)
             if result_id is not None:
                 sql, args = sql + " AND result_id=?", (now, now, result_id)
-            return db.execute(sql, args).rowcount
+            n = db.execute(sql, args).rowcount
+        if n:
+            _wake_workers(self.path)
+        return n
 
     def give_up(self, result_id: str) -> bool:
         """Stop sending a pending entry (kept, re-triable). False when it was not pending."""
@@ -519,30 +716,40 @@ class Outbox:
         return {s: 0 for s in STATES} | dict(rows)
 
     def entries(self, state: str | None = None) -> list[dict]:
-        """Each entry's result id, state and delivery record (never its Bundle)."""
+        """Each entry's result id, state and delivery record (never its Bundle), in the order
+        queued; ``waits_for_earlier``: pending behind an earlier entry of its result."""
         sql = ("SELECT result_id, state, reason, correction, attempts, created_at, next_at, "
-               "last_status, last_error, delivered_at FROM entries")  # fmt: skip
+               "last_status, last_error, delivered_at, "
+               f"(state='pending' AND NOT {_FIRST_OF_KEY}) AS waits_for_earlier "
+               "FROM entries")  # fmt: skip
         args: tuple = ()
         if state is not None:
             sql, args = sql + " WHERE state=?", (state,)
         with self._lock:
-            cur = self._db.execute(sql + " ORDER BY created_at, result_id", args)
+            cur = self._db.execute(sql + " ORDER BY seq, created_at, result_id", args)
             names = [d[0] for d in cur.description]
-            return [dict(zip(names, row)) for row in cur.fetchall()]
+            rows = [dict(zip(names, row)) for row in cur.fetchall()]
+        for r in rows:
+            r["waits_for_earlier"] = bool(r["waits_for_earlier"])
+        return rows
 
     def next_due(self) -> float | None:
-        """When the next pending entry is due (None: nothing pending)."""
+        """When the next pending entry is due (None: nothing pending); an entry waiting for an
+        earlier one of its result is due when that one is sent."""
         with self._lock:
-            row = self._db.execute("SELECT MIN(MAX(next_at, lease_until)) FROM entries "
-                                   "WHERE state='pending'").fetchone()  # fmt: skip
+            row = self._db.execute(
+                "SELECT MIN(MAX(next_at, lease_until)) FROM entries "
+                f"WHERE state='pending' AND {_FIRST_OF_KEY}"
+            ).fetchone()
         return row[0]
 
     # -- delivering --------------------------------------------------------------------------
     def _claim(self, now: float, lease_s: float) -> tuple[str, str, dict, bool] | None:
         with self._tx() as db:
             row = db.execute("SELECT result_id, digest, bundle, correction FROM entries "
-                             "WHERE state='pending' AND next_at<=? AND lease_until<=? "
-                             "ORDER BY next_at LIMIT 1", (now, now)).fetchone()  # fmt: skip
+                             "WHERE state='pending' AND next_at<=? AND lease_until<=? AND "
+                             f"{_FIRST_OF_KEY} ORDER BY next_at, seq LIMIT 1",
+                             (now, now)).fetchone()  # fmt: skip
             if row is None:
                 return None
             db.execute("UPDATE entries SET lease_until=? WHERE result_id=?",
@@ -557,7 +764,9 @@ class Outbox:
 
     def _record(self, rid: str, digest: str, answer: Answer, now: float) -> Delivery | None:
         ok = answer.status is not None and 200 <= answer.status < 300
-        final = answer.status is not None and not ok and answer.status not in RETRY_STATUS
+        final = answer.give_up is not None or (
+            answer.status is not None and not ok and answer.status not in RETRY_STATUS
+        )
         with self._tx() as db:
             row = db.execute("SELECT attempts, created_at FROM entries WHERE result_id=? AND "
                              "digest=?", (rid, digest)).fetchone()  # fmt: skip
@@ -572,7 +781,7 @@ class Outbox:
                 return Delivery(rid, "ok", attempts, answer.status)
             expired = attempts >= self.max_attempts or now - created >= self.max_age_s
             if final or expired:
-                reason = "rejected" if final else "expired"
+                reason = answer.give_up or ("rejected" if final else "expired")
                 db.execute("UPDATE entries SET state='given_up', reason=?, attempts=?, "
                            "last_status=?, last_error=?, lease_until=0 WHERE result_id=?",
                            (reason, *common, rid))  # fmt: skip
@@ -624,8 +833,9 @@ class Outbox:
 
 class OutboxWorker:
     """Delivers an ``Outbox`` in a background thread: a pass whenever something is due, at
-    once after ``wake()`` (call it after ``enqueue``), at least every ``poll_s`` (entries a
-    sibling process enqueued). ``drain(timeout)`` delivers what is due up to the deadline, then
+    once after ``wake()`` (every ``enqueue`` in this process on the same file wakes it, through
+    whichever ``Outbox`` it came), at least every ``poll_s`` (entries a sibling process
+    enqueued). ``drain(timeout)`` delivers what is due up to the deadline, then
     stops: what is left stays in the file for the next start."""
 
     def __init__(self, outbox: Outbox, client: FhirClient, poll_s: float = 30.0,
@@ -640,6 +850,8 @@ class OutboxWorker:
     def start(self) -> OutboxWorker:
         self._thread = threading.Thread(target=self._run, name="fhir-outbox", daemon=True)
         self._thread.start()
+        with _WORKERS_LOCK:
+            _WORKERS.setdefault(_file_key(self.outbox.path), weakref.WeakSet()).add(self)
         return self
 
     def wake(self) -> None:
@@ -649,6 +861,13 @@ class OutboxWorker:
         return time.time() if self._stop.is_set() else self._deadline
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            with _WORKERS_LOCK:
+                _WORKERS.get(_file_key(self.outbox.path), weakref.WeakSet()).discard(self)
+
+    def _loop(self) -> None:
         while True:
             draining = self._deadline is not None
             try:
