@@ -38,8 +38,9 @@ SR joins the video's study: the same Study Instance UID, the patient and study a
 physician) copied from the video's header so that the PACS files it with the study, and the
 video's SOP instance as evidence (Current Requested Procedure Evidence) and as the recording
 group's source. Otherwise the SR opens a new study with empty patient attributes. None of these
-values is ever logged. UIDs are derived from the result id (``uid_for``): writing the same result
-twice gives the same instance, which a PACS stores once.
+values is ever logged. UIDs are derived from the result id (``uid_for``) and the instance's times
+from the result's issue time: writing the same result twice gives the same instance, byte for
+byte, which a PACS stores once.
 """
 
 from __future__ import annotations
@@ -306,6 +307,12 @@ def build_sr(result, result_id: str, source: SourceVideo | None = None,
     if source is None and "CurrentRequestedProcedureEvidenceSequence" in doc:
         del doc.CurrentRequestedProcedureEvidenceSequence
     doc.TimezoneOffsetFromUTC = "+0000"  # the content date and time are UTC
+    # One SOP instance UID is one content: the instance is made when the result is, not when it
+    # is serialised (highdicom stamps "now"), so writing it again gives the same bytes.
+    doc.InstanceCreationDate, doc.InstanceCreationTime = doc.ContentDate, doc.ContentTime
+    for item in doc.get("ContributingEquipmentSequence", []):
+        if item.get("ManufacturerModelName") == "highdicom":
+            item.ContributionDateTime = issued.strftime("%Y%m%d%H%M%S+0000")
     return doc
 
 

@@ -412,3 +412,49 @@ def test_no_keep_poses_and_merge_carries_them(tmp_path):
     assert main(["batch", "merge", *map(str, shards), "--out", str(merged)]) == 0
     assert [p.name for p in _kept(merged)] == [p.name for d in shards for p in _kept(d)]
     assert sum("pose_file" in d for d in _lines(merged)) == 1
+
+
+def test_npz_poses_are_screened_as_mam_screen_pose_reads_them(tmp_path):
+    """A folder or a manifest may give ``.npz`` pose files, kept ones included: each is screened
+    as ``mam screen --pose`` screens it (a kept pose as the video kind it came from, a plain one
+    as a pose file), and the kept poses of a batch output folder inside the input folder are
+    outputs, not recordings to screen again."""
+    from mam.batch.archive import OUTPUT_DIRS, OUTPUT_MARK
+    from mam.batch.ledger import LEDGER
+    from mam.batch.outputs import SR_DIR
+    from mam.batch.poses import POSES
+    from mam.batch.report import REPORTS_DIR
+
+    assert (set(OUTPUT_DIRS), OUTPUT_MARK) == ({POSES, SR_DIR, REPORTS_DIR}, LEDGER)
+    src = _video_archive(tmp_path / "src")
+    out = src / "screened"  # inside the input folder
+    argv = ["batch", str(src), "--out", str(out), "--workers", "1", "-q",
+            "--pose-backend", FAKE_BACKEND]  # fmt: skip
+    assert main(argv) == 0
+    (kept,) = _kept(out)
+    s = batch.run_batch(src, out, workers=1, pose_backend=FAKE_BACKEND)
+    assert (s.recordings, s.screened, s.skipped) == (2, 0, 2)  # not its own kept pose
+
+    poses = tmp_path / "poses"
+    poses.mkdir()
+    shutil.copy(kept, poses / "kept.npz")
+    np.savez(poses / "plain.npz", joints=np.load(src / "p.npy"))
+    folder = tmp_path / "folder"
+    s = batch.run_batch(poses, folder, workers=1)
+    assert (s.recordings, s.done) == (2, 2)
+    man = tmp_path / "manifest.csv"
+    man.write_text("file,id\nposes/kept.npz,k\nposes/plain.npz,p\n")
+    manifest = tmp_path / "manifest-out"
+    s = batch.run_batch(man, manifest, workers=1)
+    assert (s.recordings, s.done) == (2, 2)
+    by_folder = {d["path"]: d for d in _lines(folder)}
+    by_manifest = {d["path"].removeprefix("poses/"): d for d in _lines(manifest)}
+    for name, kind in (("kept.npz", "video"), ("plain.npz", "pose_file")):
+        screened = tmp_path / f"{name}.json"
+        assert main(["screen", "--pose", str(poses / name), "--format", "json",
+                     "--out", str(screened)]) == 0  # fmt: skip
+        want = json.loads(screened.read_text())
+        assert want["domain"]["kind"] == kind
+        for got in (by_folder[name], by_manifest[name]):
+            for k in ("risk_probability", "fms_frequency", "classification", "domain", "clips"):
+                assert got[k] == want[k], (name, k)

@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -23,10 +22,10 @@ from mam.pose.precomputed import validate_pose_array  # noqa: E402
 from mam.screening import DEFAULT_WEIGHTS, Screener  # noqa: E402
 from tests.service_helpers import (  # noqa: E402
     API_KEY,
-    free_port,
     multipart,
     npy_bytes,
     service_env,
+    serving,
     simulated,
 )
 from tests.test_model_endpoint import site_copy  # noqa: E402
@@ -78,37 +77,16 @@ def test_other_weights_under_a_taken_version_are_refused(built):
 
 
 @contextlib.contextmanager
-def serving(target: str, env: dict, tmp: Path):
-    """``bentoml serve TARGET`` on a free loopback port; yields its base URL."""
-    port = free_port()
-    log_path = tmp / f"serve-{port}.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1",
-         "--port", str(port)],
-        env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            try:
-                if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.5)
-        yield base
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+def bento_serving(target: str, env: dict, tmp: Path):
+    """``bentoml serve TARGET`` (a bento tag or folder), run from ``tmp``; yields its base URL."""
+
+    def command(port: int) -> list[str]:
+        return [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1",
+                "--port", str(port)]  # fmt: skip
+
+    log = tmp / f"serve-{time.monotonic_ns()}.log"
+    with serving(env, log, command, cwd=tmp) as served:
+        yield served.base
 
 
 def serve_env(built: dict, audit: Path, home: Path | None = None) -> dict:
@@ -123,7 +101,7 @@ def serve_env(built: dict, audit: Path, home: Path | None = None) -> dict:
 
 def test_bentoml_serve_of_the_bento_screens_with_those_weights(built):
     tmp, audit = built["tmp"], built["tmp"] / "audit.jsonl"
-    with serving(built["tag"], serve_env(built, audit), tmp) as base:
+    with bento_serving(built["tag"], serve_env(built, audit), tmp) as base:
         doc = httpx.get(base + "/model", timeout=30).json()
         site = Screener(built["weights"])
         assert doc["digest"] == site.model_digest != Screener().model_digest
@@ -154,7 +132,7 @@ def test_the_bento_as_the_image_holds_it_serves_them_without_the_model_store(bui
     shutil.copytree(home / "models" / "site_model", image / "models" / "site_model")
     empty = built["tmp"] / "empty-home"
     env = serve_env(built, built["tmp"] / "audit-image.jsonl", empty)
-    with serving(str(image), env, built["tmp"]) as base:
+    with bento_serving(str(image), env, built["tmp"]) as base:
         doc = httpx.get(base + "/model", timeout=30).json()
     assert doc["digest"] == load_meta(built["weights"])[0].digest and doc["demo"] is False
     assert not (empty / "models" / "site_model").exists()  # not from a model store
@@ -163,6 +141,6 @@ def test_the_bento_as_the_image_holds_it_serves_them_without_the_model_store(bui
 def test_mam_weights_still_overrides_the_bento(built):
     env = serve_env(built, built["tmp"] / "audit-override.jsonl")
     env["MAM_WEIGHTS"] = str(DEFAULT_WEIGHTS)
-    with serving(built["tag"], env, built["tmp"]) as base:
+    with bento_serving(built["tag"], env, built["tmp"]) as base:
         doc = httpx.get(base + "/model", timeout=30).json()
     assert doc["digest"] == load_meta(DEFAULT_WEIGHTS)[0].digest and doc["demo"] is True

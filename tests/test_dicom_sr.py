@@ -295,6 +295,49 @@ def test_mam_batch_writes_one_sr_per_result_named_by_its_result_id(poses, video,
     assert [i.TextValue for i in items(doc, "Comment")] == [DISCLAIMER]
 
 
+def test_batch_srs_are_written_with_the_outputs_and_only_when_their_result_changed(poses, tmp_path):
+    """The SRs are one more output of the outputs writer's pass (``write_outputs``), resumable as
+    the rest: a rerun leaves an SR of an unchanged result as it is (same inode, same mtime), a
+    result changed in the ledger replaces its SR (a new file, by rename) with the new content."""
+    from mam import batch
+    from mam.batch.ledger import Ledger
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    shutil.copy(poses, src / "a.npy")
+    argv = ["batch", str(src), "--out", str(out), "--workers", "1", "-q", "--dicom-sr"]
+    assert main(argv) == 0
+    (sr,) = (out / "sr").glob("*.dcm")
+    first = sr.stat()
+    time.sleep(0.05)  # an mtime a rewrite would change, even on a coarse clock
+    assert main(argv) == 0  # resumed: nothing screened, every output rebuilt
+    again = sr.stat()
+    assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
+
+    sr.unlink()  # the library's outputs writer alone writes it again, as it was
+    batch.write_outputs(out, dicom_sr=True)
+    rebuilt = sr.stat()
+    assert rebuilt.st_size == first.st_size
+    batch.write_outputs(out)  # without dicom_sr: the SR folder is not touched
+    assert sr.stat().st_ino == rebuilt.st_ino
+
+    ledger = Ledger(out / "ledger.sqlite")
+    try:
+        (row,) = ledger.rows()
+        result = json.loads(row["result"])
+        result["warnings"] = [*result["warnings"], "changed after the first run"]
+        ledger.finish(row["key"], row["sha256"], "pose", "done", result=json.dumps(result))
+    finally:
+        ledger.close()
+    before = sr.stat()
+    assert main(argv) == 0
+    after = sr.stat()
+    assert after.st_ino != before.st_ino  # replaced by rename, never written in place
+    assert list((out / "sr").glob("*.dcm")) == [sr]  # the same result id: the same name
+    warnings = [i.TextValue for i in items(hd.sr.srread(sr), meaning("warning"))]
+    assert "changed after the first run" in warnings
+
+
 def test_mam_screen_files_the_sr_of_a_dicom_video_in_its_study(orthanc, tmp_path, capsys, caplog):
     """End to end: a DICOM video of the demo (10 s) screened by the CLI, its SR stored with the
     video over STOW-RS; the PACS files both under one study, the SR pointing at the video."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import socket
 import threading
@@ -25,9 +24,16 @@ httpx = pytest.importorskip("httpx")
 grpc = pytest.importorskip("grpc")
 psutil = pytest.importorskip("psutil")
 
-from service.process import ServerProcess  # noqa: E402
 from tests.media import write_video  # noqa: E402
-from tests.service_helpers import API_KEY, free_port, npy_bytes, service_env, simulated  # noqa: E402
+from tests.service_helpers import (  # noqa: E402
+    API_KEY,
+    Served,
+    free_port,
+    npy_bytes,
+    server_env,
+    serving,
+    simulated,
+)
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 GRPC_AUTH = [("authorization", f"Bearer {API_KEY}")]
@@ -39,28 +45,21 @@ INFANT = {"sex": "female", "gestational_age_weeks": 37.0, "birth_weight_g": 3217
 INTERNALS = re.compile(r"Traceback|File \"|\.py\b|/site-packages/|/tmp/|Errno|Exception")
 
 
-class Served:
-    def __init__(self, tmp: Path, port: int, grpc_port: int, env: dict) -> None:
-        self.tmp, self.grpc = tmp, f"127.0.0.1:{grpc_port}"
-        self.grpc_port = grpc_port
-        self.process = ServerProcess(port, env, tmp / "server.log")
-        self.base = self.process.base
-        self.stopped = False
+class Hostile:
+    """The served service (``Served``: ``base``, ``log()``, ``stop()``), its folder and gRPC
+    port."""
 
-    def stop(self) -> None:
-        if not self.stopped:
-            self.stopped = True
-            self.process.__exit__()
-
-    def log(self) -> str:
-        return (self.tmp / "server.log").read_text(errors="replace")
+    def __init__(self, served: Served, tmp: Path, grpc_port: int) -> None:
+        self.served, self.tmp, self.grpc_port = served, tmp, grpc_port
+        self.base, self.grpc = served.base, f"127.0.0.1:{grpc_port}"
+        self.log, self.stop = served.log, served.stop
 
     def metrics(self) -> str:
         return httpx.get(self.base + "/metrics", timeout=10).text
 
     def grpc_worker(self) -> psutil.Process:
         """The worker process that owns the gRPC port (the Screening service)."""
-        for p in psutil.Process(self.process.proc.pid).children(recursive=True):
+        for p in psutil.Process(self.served.proc.pid).children(recursive=True):
             try:
                 if any(c.laddr and c.laddr.port == self.grpc_port and c.status == "LISTEN"
                        for c in p.net_connections("tcp")):  # fmt: skip
@@ -72,32 +71,18 @@ class Served:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from service.settings import hash_key
-
     tmp = tmp_path_factory.mktemp("hostile")
-    (tmp / "tmp").mkdir()
-    port, grpc_port = free_port(), free_port()
-    env = (
-        os.environ
-        | service_env(hash_key(API_KEY), grpc_port)
-        | {
-            "BENTOML_HOME": str(tmp / "home"),
-            "TMPDIR": str(tmp / "tmp"),
-            "MAM_MAX_UPLOAD_MB": str(MAX_UPLOAD_MB),
-            "MAM_MAX_INSTANCES": "300",
-            "MAM_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
-            "MAM_AUDIT_FILE": str(tmp / "audit.log"),
-            "MAM_MAX_LATENCY_MS": "60000",
-        }
-    )
-    for k in ("PROMETHEUS_MULTIPROC_DIR", "BENTOML_RESULT_STORE"):
-        env.pop(k, None)
-    s = Served(tmp, port, grpc_port, env)
-    s.process.__enter__()
-    try:
-        yield s
-    finally:
-        s.stop()
+    grpc_port = free_port()
+    env = server_env(
+        tmp, grpc_port,
+        MAM_MAX_UPLOAD_MB=str(MAX_UPLOAD_MB),
+        MAM_MAX_INSTANCES="300",
+        MAM_BODY_TIMEOUT_S=str(BODY_TIMEOUT_S),
+        MAM_AUDIT_FILE=str(tmp / "audit.log"),
+        BENTOML_RESULT_STORE=None,
+    )  # fmt: skip
+    with serving(env, tmp / "server.log") as served:
+        yield Hostile(served, tmp, grpc_port)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +91,7 @@ def bag():
 
 
 # -- helpers -------------------------------------------------------------------------------------
-def while_live(server: Served, fn):
+def while_live(server: Hostile, fn):
     """``fn()`` in a thread while ``/livez`` is polled; every answer within 1 s. -> fn's result."""
     out: dict = {}
 
@@ -321,7 +306,7 @@ def test_client_errors_are_not_logged_as_errors(server, bag):
 
 
 # -- slow bodies, disconnects ----------------------------------------------------------------------
-def _slow_socket(server: Served, path: str = "/screen_instances") -> socket.socket:
+def _slow_socket(server: Hostile, path: str = "/screen_instances") -> socket.socket:
     port = int(server.base.rsplit(":", 1)[1])
     s = socket.create_connection(("127.0.0.1", port))
     s.sendall(
@@ -415,7 +400,7 @@ def test_an_abandoned_recording_is_cancelled(server, tmp_path):
 
 
 # -- gRPC ----------------------------------------------------------------------------------------
-def _stub(server: Served):
+def _stub(server: Hostile):
     from service.grpc_v2 import grpc_predict_v2_pb2_grpc as pbg
 
     channel = grpc.insecure_channel(server.grpc, options=[("grpc.max_send_message_length", -1)])

@@ -18,14 +18,14 @@ pytest.importorskip("bentoml")
 httpx = pytest.importorskip("httpx")
 grpc = pytest.importorskip("grpc")
 
-from service.process import ServerProcess  # noqa: E402
 from tests.service_helpers import (  # noqa: E402
     API_KEY,
     INFANT,
     free_port,
     multipart,
     npy_bytes,
-    service_env,
+    server_env,
+    serving,
     simulated,
 )
 
@@ -37,23 +37,10 @@ GRPC_AUTH = [("authorization", f"Bearer {API_KEY}")]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from service.settings import hash_key
-
     tmp = tmp_path_factory.mktemp("served")
-    (tmp / "tmp").mkdir()
-    port, grpc_port = free_port(), free_port()
-    env = (
-        os.environ
-        | service_env(hash_key(API_KEY), grpc_port)
-        | {
-            "BENTOML_HOME": str(tmp / "home"),
-            "BENTOML_RESULT_STORE": str(tmp / "tasks.db"),
-            "TMPDIR": str(tmp / "tmp"),
-            "MAM_MAX_LATENCY_MS": "60000",
-        }
-    )
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    with ServerProcess(port, env, tmp / "server.log") as s:
+    grpc_port = free_port()
+    env = server_env(tmp, grpc_port, BENTOML_RESULT_STORE=str(tmp / "tasks.db"))
+    with serving(env, tmp / "server.log") as s:
         yield {"base": s.base, "grpc": f"127.0.0.1:{grpc_port}", "tmp": tmp}
 
 
@@ -305,38 +292,19 @@ def test_sigterm_to_mam_serve_drains_the_request_in_flight_then_everything_exits
     clip = tmp_path / "demo15.mp4"  # 15 s of the demo: a few seconds of pose
     frames = list(iter_frames(DEMO, max_side=640, end_s=15.0))
     write_video(clip, iter(frames), size=(frames[0].shape[1], frames[0].shape[0]))
-    port = free_port()
-    env = os.environ | {"BENTOML_HOME": str(tmp_path / "home")}
-    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mam", "serve", "--no-auth", "--port", str(port),
-         "--grpc-port", "0"], env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "not ready"
-            time.sleep(0.5)
+    env = dict(os.environ) | {"BENTOML_HOME": str(tmp_path / "home")}
+    command = [sys.executable, "-m", "mam", "serve", "--no-auth", "--grpc-port", "0", "--port"]
+    with serving(env, tmp_path / "serve.log", lambda port: [*command, str(port)]) as served:
+        port, proc = served.port, served.proc
         with cf.ThreadPoolExecutor(1) as ex:
             files = {"video": ("clip.mp4", clip.read_bytes(), "video/mp4")}
-            fut = ex.submit(httpx.post, base + "/screen", files=files, timeout=300)
+            fut = ex.submit(httpx.post, served.base + "/screen", files=files, timeout=300)
             time.sleep(1.5)  # posing the recording
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGTERM)  # to mam serve alone, not its process group
             r = fut.result()
         assert r.status_code == 200, r.text
         assert r.json()["quality"]["frames_total"] == 375
-        assert proc.wait(60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
+        assert proc.wait(60) == 0  # exited by itself: serving() has nothing left to stop
     with socket.socket() as s:  # nothing listens on the port any more
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # closed connections linger
         s.bind(("127.0.0.1", port))

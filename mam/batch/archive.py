@@ -1,8 +1,12 @@
 """What a batch run screens: the recordings of a folder or of a manifest CSV, with infant data.
 
-A folder is walked recursively for recordings and ``.npy`` pose files; a manifest has a ``file``
-column (relative paths resolve against the CSV's folder), optional ``id`` and the four infant
-fields, and may be saved by a spreadsheet (``mam.spreadsheet``).
+A folder is walked recursively for recordings and ``.npy`` / ``.npz`` pose files (what ``mam
+screen --pose`` reads, ``mam.pose.load_pose_file``: a pose ``mam batch`` kept, or ``mam review
+--export`` wrote, is screened as the video kind it came from); a manifest has a ``file`` column
+(relative paths resolve against the CSV's folder), optional ``id`` and the four infant fields,
+and may be saved by a spreadsheet (``mam.spreadsheet``). What a batch wrote is not screened
+again: the walk skips the ``poses/``, ``sr/`` and ``reports/`` folders of a batch output folder
+(one holding ``ledger.sqlite``), so ``--out`` may lie inside the input folder.
 """
 
 from __future__ import annotations
@@ -19,7 +23,12 @@ from mam.spreadsheet import SpreadsheetCSV
 logger = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".dcm"})
-POSE_SUFFIXES = frozenset({".npy"})
+POSE_SUFFIXES = frozenset({".npy", ".npz"})
+# A batch output folder (one holding its ledger, mam.batch.ledger.LEDGER) and its own folders
+# (mam.batch.poses.POSES, outputs.SR_DIR, report.REPORTS_DIR): kept poses, SRs and clips are
+# outputs, not recordings.
+OUTPUT_MARK = "ledger.sqlite"
+OUTPUT_DIRS = ("poses", "sr", "reports")
 INFANT_FIELDS = ("sex", "gestational_age_weeks", "birth_weight_g", "corrected_age_weeks")
 
 
@@ -52,12 +61,15 @@ def collect(input_path: str | Path) -> list[Item]:
     src = Path(input_path)
     if src.is_dir():
         suffixes = VIDEO_SUFFIXES | POSE_SUFFIXES
+        found = list(src.rglob("*"))
+        outputs = {p.parent / d for p in found if p.name == OUTPUT_MARK for d in OUTPUT_DIRS}
         # PACS exports often name DICOM objects without an extension (IM000001): sniffed. A
         # dangling link to a recording is kept, so that it is reported (file_not_found).
         files = sorted(
-            p for p in src.rglob("*")
-            if (p.suffix.lower() in suffixes and (p.is_file() or p.is_symlink()))
-            or (not p.suffix and p.is_file() and is_dicom(p))
+            p for p in found
+            if ((p.suffix.lower() in suffixes and (p.is_file() or p.is_symlink()))
+                or (not p.suffix and p.is_file() and is_dicom(p)))
+            and not (outputs and outputs.intersection(p.parents))
         )  # fmt: skip
         items = []
         for p in files:

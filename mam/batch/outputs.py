@@ -1,6 +1,9 @@
 """``results.csv`` (one row per recording), ``results.jsonl`` (full results) and
-``results.fhir.ndjson`` (one HL7 FHIR R4 Bundle per result, ``mam.batch.fhir``), rebuilt from the
-ledger alone, written atomically, so they can be written again at any time. A result whose pose
+``results.fhir.ndjson`` (one HL7 FHIR R4 Bundle per result, ``mam.batch.fhir``) and, when asked,
+``sr/<result-id>.dcm`` (a DICOM Comprehensive SR per result, ``mam.dicom_sr``), rebuilt from the
+ledger alone in one pass, written atomically, so they can be written again at any time. An SR is
+the same bytes for the same result (its UIDs and times come from the result), so one that is
+already there as it would be written is left untouched; any other is replaced. A result whose pose
 the batch kept (``mam.batch.poses``) names it in ``results.jsonl`` as ``pose_file`` (relative to
 the folder). ``results.csv`` names the model of each result (``model_name``, ``model_version`` and
 the full ``model_digest``, ``mam.model.weights``); empty for rows without a result. Every result
@@ -45,12 +48,15 @@ def write_outputs(
     ledger: Ledger | None = None,
     paths: Iterable[str] | None = None,
     fhir_contexts: dict | None = None,
+    dicom_sr: bool = False,
 ) -> tuple[Path, Path]:
     """``results.csv``, ``results.jsonl`` and ``results.fhir.ndjson`` from the ledger (all
     paths, or the given ones), written atomically; safe to run again at any time. Raises
     ``AlteredResultError`` / ``UnverifiedResultError`` (nothing written) for a result that does
     not match its digest / has none.
-    ``fhir_contexts``: the caller's FHIR references per (path, id) (``mam.batch.fhir``)."""
+    ``fhir_contexts``: the caller's references per (path, id) (``mam.batch.fhir``; a context's
+    ``file`` is the DICOM recording whose UIDs the FHIR Bundle and the SR echo).
+    ``dicom_sr``: also ``sr/<result-id>.dcm`` per result (``write_srs``)."""
     out = Path(out)
     own = ledger is None
     ledger = ledger or Ledger(out / LEDGER)
@@ -97,51 +103,39 @@ def write_outputs(
     from mam.batch.fhir import write_fhir  # lazy: mam.fhir only when outputs are written
 
     write_fhir(out, rows, fhir_contexts)
+    if dicom_sr:
+        write_srs(out, rows, fhir_contexts)
     return csv_path, jsonl_path
 
 
 SR_DIR = "sr"
 
 
-def write_dicom_sr(
-    out: str | Path,
-    input_path: str | Path,
-    shard: tuple[int, int] | None = None,
-    echo_dicom_uids: bool = False,
-) -> int:
-    """``OUT/sr/<result-id>.dcm``: a DICOM Comprehensive SR (``mam.dicom_sr``) per result of
-    ``input_path``'s recordings (those of ``shard``), rebuilt from the ledger; the result id is
-    the FHIR Bundle's (``mam.batch.fhir.row_result_id``), so both outputs name one result
-    alike. ``echo_dicom_uids``: a DICOM recording's SR joins its study and references it (read
-    from the file now). Returns how many were written."""
+def write_srs(out: str | Path, rows: list[dict], row_contexts: dict | None = None) -> int:
+    """``OUT/sr/<result-id>.dcm``: a DICOM Comprehensive SR (the ``dicom-sr`` format) per done
+    ledger row (``Ledger.rows``). The result id is the FHIR Bundle's
+    (``mam.batch.fhir.row_result_id``), so both outputs name one result alike. A row whose
+    context names its DICOM recording (``--echo-dicom-uids``) gets an SR that joins its study
+    (the header read now; a recording gone or unreadable opens a study of its own). An SR already
+    on disk with the same bytes is not written again (it keeps its inode and mtime); a changed
+    one is replaced atomically. Returns how many were written."""
     from datetime import UTC, datetime
 
     from mam import formats
-    from mam.batch.archive import collect
-    from mam.batch.fhir import contexts, row_result_id
+    from mam.batch.fhir import RowContext, row_result_id
     from mam.dicom_sr import read_source
     from mam.errors import MamError
     from mam.schemas import ScreeningResult
 
-    out = Path(out)
-    items = collect(input_path)
-    row_contexts = contexts(input_path, items, echo_dicom_uids)
-    if shard is not None:
-        items = items[shard[0] :: shard[1]]
-    ledger = Ledger(out / LEDGER)
-    try:
-        rows = ledger.rows([i.path for i in items], verify=True)
-    finally:
-        ledger.close()
-    folder = out / SR_DIR
+    folder = Path(out) / SR_DIR
     sr = formats.get("dicom-sr")
     written = 0
     for r in rows:
         if r["status"] != "done":
             continue
-        rc = row_contexts.get((r["path"], r["id"]))
+        rc = (row_contexts or {}).get((r["path"], r["id"])) or RowContext()
         source = None
-        if rc is not None and rc.file is not None:
+        if rc.file is not None:
             try:
                 source = read_source(rc.file)
             except (MamError, OSError):
@@ -149,8 +143,14 @@ def write_dicom_sr(
         result_id = row_result_id(r["key"], r["path"], r["id"])
         issued = datetime.fromtimestamp(r["finished_at"], UTC) if r["finished_at"] else None
         result = ScreeningResult.model_validate_json(r["result"])
-        folder.mkdir(exist_ok=True)
         data = sr.to_bytes(result, formats.RenderContext(result_id, source=source, issued=issued))
-        write_atomic(folder / f"{result_id}.dcm", data)
+        path = folder / f"{result_id}.dcm"
+        try:
+            if path.read_bytes() == data:
+                continue  # written by an earlier run of the same result
+        except OSError:
+            pass  # not there (or unreadable): write it
+        folder.mkdir(exist_ok=True)
+        write_atomic(path, data)
         written += 1
     return written

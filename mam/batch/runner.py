@@ -1,6 +1,7 @@
 """Batch screening of an archive: ``mam batch INPUT --out DIR``.
 
-INPUT is a folder (walked recursively for recordings and ``.npy`` pose files) or a manifest CSV
+INPUT is a folder (walked recursively for recordings and ``.npy`` / ``.npz`` pose files, not
+into a batch output folder's own ``poses/``, ``sr/`` or ``reports/``) or a manifest CSV
 (``file`` required; optional ``id``, ``sex``, ``gestational_age_weeks``, ``birth_weight_g``,
 ``corrected_age_weeks``; relative paths resolve against the CSV's folder). Every recording goes
 through the one pipeline (:class:`mam.screening.Screener`) in worker processes, one Screener per
@@ -107,12 +108,12 @@ def _init_worker(
     global _SCREENER
     if parent is not None:
         _die_with_parent(parent)
-    if threads:
-        os.environ.setdefault("MAM_RUNTIME_THREADS", str(threads))
     from mam.pose.base import default_pose_backend
     from mam.screening import Screener, ScreeningOptions
 
-    options = ScreeningOptions(pose_backend=pose_backend or default_pose_backend())
+    options = ScreeningOptions(
+        pose_backend=pose_backend or default_pose_backend(), threads=threads or None
+    )
     _SCREENER = Screener(weights, options)
 
 
@@ -236,6 +237,7 @@ def run_batch(
     audit: AuditLog | None = None,
     echo_dicom_uids: bool = False,
     keep_poses: bool = True,
+    dicom_sr: bool = False,
 ) -> BatchSummary:
     """Screen every recording of ``input_path`` into ``out``; see the module docstring.
 
@@ -247,7 +249,8 @@ def run_batch(
     ``audit``: where each job's audit line goes (default ``MAM_AUDIT_FILE`` or
     ``DIR/audit.jsonl``); ``echo_dicom_uids`` puts DICOM UIDs in ``results.fhir.ndjson``.
     ``keep_poses``: keep each video's pose in ``DIR/poses/`` (``mam.batch.poses``; never through
-    a service, which returns results only)."""
+    a service, which returns results only). ``dicom_sr``: also a DICOM SR per result in
+    ``DIR/sr/``, written with the other outputs (``mam.batch.outputs.write_srs``)."""
     out = check_output_dir(out, min_free_bytes)
     items = collect(input_path)
     fhir_contexts = contexts(input_path, items, echo_dicom_uids)  # references checked first
@@ -306,7 +309,7 @@ def run_batch(
             _run_jobs(ledger, todo, workers, weights, pose_backend, progress, audit, keep)
         paths = [i.path for i in items]
         with _disk_full_is_typed(out):
-            write_outputs(out, ledger, paths, fhir_contexts)
+            write_outputs(out, ledger, paths, fhir_contexts, dicom_sr=dicom_sr)
         rows = ledger.rows(paths)
         from mam.batch.report import write_reports  # lazy: matplotlib only when reports are written
 
@@ -452,6 +455,7 @@ def _run_jobs(ledger, todo, workers, weights, pose_backend, progress, audit=None
 def _run_service_jobs(ledger, todo, workers, service, progress, audit=None) -> None:
     """The same jobs as ``_run_jobs``, as requests to a service (bounded: ``workers`` at once)."""
     total, finished, failed = len(todo), 0, 0
+    api_key = getattr(service, "api_key", None)  # the key the client sends, for its audit id
 
     def one(item: Item):
         try:
@@ -467,7 +471,7 @@ def _run_service_jobs(ledger, todo, workers, service, progress, audit=None) -> N
             key, item, sha = futures[fut]
             status, code, msg, result = fut.result()
             ledger.finish(key, sha, item.kind, status, code, msg, result or None)
-            _audit_job(audit, key, item, sha, status, code, os.environ.get("MAM_API_KEY"))
+            _audit_job(audit, key, item, sha, status, code, api_key)
             finished += 1
             failed += status == "failed"
             if progress:

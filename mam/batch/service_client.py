@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import json
 import mimetypes
-import os
 import random
 import time
 from pathlib import Path
 
 RETRY_STATUS = frozenset({502, 503, 504})
-ENV_KEY = "MAM_API_KEY"
 
 Outcome = tuple[str, str | None, str, str]  # (status, error code, message, result JSON)
 
@@ -41,7 +39,11 @@ class ServiceClient:
         self.url = url.rstrip("/")
         self.retries, self.backoff_s, self.poll_s = retries, backoff_s, poll_s
         self.deadline_s = deadline_s
-        key = api_key if api_key is not None else os.environ.get(ENV_KEY)
+        if api_key is None:
+            from mam.settings import current
+
+            api_key = current().api_key_value()
+        self.api_key = key = api_key
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=120)
 
@@ -98,7 +100,7 @@ class ServiceClient:
         data = {"infant": json.dumps(infant)} if infant else {}
         content = file.read_bytes()
         if kind == "pose":
-            files = {"pose": ("pose.npy", content, "application/octet-stream")}
+            files = {"pose": ("pose" + file.suffix.lower(), content, "application/octet-stream")}
             return _outcome(self._send("POST", "/screen_pose", files=files, data=data))
         # Neutral part name: archive file names often carry patient names.
         ctype = mimetypes.guess_type(file.name)[0] or "video/mp4"

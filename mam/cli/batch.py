@@ -23,7 +23,8 @@ def _shard(text: str) -> tuple[int, int]:
 def register(sub) -> None:
     s = sub.add_parser("batch", help="screen an archive (folder or manifest CSV), resumably")
     O.add_verbose(s)
-    s.add_argument("input", type=Path, help="folder of recordings / .npy poses, or manifest .csv")
+    s.add_argument("input", type=Path,
+                   help="folder of recordings / .npy or .npz poses, or manifest .csv")  # fmt: skip
     s.add_argument("--out", type=Path, required=True, help="output folder (ledger, results)")
     s.add_argument("--workers", type=int, default=None, help="worker processes (default: cores)")
     s.add_argument("--retry-failed", action="store_true", help="screen failed recordings again")
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
                       args.pose_backend, progress, shard=args.shard,
                       service=service, clips=args.clips,
                       echo_dicom_uids=args.echo_dicom_uids,
-                      keep_poses=args.keep_poses)  # fmt: skip
+                      keep_poses=args.keep_poses, dicom_sr=args.dicom_sr)  # fmt: skip
     except ConnectionError as e:
         raise O.UsageError(str(e)) from None
     finally:
@@ -117,10 +118,6 @@ def run(args: argparse.Namespace) -> int:
             bar.close()
         if service is not None:
             service.close()
-    if args.dicom_sr:
-        from mam.batch.outputs import write_dicom_sr
-
-        write_dicom_sr(args.out, args.input, args.shard, args.echo_dicom_uids)
     held = f" (model {'; '.join(s.ledger_models)})" if s.ledger_models else ""
     print(f"{s.recordings} recordings: {s.done} done, {s.failed} failed "
           f"({s.screened} screened now, {s.skipped} from the ledger{held}, "
