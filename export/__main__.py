@@ -84,60 +84,67 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.command == "onnx":
-        from export.onnx import DEFAULT_OPSET, export_onnx
+    """Run one subcommand (the argparse subcommand name, not a runtime or backend name)."""
+    match args.command:
+        case "onnx":
+            from export.onnx import DEFAULT_OPSET, export_onnx
 
-        res = export_onnx(
-            args.weights,
-            args.out,
-            opset=args.opset or DEFAULT_OPSET,
-            exporter=args.exporter,
-            parity=not args.no_parity,
-        )
-        print(json.dumps({"manifest": str(res.manifest), "parity_max_abs_diff": res.parity}))
-        return 0
-    if args.command == "pose-onnx":
-        from export.pose_networks import export_hrnet, export_lifter
+            res = export_onnx(
+                args.weights,
+                args.out,
+                opset=args.opset or DEFAULT_OPSET,
+                exporter=args.exporter,
+                parity=not args.no_parity,
+            )
+            print(json.dumps({"manifest": str(res.manifest), "parity_max_abs_diff": res.parity}))
+            return 0
+        case "pose-onnx":
+            from export.pose_networks import export_hrnet, export_lifter
 
-        if not (args.hrnet or args.lifter):
-            print("error: give --hrnet and/or --lifter", file=sys.stderr)
-            return 2
-        done = {}
-        if args.hrnet:
-            done["hrnet"] = str(export_hrnet(args.hrnet, args.out, parity=not args.no_parity))
-        if args.lifter:
-            done["lifter"] = str(export_lifter(args.lifter, args.out, parity=not args.no_parity))
-        print(json.dumps(done))
-        return 0
-    if args.command == "pose-tensorrt":
-        from export.pose_networks import build_hrnet_engine
+            if not (args.hrnet or args.lifter):
+                print("error: give --hrnet and/or --lifter", file=sys.stderr)
+                return 2
+            done = {}
+            if args.hrnet:
+                done["hrnet"] = str(export_hrnet(args.hrnet, args.out, parity=not args.no_parity))
+            if args.lifter:
+                done["lifter"] = str(
+                    export_lifter(args.lifter, args.out, parity=not args.no_parity)
+                )
+            print(json.dumps(done))
+            return 0
+        case "pose-tensorrt":
+            from export.pose_networks import build_hrnet_engine
 
-        built = build_hrnet_engine(
-            args.onnx,
-            args.engine,
-            opt_frames=args.opt_frames,
-            max_frames=args.max_frames,
-            precision=args.precision,
-        )
-        print(json.dumps({"engine": str(args.engine), "precision": built}))
-        return 0
-    if args.command == "blazepose":
-        from export.blazepose import export_blazepose
+            built = build_hrnet_engine(
+                args.onnx,
+                args.engine,
+                opt_frames=args.opt_frames,
+                max_frames=args.max_frames,
+                precision=args.precision,
+            )
+            print(json.dumps({"engine": str(args.engine), "precision": built}))
+            return 0
+        case "blazepose":
+            from export.blazepose import export_blazepose
 
-        print(json.dumps(export_blazepose(args.cache, args.force, not args.no_verify), indent=1))
-        return 0
-    from mam.runtime import build_engines
+            print(
+                json.dumps(export_blazepose(args.cache, args.force, not args.no_verify), indent=1)
+            )
+            return 0
+        case _:  # "tensorrt": engines of the clip network
+            from mam.runtime import build_engines
 
-    engines = build_engines(
-        args.manifest,
-        cache_dir=args.cache,
-        opt_batch=args.opt_batch,
-        max_batch=args.max_batch,
-        precision=args.precision,
-        force=args.force,
-    )
-    print(json.dumps({k: str(v) for k, v in engines.items()}))
-    return 0
+            engines = build_engines(
+                args.manifest,
+                cache_dir=args.cache,
+                opt_batch=args.opt_batch,
+                max_batch=args.max_batch,
+                precision=args.precision,
+                force=args.force,
+            )
+            print(json.dumps({k: str(v) for k, v in engines.items()}))
+            return 0
 
 
 if __name__ == "__main__":
