@@ -54,8 +54,7 @@ HINTS: dict[str, str] = {
     "dicom_without_video": "give a DICOM video object (MPEG-2, H.264 or HEVC encapsulated)",
     "invalid_fhir_reference": "give Patient/ID or SYSTEM|VALUE (SYSTEM an absolute URI) for "
     "patient or order, and Encounter/ID",
-    "invalid_fhir_config": "fix MAM_FHIR_CODES_FILE / MAM_FHIR_UNIT / MAM_FHIR_RESOLVE_REFERENCES "
-    "(client or server; see mam/fhir/codes.py and mam/fhir/outbox.py)",
+    "invalid_fhir_config": "fix MAM_FHIR_CODES_FILE / MAM_FHIR_UNIT, or a FHIR option of the call",
     "invalid_fhir_url": "give --base-url https://HOST/PATH (the FHIR server's base), or set "
     "MAM_FHIR_BASE_URL",
     "insecure_fhir_url": "use the server's https:// URL (plain http:// only on loopback: "
