@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 from functools import lru_cache
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from mam.audit import STDOUT, key_digest
 from mam.screening import DEFAULT_WEIGHTS
-from mam.settings import MamSettings
+from mam.settings import MamSettings, invalid_setting
 from mam.video import VideoLimits
 
 logger = logging.getLogger(__name__)
@@ -128,4 +128,9 @@ def hash_key(key: str) -> str:
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    return Settings()
+    """The service's settings; a malformed variable is ``InvalidSettingError`` (its name, never
+    its value), as for the CLI."""
+    try:
+        return Settings()
+    except ValidationError as e:
+        raise invalid_setting(e) from None

@@ -147,3 +147,23 @@ def test_the_batch_workers_thread_count_reaches_its_sessions_without_the_environ
         runner._SCREENER = None
     monkeypatch.setenv("MAM_RUNTIME_THREADS", "2")  # still the default where none is given
     assert default_threads() == 2 and default_threads(5) == 5
+
+
+@pytest.mark.parametrize(
+    ("env", "code"),
+    [({"MAM_MAX_UPLOAD_MB": "-1"}, "invalid_setting"),
+     ({"MAM_API_KEY_HASHES_FILE": "/nonexistent/keys"}, "invalid_api_key_hashes")],
+)  # fmt: skip
+def test_the_service_refuses_a_malformed_setting_before_it_starts(env, code):
+    """The service's own settings fail as the CLI's do: a typed error and exit 2, no traceback
+    from a worker, and the value itself never printed."""
+    import sys
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MAM_")}
+    cmd = [sys.executable, "-m", "service.launch", "serve", "service.app:Screening"]
+    p = subprocess.run(cmd, cwd=ROOT, env=clean | env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert f"error [{code}]" in p.stderr and "fix:" in p.stderr
+    assert "Traceback" not in p.stderr
+    if code == "invalid_setting":
+        assert "input_value" not in p.stderr and "'-1'" not in p.stderr
