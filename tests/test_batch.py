@@ -303,6 +303,33 @@ def test_shards_merge_to_the_unsharded_outputs(archive, archive_run, tmp_path):
     assert _csv(merged) == _csv(archive_run)
 
 
+def test_merge_dicom_sr_writes_an_sr_per_merged_result_as_mam_batch_does(tmp_path):
+    """``mam batch merge --dicom-sr``: one SR per done result of every shard in ``OUT/sr/``,
+    named by the merged FHIR Bundle's result id, the same bytes as a shard run with
+    ``--dicom-sr`` writes for it; without the flag, none."""
+    pytest.importorskip("highdicom")
+    src = tmp_path / "src"
+    _pose(src / "a.npy", 11, 12.0)
+    _pose(src / "b.npy", 12, 12.0)
+    (src / "bad.mp4").write_bytes(b"")  # a failed row: no SR
+    shards = [tmp_path / f"shard-{i}" for i in range(2)]
+    for i, d in enumerate(shards):
+        assert main(["batch", str(src), "--out", str(d), "--shard", f"{i}/2", "--workers", "1",
+                     "-q", "--dicom-sr"]) == 0  # fmt: skip
+    by_shard = {f.name: f.read_bytes() for d in shards for f in (d / "sr").glob("*.dcm")}
+    plain, merged = tmp_path / "plain", tmp_path / "merged"
+    assert main(["batch", "merge", *map(str, shards), "--out", str(plain)]) == 0
+    assert not (plain / "sr").exists()
+    assert main(["batch", "merge", *map(str, shards), "--out", str(merged), "--dicom-sr"]) == 0
+    done = [r for r in _csv(merged).values() if not r["error_code"]]
+    assert len(done) == 2 and len(_csv(merged)) == 3
+    ids = {json.loads(line)["identifier"]["value"] for line in
+           (merged / "results.fhir.ndjson").read_text().splitlines()}  # fmt: skip
+    srs = {f.name: f.read_bytes() for f in (merged / "sr").glob("*.dcm")}
+    assert {n.removesuffix(".dcm") for n in srs} == ids and len(ids) == 2
+    assert srs == by_shard
+
+
 def test_bad_shard_spec_is_refused(archive, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["batch", str(archive), "--out", str(tmp_path / "o"), "--shard", "3/3"])

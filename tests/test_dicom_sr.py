@@ -318,7 +318,7 @@ def test_batch_srs_are_written_with_the_outputs_and_only_when_their_result_chang
     batch.write_outputs(out, dicom_sr=True)
     rebuilt = sr.stat()
     assert rebuilt.st_size == first.st_size
-    batch.write_outputs(out)  # without dicom_sr: the SR folder is not touched
+    batch.write_outputs(out)  # without dicom_sr: no SR written, a current one left as it is
     assert sr.stat().st_ino == rebuilt.st_ino
 
     ledger = Ledger(out / "ledger.sqlite")
@@ -387,6 +387,68 @@ def _only_part(response: httpx.Response) -> bytes:
     assert len(parts) == 1
     body = parts[0].split(b"\r\n\r\n", 1)[1]
     return body[:-2] if body.endswith(b"\r\n") else body
+
+
+def _result_ids(out: Path) -> set[str]:
+    """The result ids of the current results: their FHIR Bundles' (one per line)."""
+    ids = set()
+    for line in (out / "results.fhir.ndjson").read_text().splitlines():
+        report = next(e["resource"] for e in json.loads(line)["entry"]
+                      if e["resource"]["resourceType"] == "DiagnosticReport")  # fmt: skip
+        ids |= {i["value"] for i in report["identifier"] if "value" in i}
+    return ids
+
+
+def test_a_superseded_results_sr_leaves_the_sr_folder_and_is_never_stored(poses, tmp_path):
+    """Screened again with other weights, a recording has a new result id: its old SR names a
+    superseded result and is removed, so ``sr/`` (what ``mam dicom store OUT`` sends) holds the
+    current results' SRs only. Files not named as the writer names its SRs are never touched, and
+    the ledger rebuilds an old SR, the same bytes, when the old weights are current again."""
+    from mam import batch
+    from mam.dicom_stow import dicom_files
+    from mam.screening import DEFAULT_WEIGHTS
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for name in ("a.npy", "b.npy"):
+        shutil.copy(poses, src / name)
+    argv = ["batch", str(src), "--out", str(out), "--workers", "1", "-q", "--dicom-sr"]
+    assert main(argv) == 0
+    first = {f.name: f.read_bytes() for f in (out / "sr").glob("*.dcm")}
+    assert {n.removesuffix(".dcm") for n in first} == _result_ids(out) and len(first) == 2
+    theirs = [out / "sr" / "site_copy.dcm", out / "sr" / "notes.txt"]
+    for f in theirs:
+        f.write_bytes(b"a file the site put here")
+
+    # Other weights (the demo model with another threshold): every result superseded.
+    meta = json.loads(DEFAULT_WEIGHTS.read_text())
+    weights = tmp_path / "w" / "site.json"
+    weights.parent.mkdir()
+    shutil.copy(DEFAULT_WEIGHTS.parent / meta["weights_file"], weights.parent)
+    weights.write_text(json.dumps(meta | {"risk_threshold": 0.9}))
+    assert main([*argv, "--weights", str(weights)]) == 0
+    current = {f"{i}.dcm" for i in _result_ids(out)}
+    assert len(current) == 2 and not current & set(first)
+    assert {f.name for f in (out / "sr").glob("*.dcm")} == current | {"site_copy.dcm"}
+    assert all(f.read_bytes() == b"a file the site put here" for f in theirs)
+    # What mam dicom store OUT sends: the current SRs (and the site's own file, as before).
+    assert {f.name for f in dicom_files(out)} == current | {"site_copy.dcm"}
+    (digest,) = {json.loads(x)["model"]["digest"] for x in open(out / "results.jsonl")}
+    for name in current:  # the SRs of the other weights' results
+        params = [i.TextValue for i in items(hd.sr.srread(out / "sr" / name),
+                                             "Algorithm Parameters")]  # fmt: skip
+        assert f"model digest {digest}" in params
+
+    # Back to the demo weights, without --dicom-sr: the ledger's old results are current again,
+    # so the other weights' SRs go; the outputs writer rebuilds the old ones as they were.
+    assert main(argv[:-1]) == 0
+    assert [f.name for f in (out / "sr").glob("*.dcm")] == ["site_copy.dcm"]
+    batch.write_outputs(out, dicom_sr=True)
+    assert {f.name: f.read_bytes() for f in (out / "sr").glob("*-*-*.dcm")} == first
+    # Outputs written for some paths only (a shard writing a shared folder) keep the SRs of the
+    # ledger's other current results.
+    batch.write_outputs(out, paths=["a.npy"], dicom_sr=True)
+    assert {f.name for f in (out / "sr").glob("*-*-*.dcm")} == set(first)
 
 
 def _instances(base: str) -> list[str]:

@@ -219,6 +219,15 @@ class Ledger:
             ))  # fmt: skip
         return sorted((n or "?", v or "?", d or "") for n, v, d in found)
 
+    def current_done(self) -> list[tuple[str, str, str]]:
+        """(key, path, id) of every path whose current job (the one its path row points at: the
+        latest model it was screened with) is done; results are not read. A job of another model
+        that no path points at any more is not current."""
+        return self._all(
+            "SELECT p.key, p.path, p.id FROM paths p JOIN jobs j ON j.key = p.key"
+            " WHERE j.status = 'done'"
+        )
+
     def rows(self, paths: Iterable[str] | None = None, verify: bool = False) -> list[dict]:
         """Joined path + job rows (one per path and id), in path order (all, or the given paths).
         ``verified`` says whether a done row's result matches its digest (None: no digest, or

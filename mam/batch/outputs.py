@@ -3,7 +3,9 @@
 ``sr/<result-id>.dcm`` (a DICOM Comprehensive SR per result, ``mam.dicom_sr``), rebuilt from the
 ledger alone in one pass, written atomically, so they can be written again at any time. An SR is
 the same bytes for the same result (its UIDs and times come from the result), so one that is
-already there as it would be written is left untouched; any other is replaced. A result whose pose
+already there as it would be written is left untouched; any other is replaced; one of a result no
+longer current (its recording screened again with other weights) is removed, with or without
+``dicom_sr`` (``remove_superseded_srs``). A result whose pose
 the batch kept (``mam.batch.poses``) names it in ``results.jsonl`` as ``pose_file`` (relative to
 the folder). ``results.csv`` names the model of each result (``model_name``, ``model_version`` and
 the full ``model_digest``, ``mam.model.weights``); empty for rows without a result. Every result
@@ -15,12 +17,16 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
 from mam.batch.ledger import LEDGER, Ledger
 from mam.batch.poses import kept_pose
 from mam.files import write_atomic
+
+logger = logging.getLogger(__name__)
 
 RESULTS_CSV = "results.csv"
 RESULTS_JSONL = "results.jsonl"
@@ -56,7 +62,8 @@ def write_outputs(
     not match its digest / has none.
     ``fhir_contexts``: the caller's references per (path, id) (``mam.batch.fhir``; a context's
     ``file`` is the DICOM recording whose UIDs the FHIR Bundle and the SR echo).
-    ``dicom_sr``: also ``sr/<result-id>.dcm`` per result (``write_srs``)."""
+    ``dicom_sr``: also ``sr/<result-id>.dcm`` per result (``write_srs``). Either way the SRs of
+    superseded results are removed (``remove_superseded_srs``)."""
     out = Path(out)
     own = ledger is None
     ledger = ledger or Ledger(out / LEDGER)
@@ -105,10 +112,15 @@ def write_outputs(
     write_fhir(out, rows, fhir_contexts)
     if dicom_sr:
         write_srs(out, rows, fhir_contexts)
+    # With or without dicom_sr: an SR of a superseded result must not reach the PACS later.
+    remove_superseded_srs(out, None if own else ledger)
     return csv_path, jsonl_path
 
 
 SR_DIR = "sr"
+# The names write_srs gives (a result id, ``mam.fhir.result_id_for``: a UUID 5): only these files
+# of OUT/sr/ are the writer's to remove.
+_SR_NAME = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-5[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}\.dcm")
 
 
 def write_srs(out: str | Path, rows: list[dict], row_contexts: dict | None = None) -> int:
@@ -154,3 +166,37 @@ def write_srs(out: str | Path, rows: list[dict], row_contexts: dict | None = Non
         write_atomic(path, data)
         written += 1
     return written
+
+
+def remove_superseded_srs(out: str | Path, ledger: Ledger | None = None) -> int:
+    """Remove the SRs in ``OUT/sr/`` of results that are no longer current, so that the folder
+    (what ``mam dicom store OUT`` sends) holds only SRs of current results: a recording screened
+    again with other weights has a new result id, and its old SR names a superseded result. The
+    current results are every done row of the whole ledger (``Ledger.current_done``), not only
+    the paths of this run, so shards writing one folder keep each other's. Only files named as
+    ``write_srs`` names them are touched; the ledger can rebuild any SR removed (switching back
+    to the old weights does). The folder is listed before the ledger is read: an SR is written
+    after its result is committed, so one written meanwhile by another run is seen as current.
+    Returns how many were removed."""
+    from mam.batch.fhir import row_result_id
+
+    folder = Path(out) / SR_DIR
+    if not folder.is_dir():
+        return 0
+    names = {p.name for p in folder.iterdir() if _SR_NAME.fullmatch(p.name) and p.is_file()}
+    if not names:
+        return 0
+    own = ledger is None
+    ledger = ledger or Ledger(Path(out) / LEDGER)
+    try:
+        current = {f"{row_result_id(k, p, i)}.dcm" for k, p, i in ledger.current_done()}
+    finally:
+        if own:
+            ledger.close()
+    removed = 0
+    for name in sorted(names - current):
+        (folder / name).unlink(missing_ok=True)  # missing: another run removed it first
+        removed += 1
+    if removed:
+        logger.info("batch: removed %d SR(s) of superseded results", removed)
+    return removed

@@ -478,9 +478,12 @@ def _run_service_jobs(ledger, todo, workers, service, progress, audit=None) -> N
                 progress(finished, failed, total)
 
 
-def merge_shards(shards: Iterable[str | Path], out: str | Path) -> BatchSummary:
+def merge_shards(
+    shards: Iterable[str | Path], out: str | Path, dicom_sr: bool = False
+) -> BatchSummary:
     """Join the ledgers of shard folders into ``out`` (a done result wins over a failure of the
-    same job), and their kept poses, and write one set of outputs for all their recordings."""
+    same job), and their kept poses, and write one set of outputs for all their recordings
+    (``dicom_sr``: an SR per result too, as ``run_batch`` writes them)."""
     out = check_output_dir(out)
     ledger = Ledger(out / LEDGER)
     try:
@@ -493,7 +496,7 @@ def merge_shards(shards: Iterable[str | Path], out: str | Path) -> BatchSummary:
                 with _disk_full_is_typed(out):
                     merge_kept_poses(d, out)
         with _disk_full_is_typed(out):
-            write_outputs(out, ledger)
+            write_outputs(out, ledger, dicom_sr=dicom_sr)
         rows = ledger.rows()
         from mam.batch.report import write_reports
 

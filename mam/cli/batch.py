@@ -55,6 +55,9 @@ def register(sub) -> None:
     O.add_verbose(m)
     m.add_argument("shards", nargs="+", type=Path, help="shard output folders")
     m.add_argument("--out", type=Path, required=True, help="merged output folder")
+    m.add_argument("--dicom-sr", action="store_true",
+                   help="also write a DICOM Comprehensive SR per result, OUT/sr/<result-id>.dcm"
+                        " (each opens a study of its own)")  # fmt: skip
     m.set_defaults(func=run_merge)
 
 
@@ -134,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
 def run_merge(args: argparse.Namespace) -> int:
     from mam.batch import merge_shards
 
-    s = merge_shards(args.shards, args.out)
+    s = merge_shards(args.shards, args.out, dicom_sr=args.dicom_sr)
     print(f"{len(args.shards)} shards merged: {s.recordings} recordings, {s.done} done, "
           f"{s.failed} failed; results in {args.out}")  # fmt: skip
     return 0
