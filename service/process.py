@@ -27,12 +27,23 @@ def private_task_store() -> str:
 
 
 class ServerProcess:
-    """``with ServerProcess(port, env) as s:`` starts the service, waits for ``/readyz``, and
-    stops the whole process group on exit. Output goes to ``log_path``."""
+    """``with ServerProcess(port, env) as s:`` starts the service in a session of its own, waits
+    for ``/readyz``, and stops the whole process group on exit. Output goes to ``log_path``.
+    ``command``: its argv (default: ``serve_command(port)``, as ``mam serve`` starts it)."""
 
-    def __init__(self, port: int, env: dict[str, str], log_path: Path, ready_timeout_s=240.0):
+    def __init__(
+        self,
+        port: int,
+        env: dict[str, str],
+        log_path: Path,
+        ready_timeout_s=240.0,
+        *,
+        command: list[str] | None = None,
+        cwd: Path = REPO,
+    ):
         self.port, self.env, self.log_path = port, env, Path(log_path)
         self.ready_timeout_s = ready_timeout_s
+        self.command, self.cwd = command or serve_command(port), cwd
         self.base = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen | None = None
 
@@ -41,7 +52,7 @@ class ServerProcess:
 
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            serve_command(self.port), env=self.env, cwd=REPO, stdout=self._log,
+            self.command, env=self.env, cwd=self.cwd, stdout=self._log,
             stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         deadline = time.monotonic() + self.ready_timeout_s
@@ -63,10 +74,19 @@ class ServerProcess:
             self.__exit__()
             raise
 
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
     def log_tail(self, n: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-n:]
+        return self.log()[-n:]
 
     def __exit__(self, *exc) -> None:
+        self.stop()
+        self._log.close()
+
+    def stop(self) -> None:
+        """SIGTERM to the process group (the server and every worker), SIGKILL after 30 s; a
+        process that already exited is left as it is (a test may check it exited cleanly)."""
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
@@ -74,4 +94,3 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-        self._log.close()

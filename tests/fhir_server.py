@@ -124,17 +124,24 @@ class FhirTestServer:
         headers = {k.lower(): v for k, v in headers.items()}
         with self._lock:
             self.searches += 1
-            if self.require_token:
-                auth = headers.get("authorization", "")
-                if not auth.startswith("Bearer ") or auth[7:] not in self.tokens:
-                    return 401, _outcome("login", "no valid bearer token")
-            if self.statuses:
-                status = self.statuses.pop(0)
-                return status, _outcome("transient" if status >= 500 else "invalid", "told to")
+            if refused := self._refusal(headers):
+                return refused
             found = self.find(kind, query)
         return 200, {"resourceType": "Bundle", "type": "searchset", "total": len(found),
                      "entry": [{"resource": r, "search": {"mode": "match"}}
                                for r in found]}  # fmt: skip
+
+    def _refusal(self, headers: dict) -> tuple[int, dict] | None:
+        """401 without a valid token (when one is required), else the next status it was told to
+        answer, else None. Called with the lock held."""
+        if self.require_token:
+            auth = headers.get("authorization", "")
+            if not auth.startswith("Bearer ") or auth[7:] not in self.tokens:
+                return 401, _outcome("login", "no valid bearer token")
+        if self.statuses:
+            status = self.statuses.pop(0)
+            return status, _outcome("transient" if status >= 500 else "invalid", "told to")
+        return None
 
     # -- requests --------------------------------------------------------------------------------
     def handle(self, path: str, headers: dict, body: bytes) -> tuple[int, dict]:
@@ -143,13 +150,8 @@ class FhirTestServer:
             return self._token(headers, body)
         with self._lock:
             self.requests += 1
-            if self.require_token:
-                auth = headers.get("authorization", "")
-                if not auth.startswith("Bearer ") or auth[7:] not in self.tokens:
-                    return 401, _outcome("login", "no valid bearer token")
-            if self.statuses:
-                status = self.statuses.pop(0)
-                return status, _outcome("transient" if status >= 500 else "invalid", "told to")
+            if refused := self._refusal(headers):
+                return refused
             try:
                 bundle = json.loads(body)
                 assert bundle["resourceType"] == "Bundle" and bundle["type"] == "transaction"

@@ -8,10 +8,7 @@ import contextlib
 import io
 import json
 import os
-import signal
 import socket
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -72,28 +69,6 @@ def server_env(tmp: Path, grpc_port: int = 0, **extra: str | None) -> dict[str, 
     return {k: v for k, v in env.items() if v is not None}
 
 
-class Served:
-    """A service process a test started (``serving``): ``base`` URL, ``port``, ``proc``."""
-
-    def __init__(self, proc: subprocess.Popen, port: int, log_path: Path) -> None:
-        self.proc, self.port, self.log_path = proc, port, log_path
-        self.base = f"http://127.0.0.1:{port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        """SIGTERM to its process group (the server and every worker), SIGKILL after 30 s; a
-        process that already exited is left as it is (a test may check it exited cleanly)."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-
-
 @contextlib.contextmanager
 def serving(
     env: dict[str, str],
@@ -103,39 +78,17 @@ def serving(
     cwd: Path = REPO,
     ready_timeout_s: float = 240.0,
 ):
-    """Start a service on a free loopback port in a session of its own, wait until ``/readyz``
-    answers 200, yield its ``Served``, stop it after. ``command(port)`` is its argv (default:
-    the service as ``mam serve`` starts it, ``service.process.serve_command``); ``env`` its
-    whole environment (``server_env``); its output goes to ``log_path``. A process that exits
-    or is not ready in time fails the test with the log's tail."""
-    import httpx
-
-    from service.process import serve_command
+    """A service on a free loopback port (``service.process.ServerProcess``: started in a session
+    of its own, ready when ``/readyz`` answers 200, stopped after). ``command(port)`` is its argv
+    (default: as ``mam serve`` starts it); ``env`` its whole environment (``server_env``); its
+    output goes to ``log_path``. One that exits or is not ready in time fails with the log's
+    tail."""
+    from service.process import ServerProcess, serve_command
 
     port = free_port()
     argv = (command or serve_command)(port)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
-        served = Served(proc, port, Path(log_path))
-        try:
-            deadline = time.monotonic() + ready_timeout_s
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"the service exited:\n{served.log()[-3000:]}")
-                try:
-                    if httpx.get(served.base + "/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"not ready in {ready_timeout_s:g} s:\n{served.log()[-3000:]}"
-                    )
-                time.sleep(0.5)
-            yield served
-        finally:
-            served.stop()
+    with ServerProcess(port, env, log_path, ready_timeout_s, command=argv, cwd=cwd) as served:
+        yield served
 
 
 def simulated(category: str, seed: int, duration_s: float = 30.0):

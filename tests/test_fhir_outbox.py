@@ -85,6 +85,13 @@ def stored(server) -> dict[str, int]:
                                          "Provenance")}  # fmt: skip
 
 
+def tried_once(box: Outbox, timeout_s: float = 15.0) -> None:
+    """Wait until every entry of ``box`` has been tried at least once (or ``timeout_s``)."""
+    deadline = time.time() + timeout_s
+    while min(e["attempts"] for e in box.entries()) < 1 and time.time() < deadline:
+        time.sleep(0.05)
+
+
 def test_delivered_bundle_is_stored_and_a_re_push_creates_nothing_new(result, server, tmp_path):
     b = bundle(result)
     client = FhirClient(server.url)
@@ -143,9 +150,7 @@ def test_an_outage_across_a_restart_loses_nothing(result, server, tmp_path):
     for i in range(3):
         box.enqueue(bundle(result, f"res-{i}"))
         worker.wake()
-    deadline = time.time() + 15
-    while min(e["attempts"] for e in box.entries()) < 1 and time.time() < deadline:
-        time.sleep(0.05)
+    tried_once(box)
     assert box.counts()["pending"] == 3 and min(e["attempts"] for e in box.entries()) >= 1
     worker.stop()  # the sender goes away (a restart), mid-outage
     box.close()
@@ -400,9 +405,7 @@ def test_a_real_fhir_server_down_across_a_sender_restart_gets_everything(result,
     for i in range(3):
         box.enqueue(bundle(result, f"down-{i}"))
     worker.wake()
-    deadline = time.time() + 15
-    while min(e["attempts"] for e in box.entries()) < 1 and time.time() < deadline:
-        time.sleep(0.05)
+    tried_once(box)
     worker.stop()  # the sender is restarted while the server is down
     box.close()
     assert Outbox(path).counts()["pending"] == 3

@@ -24,10 +24,10 @@ httpx = pytest.importorskip("httpx")
 grpc = pytest.importorskip("grpc")
 psutil = pytest.importorskip("psutil")
 
+from service.process import ServerProcess  # noqa: E402
 from tests.media import write_video  # noqa: E402
 from tests.service_helpers import (  # noqa: E402
     API_KEY,
-    Served,
     free_port,
     npy_bytes,
     server_env,
@@ -46,10 +46,10 @@ INTERNALS = re.compile(r"Traceback|File \"|\.py\b|/site-packages/|/tmp/|Errno|Ex
 
 
 class Hostile:
-    """The served service (``Served``: ``base``, ``log()``, ``stop()``), its folder and gRPC
+    """The served service (``ServerProcess``: ``base``, ``log()``, ``stop()``), its folder and gRPC
     port."""
 
-    def __init__(self, served: Served, tmp: Path, grpc_port: int) -> None:
+    def __init__(self, served: ServerProcess, tmp: Path, grpc_port: int) -> None:
         self.served, self.tmp, self.grpc_port = served, tmp, grpc_port
         self.base, self.grpc = served.base, f"127.0.0.1:{grpc_port}"
         self.log, self.stop = served.log, served.stop
